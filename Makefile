@@ -1,0 +1,23 @@
+# Two commands on a fresh Debian machine with Python 3.11:
+#   make demo   - set up, then render "a red fox running through snow" on the embedded farm
+#   make test   - set up, then run the whole test suite against real Valkey, Mooncake, S3 and ffmpeg
+VENV ?= .venv
+PROMPT ?= a red fox running through snow
+
+.PHONY: setup demo test lint bench
+setup: $(VENV)/.reelfarm-installed
+$(VENV)/.reelfarm-installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/reelfarm run "$(PROMPT)"
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -ra
+
+lint: setup
+	$(VENV)/bin/ruff check scheduler workers tests bench
+	$(VENV)/bin/mypy scheduler workers
+
+bench: setup
+	$(VENV)/bin/python -m bench.handoff

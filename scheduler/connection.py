@@ -1,0 +1,34 @@
+"""Opening the farm's Redis connection with an error a person can act on."""
+
+from __future__ import annotations
+
+import redis
+
+from scheduler.settings import FarmSettings
+
+
+class FarmUnreachable(RuntimeError):
+    pass
+
+
+def connect_redis(settings: FarmSettings, check: bool = True) -> redis.Redis:
+    url = settings.require_redis_url()
+    conn = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    if check:
+        try:
+            conn.ping()
+        except redis.AuthenticationError:
+            raise FarmUnreachable(f"Redis at {_redact(url)} refused the password: check REELFARM_REDIS_URL") from None
+        except redis.RedisError as exc:
+            raise FarmUnreachable(
+                f"cannot reach Redis at {_redact(url)}: {exc}; start it (`reelfarm up`) or fix REELFARM_REDIS_URL"
+            ) from None
+    return conn
+
+
+def _redact(url: str) -> str:
+    # Never print a password into logs or terminals.
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

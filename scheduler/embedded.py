@@ -1,0 +1,182 @@
+"""The embedded farm: everything ``reelfarm`` needs on this machine, under one folder.
+
+``reelfarm up`` starts a Valkey/Redis server (persistence on, loopback only,
+generated password), a SeaweedFS S3 server, builds the tiny model if the model
+dir is missing, and starts one worker per stage; it writes the farm's settings
+(secrets included, mode 0600) to ``<home>/farm.json`` so later commands find
+it. ``reelfarm down`` stops what that file lists. Workers are started as
+``python -m workers STAGE`` processes: the control plane never imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scheduler.local_servers import free_port, start_s3_server, start_valkey, stop_pid
+
+from scheduler import worker_registry
+from scheduler.connection import connect_redis
+from scheduler.keys import Stage
+from scheduler.settings import STATE_FILE_NAME, FarmSettings
+
+# Small sizes so the embedded default renders in seconds on a CPU with the tiny model.
+TINY_SPEC_DEFAULTS: dict[str, Any] = {"width": 128, "height": 96, "frames": 33, "steps": 12, "fps": 16}
+WORKER_START_TIMEOUT = 180.0
+
+
+class EmbeddedFarmError(RuntimeError):
+    pass
+
+
+def state_path(home: Path) -> Path:
+    return home / STATE_FILE_NAME
+
+
+def read_state(home: Path) -> dict[str, Any] | None:
+    path = state_path(home)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def _write_state(home: Path, state: dict[str, Any]) -> None:
+    path = state_path(home)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(state, fh, indent=2)
+    tmp.replace(path)
+
+
+def worker_env(settings: FarmSettings) -> dict[str, str]:
+    """Environment that points a worker process at this farm (the same variables users set by hand)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "REELFARM_REDIS_URL": settings.require_redis_url(),
+            "REELFARM_SECRET": settings.secret or "",
+            "REELFARM_MODEL_DIR": str(settings.model_dir),
+            "REELFARM_HOME": str(settings.home),
+            "REELFARM_S3_ENDPOINT": settings.s3.endpoint_url or "",
+            "REELFARM_S3_BUCKET": settings.s3.bucket,
+            "REELFARM_S3_ACCESS_KEY": settings.s3.access_key or "",
+            "REELFARM_S3_SECRET_KEY": settings.s3.secret_key or "",
+        }
+    )
+    return env
+
+
+def build_tiny_model(model_dir: Path, log_path: Path) -> None:
+    with log_path.open("ab") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "workers.models", "tiny", str(model_dir)], stdout=log, stderr=subprocess.STDOUT
+        )
+    if done.returncode != 0:
+        raise EmbeddedFarmError(f"building the tiny model in {model_dir} failed; see {log_path}")
+
+
+def start_worker(
+    stage: Stage, settings: FarmSettings, log_dir: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = (log_dir / f"worker-{stage.value}.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers", stage.value],
+        env={**worker_env(settings), **(extra_env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_for_workers(
+    settings: FarmSettings, stages: list[Stage], procs: list[subprocess.Popen[bytes]], log_dir: Path
+) -> None:
+    conn = connect_redis(settings)
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        live = {w.get("stage") for w in worker_registry.live_workers(conn)}
+        if all(s.value in live for s in stages):
+            return
+        for proc in procs:
+            if proc.poll() is not None:
+                raise EmbeddedFarmError(f"a worker exited during start-up (code {proc.returncode}); see {log_dir}")
+        time.sleep(0.2)
+    raise EmbeddedFarmError(f"workers did not register within {WORKER_START_TIMEOUT:.0f}s; see {log_dir}")
+
+
+def farm_up(settings: FarmSettings) -> FarmSettings:
+    """Start the embedded farm (idempotent: returns the running one's settings)."""
+    home = settings.home.resolve()
+    existing = read_state(home)
+    if existing is not None:
+        return FarmSettings.model_validate(existing["settings"])
+    home.mkdir(parents=True, exist_ok=True)
+    log_dir = home / "logs"
+    log_dir.mkdir(exist_ok=True)
+    password = secrets.token_hex(16)
+    access_key, secret_key = "reelfarm", secrets.token_hex(16)
+    started: list[int] = []
+    try:
+        valkey = start_valkey(home / "valkey", free_port(), password)
+        started.append(valkey.pid)
+        s3 = start_s3_server(home / "s3", free_port(), access_key, secret_key)
+        started.append(s3.pid)
+        model_dir = settings.model_dir if settings.model_dir.is_absolute() else (Path.cwd() / settings.model_dir)
+        farm = settings.model_copy(
+            update={
+                "redis_url": f"redis://:{password}@127.0.0.1:{valkey.port}/0",
+                "secret": settings.secret or secrets.token_hex(32),
+                "home": home,
+                "model_dir": model_dir,
+                "s3": settings.s3.model_copy(
+                    update={
+                        "endpoint_url": f"http://127.0.0.1:{s3.port}",
+                        "access_key": access_key,
+                        "secret_key": secret_key,
+                    }
+                ),
+                "spec_defaults": {**TINY_SPEC_DEFAULTS, **settings.spec_defaults},
+            }
+        )
+        if not (model_dir / "model_index.json").exists():
+            build_tiny_model(model_dir, log_dir / "model.log")
+        procs = [start_worker(stage, farm, log_dir) for stage in Stage]
+        started.extend(p.pid for p in procs)
+        wait_for_workers(farm, list(Stage), procs, log_dir)
+    except BaseException:
+        for pid in reversed(started):
+            stop_pid(pid)
+        raise
+    _write_state(
+        home,
+        {
+            "settings": json.loads(farm.model_dump_json()),
+            "pids": {"valkey": valkey.pid, "s3": s3.pid, **{s.value: p.pid for s, p in zip(Stage, procs, strict=True)}},
+            "started_at": time.time(),
+        },
+    )
+    return farm
+
+
+def farm_down(home: Path) -> list[str]:
+    """Stop the embedded farm: workers first (they finish their job), then the servers."""
+    state = read_state(home.resolve())
+    if state is None:
+        return []
+    pids: dict[str, int] = state["pids"]
+    order = [s.value for s in Stage] + ["s3", "valkey"]
+    stopped = []
+    for name in order:
+        if name in pids:
+            stop_pid(pids[name])
+            stopped.append(name)
+    state_path(home.resolve()).unlink()
+    return stopped

@@ -1,0 +1,161 @@
+"""The job record: one Redis hash per job holding its spec, state, per-stage story and result.
+
+Field layout (all values are strings)::
+
+    spec, state, created_at, updated_at, stage, error, result (JSON)
+    <stage>.state  <stage>.worker  <stage>.attempt  <stage>.started_at
+    <stage>.finished_at  <stage>.seconds  <stage>.progress ("done/total")
+
+Writes accept a caller's pipeline so a stage finishing and the next stage being
+enqueued land together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from scheduler import keys
+from scheduler.keys import Stage
+from scheduler.spec import JobSpec
+
+JOB_RETENTION_SECONDS = 30 * 24 * 3600
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+def _now() -> str:
+    return repr(time.time())
+
+
+def create_job(pipe: Any, job_id: str, spec: JobSpec) -> None:
+    key = keys.job_key(job_id)
+    now = time.time()
+    pipe.hset(
+        key,
+        mapping={
+            "spec": spec.to_json(),
+            "state": JobState.QUEUED.value,
+            "stage": Stage.ENCODE.value,
+            "created_at": repr(now),
+            "updated_at": repr(now),
+            f"{Stage.ENCODE.value}.state": "queued",
+            f"{Stage.ENCODE.value}.attempt": "1",
+        },
+    )
+    pipe.expire(key, JOB_RETENTION_SECONDS)
+    pipe.zadd(keys.jobs_index_key(), {job_id: now})
+
+
+def job_exists(conn: redis.Redis, job_id: str) -> bool:
+    return bool(conn.exists(keys.job_key(job_id)))
+
+
+def mark_stage_queued(pipe: Any, job_id: str, stage: Stage, attempt: int) -> None:
+    pipe.hset(
+        keys.job_key(job_id),
+        mapping={
+            "stage": stage.value,
+            f"{stage.value}.state": "queued",
+            f"{stage.value}.attempt": str(attempt),
+            "updated_at": _now(),
+        },
+    )
+
+
+def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, attempt: int) -> None:
+    conn.hset(
+        keys.job_key(job_id),
+        mapping={
+            "state": JobState.RUNNING.value,
+            "stage": stage.value,
+            f"{stage.value}.state": "running",
+            f"{stage.value}.worker": worker_id,
+            f"{stage.value}.attempt": str(attempt),
+            f"{stage.value}.started_at": _now(),
+            "updated_at": _now(),
+        },
+    )
+
+
+def set_progress(conn: Any, job_id: str, stage: Stage, done: int, total: int) -> None:
+    conn.hset(keys.job_key(job_id), mapping={f"{stage.value}.progress": f"{done}/{total}", "updated_at": _now()})
+
+
+def mark_stage_finished(pipe: Any, job_id: str, stage: Stage, seconds: float) -> None:
+    pipe.hset(
+        keys.job_key(job_id),
+        mapping={
+            f"{stage.value}.state": "done",
+            f"{stage.value}.finished_at": _now(),
+            f"{stage.value}.seconds": f"{seconds:.3f}",
+            "updated_at": _now(),
+        },
+    )
+
+
+def mark_succeeded(pipe: Any, job_id: str, result: dict[str, Any]) -> None:
+    pipe.hset(
+        keys.job_key(job_id),
+        mapping={"state": JobState.SUCCEEDED.value, "result": json.dumps(result), "updated_at": _now()},
+    )
+
+
+def mark_failed(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
+    conn.hset(
+        keys.job_key(job_id),
+        mapping={
+            "state": JobState.FAILED.value,
+            "error": f"{stage.value}: {reason}",
+            f"{stage.value}.state": "failed",
+            "updated_at": _now(),
+        },
+    )
+
+
+def load_spec(conn: redis.Redis, job_id: str) -> JobSpec:
+    raw = conn.hget(keys.job_key(job_id), "spec")
+    if raw is None:
+        raise JobNotFound(f"job {job_id} not found")
+    return JobSpec.model_validate_json(raw)  # type: ignore[arg-type]
+
+
+def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
+    """The job as users see it: state, per-stage story, result or error."""
+    raw: dict[bytes, bytes] = conn.hgetall(keys.job_key(job_id))  # type: ignore[assignment]
+    if not raw:
+        raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in Stage:
+        entry = {name.split(".", 1)[1]: value for name, value in fields.items() if name.startswith(stage.value + ".")}
+        if entry:
+            stages[stage.value] = entry
+    return {
+        "job_id": job_id,
+        "state": fields.get("state"),
+        "stage": fields.get("stage"),
+        "created_at": float(fields["created_at"]),
+        "updated_at": float(fields["updated_at"]),
+        "stages": stages,
+        "error": fields.get("error"),
+        "result": json.loads(fields["result"]) if "result" in fields else None,
+        "spec": json.loads(fields["spec"]),
+    }

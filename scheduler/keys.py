@@ -1,0 +1,83 @@
+"""Every Redis key and rq queue name reelfarm uses, built in one place.
+
+Nothing else in the project formats a key: rq's own ``rq:job::<id>`` double-colon
+bug came from keys being assembled by hand in many places. Ids are validated
+before they reach a key so a user-chosen string can never address another
+record.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+PREFIX = "reelfarm"
+
+# Job ids double as room ids and rq job id stems; rq only accepts [A-Za-z0-9_-].
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,96}$")
+
+
+class Stage(StrEnum):
+    """The three stages, in pipeline order."""
+
+    ENCODE = "encode"
+    TRANSFORM = "transform"
+    DECODE = "decode"
+
+    @property
+    def next(self) -> Stage | None:
+        order = list(Stage)
+        i = order.index(self)
+        return order[i + 1] if i + 1 < len(order) else None
+
+    @property
+    def previous(self) -> Stage | None:
+        order = list(Stage)
+        i = order.index(self)
+        return order[i - 1] if i > 0 else None
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not ID_PATTERN.match(value):
+        raise ValueError(f"invalid {what} {value!r}: use 1-96 characters from A-Z a-z 0-9 _ -")
+    return value
+
+
+def job_key(job_id: str) -> str:
+    """Hash: the job record (spec, state, per-stage timings, attempts, result)."""
+    return f"{PREFIX}:job:{check_id(job_id, 'job id')}"
+
+
+def jobs_index_key() -> str:
+    """Sorted set of job ids scored by submit time (newest last)."""
+    return f"{PREFIX}:jobs"
+
+
+def room_key(job_id: str, producer_stage: Stage, attempt: int) -> str:
+    """Hash: the room one attempt of a stage's output waits in for the next stage."""
+    return f"{PREFIX}:room:{check_id(job_id, 'job id')}:{producer_stage.value}:a{int(attempt)}"
+
+
+def worker_key(worker_id: str) -> str:
+    """Hash: a registered worker (stage, endpoint, model, load counter); expires without heartbeats."""
+    return f"{PREFIX}:worker:{check_id(worker_id, 'worker id')}"
+
+
+def workers_index_key() -> str:
+    """Set of worker ids that have registered (live ones also have an unexpired worker_key)."""
+    return f"{PREFIX}:workers"
+
+
+def acks_key(worker_id: str) -> str:
+    """List a producer blocks on: consumers push the room keys they finished pulling."""
+    return f"{PREFIX}:acks:{check_id(worker_id, 'worker id')}"
+
+
+def queue_name(stage: Stage) -> str:
+    """rq queue name of a stage (rq adds its own ``rq:queue:`` key prefix)."""
+    return f"{PREFIX}-{stage.value}"
+
+
+def stage_job_id(job_id: str, stage: Stage, attempt: int) -> str:
+    """rq job id of one attempt of one stage: unique, so a re-enqueue never collides."""
+    return f"{check_id(job_id, 'job id')}-{stage.value}-a{attempt}"

@@ -1,0 +1,57 @@
+"""The farm's rq queues: the only module that imports rq.
+
+Each stage has a plain rq queue (so ``rq info`` and rq-dashboard show them) and
+every job payload goes through rq's JSON serializer -- never pickle, because a
+pickle from Redis is code execution for whoever can write to Redis. The payload
+is only ids and counters: tensors travel through rooms, never through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from scheduler import keys
+from scheduler.keys import Stage
+
+# The function each stage worker runs, referenced by name so the control plane never imports it.
+STAGE_ENTRYPOINT = "workers.stage_job.run_stage"
+RESULT_TTL_SECONDS = 24 * 3600
+FAILURE_TTL_SECONDS = 7 * 24 * 3600
+
+__all__ = ["STAGE_ENTRYPOINT", "SimpleWorker", "JSONSerializer", "stage_queue", "enqueue_stage"]
+
+
+def stage_queue(conn: redis.Redis, stage: Stage) -> Queue:
+    return Queue(keys.queue_name(stage), connection=conn, serializer=JSONSerializer)
+
+
+def enqueue_stage(
+    conn: redis.Redis,
+    job_id: str,
+    stage: Stage,
+    attempt: int,
+    upstream_attempt: int | None,
+    pipeline: Any | None = None,
+) -> str:
+    """Put one attempt of one stage of a job on its queue; joins the caller's pipeline."""
+    rq_id = keys.stage_job_id(job_id, stage, attempt)
+    stage_queue(conn, stage).enqueue_call(
+        STAGE_ENTRYPOINT,
+        kwargs={"job_id": job_id, "stage": stage.value, "attempt": attempt, "upstream_attempt": upstream_attempt},
+        job_id=rq_id,
+        # The farm enforces its own stage deadlines; rq's signal-based timeout would cut a DiT run.
+        timeout=-1,
+        result_ttl=RESULT_TTL_SECONDS,
+        failure_ttl=FAILURE_TTL_SECONDS,
+        description=f"{stage.value} {job_id} attempt {attempt}",
+        pipeline=pipeline,
+    )
+    return rq_id
+
+
+def queue_depths(conn: redis.Redis) -> dict[str, int]:
+    return {stage.value: stage_queue(conn, stage).count for stage in Stage}

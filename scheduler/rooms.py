@@ -1,0 +1,131 @@
+"""Rooms: the meeting point of a producing stage and the stage after it.
+
+A room holds one signed descriptor for one attempt of one stage's output and a
+small forward-only state machine::
+
+    PUBLISHED < CLAIMED < TRANSFERRING < ACKED (final)    FAILED (terminal, sticky)
+
+Every transition is a single Lua script, so a crash can never leave a room half
+moved, and two consumers racing for a room see exactly one winner.
+
+Consumer lifecycle: 1. ``claim_room`` 2. ``mark_transferring`` 3. pull + verify
+(workers/) 4. ``ack_room`` (also tells the producer, via its ack list, to free
+the slot). Any refusal: ``fail_room`` with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import IntEnum
+from typing import Any
+
+import redis
+
+from scheduler import keys
+from scheduler.descriptors import Descriptor
+from scheduler.keys import Stage
+
+ROOM_RETENTION_SECONDS = 24 * 3600
+
+
+class RoomState(IntEnum):
+    FAILED = -1
+    MISSING = 0
+    PUBLISHED = 1
+    CLAIMED = 2
+    TRANSFERRING = 3
+    ACKED = 4
+
+
+# Moves a room forward only. ARGV: target state, required holder ('' = any), then field/value pairs.
+# Returns the state the room is in afterwards; the caller compares it with its target.
+_ADVANCE = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+local target = tonumber(ARGV[1])
+-- FAILED is sticky and ACKED is final: neither ever moves again.
+if cur == -1 or cur == 0 or cur == 4 then return cur end
+if target ~= -1 and target <= cur then return cur end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'claimed_by') ~= ARGV[2] then return cur end
+redis.call('HSET', KEYS[1], 'state', target)
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return target
+"""
+
+# A room can be claimed when published, or when its claim lease ran out (holder died).
+_CLAIM = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+local now = tonumber(ARGV[2])
+if cur == 1 or ((cur == 2 or cur == 3) and tonumber(redis.call('HGET', KEYS[1], 'claim_expires_at')) < now) then
+  redis.call('HSET', KEYS[1], 'state', 2, 'claimed_by', ARGV[1], 'claimed_at', ARGV[2], 'claim_expires_at', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'claims', 1)
+  return 1
+end
+return 0
+"""
+
+# Acknowledge and tell the producer in one step: the slot is freed exactly when the room is ACKED.
+_ACK = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+if cur ~= 3 or redis.call('HGET', KEYS[1], 'claimed_by') ~= ARGV[1] then return cur end
+redis.call('HSET', KEYS[1], 'state', 4, 'acked_at', ARGV[2])
+redis.call('LPUSH', KEYS[2], KEYS[1])
+return 4
+"""
+
+
+class Rooms:
+    """Room operations bound to one Redis connection."""
+
+    def __init__(self, conn: redis.Redis) -> None:
+        self.conn = conn
+        self._advance = conn.register_script(_ADVANCE)
+        self._claim = conn.register_script(_CLAIM)
+        self._ack = conn.register_script(_ACK)
+
+    def publish(self, desc: Descriptor, signature: str, pipeline: Any | None = None) -> str:
+        """Write the room for ``desc``; joins the caller's pipeline so the next stage's enqueue is atomic with it."""
+        key = keys.room_key(desc.job_id, Stage(desc.producer_stage), desc.attempt)
+        pipe = pipeline if pipeline is not None else self.conn.pipeline()
+        pipe.delete(key)
+        pipe.hset(
+            key,
+            mapping={
+                "state": int(RoomState.PUBLISHED),
+                "descriptor": desc.model_dump_json(),
+                "signature": signature,
+                "producer_id": desc.producer_id,
+                "published_at": repr(time.time()),
+            },
+        )
+        pipe.expire(key, ROOM_RETENTION_SECONDS)
+        if pipeline is None:
+            pipe.execute()
+        return key
+
+    def read(self, key: str) -> dict[str, str]:
+        raw: dict[bytes, bytes] = self.conn.hgetall(key)  # type: ignore[assignment]
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def state(self, key: str) -> RoomState:
+        value = self.conn.hget(key, "state")
+        return RoomState(int(value)) if value is not None else RoomState.MISSING  # type: ignore[arg-type]
+
+    def claim(self, key: str, claimer: str, lease_seconds: float) -> bool:
+        now = time.time()
+        return bool(self._claim(keys=[key], args=[claimer, repr(now), repr(now + lease_seconds)]))
+
+    def mark_transferring(self, key: str, claimer: str) -> bool:
+        got = self._advance(
+            keys=[key], args=[int(RoomState.TRANSFERRING), claimer, "transfer_started_at", repr(time.time())]
+        )
+        return int(got) == RoomState.TRANSFERRING
+
+    def ack(self, key: str, claimer: str, producer_id: str) -> bool:
+        got = self._ack(keys=[key, keys.acks_key(producer_id)], args=[claimer, repr(time.time())])
+        return int(got) == RoomState.ACKED
+
+    def fail(self, key: str, reason: str) -> RoomState:
+        got = self._advance(
+            keys=[key], args=[int(RoomState.FAILED), "", "reason", reason, "failed_at", repr(time.time())]
+        )
+        return RoomState(int(got))

@@ -1,0 +1,166 @@
+"""Farm settings: one typed object, read from a YAML file and ``REELFARM_*`` env vars.
+
+Resolution order (later wins): built-in defaults, ``configs/farm.yaml`` (or the
+file named by ``--config`` / ``REELFARM_CONFIG``), the embedded farm's state file
+when ``reelfarm up`` is running and no Redis URL was configured, then env vars.
+Secrets (Redis password, S3 keys, the HMAC farm secret) may come from any of
+them; the embedded farm generates its own and keeps them in a 0600 file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from scheduler.spec import SpecLimits
+
+DEFAULT_HOME = Path(".reelfarm")
+STATE_FILE_NAME = "farm.json"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work; the message says which and how to fix it."""
+
+
+class S3Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = None
+    bucket: str = "reelfarm"
+    access_key: str | None = None
+    secret_key: str | None = None
+    region: str = "us-east-1"
+    # Every object key starts with this; keys never contain raw user input.
+    key_prefix: str = "renders"
+
+
+class TransferSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hostname: str = "127.0.0.1"
+    protocol: str = "tcp"
+    device_name: str = ""
+    slots: int = Field(default=2, ge=1)
+    # Upper bound on one payload; the pool registers slots x slot_bytes once at start.
+    slot_mb: int = Field(default=64, ge=1)
+
+
+class WorkerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    heartbeat_seconds: float = Field(default=2.0, gt=0)
+    # A worker whose heartbeat key is older than this is dead.
+    worker_ttl_seconds: int = Field(default=15, ge=3)
+    # A producer holds a slot for this long waiting for the consumer's ack.
+    lease_seconds: int = Field(default=600, ge=5)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+class FarmSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str | None = None
+    model_dir: Path = DEFAULT_HOME / "models" / "tiny-wan-t2v"
+    secret: str | None = None
+    home: Path = DEFAULT_HOME
+    s3: S3Settings = S3Settings()
+    transfer: TransferSettings = TransferSettings()
+    worker: WorkerSettings = WorkerSettings()
+    limits: SpecLimits = SpecLimits()
+    # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
+    spec_defaults: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / STATE_FILE_NAME
+
+    def require_secret(self) -> bytes:
+        if not self.secret:
+            raise SettingsError(
+                "no farm secret configured: set REELFARM_SECRET (the same on scheduler and workers) or run `reelfarm up`"
+            )
+        return self.secret.encode()
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise SettingsError(
+                "no Redis configured: set REELFARM_REDIS_URL, put redis_url in configs/farm.yaml, or start one with `reelfarm up`"
+            )
+        return self.redis_url
+
+
+ENV_VARS: dict[str, tuple[str, ...]] = {
+    "REELFARM_REDIS_URL": ("redis_url",),
+    "REELFARM_MODEL_DIR": ("model_dir",),
+    "REELFARM_SECRET": ("secret",),
+    "REELFARM_HOME": ("home",),
+    "REELFARM_S3_ENDPOINT": ("s3", "endpoint_url"),
+    "REELFARM_S3_BUCKET": ("s3", "bucket"),
+    "REELFARM_S3_ACCESS_KEY": ("s3", "access_key"),
+    "REELFARM_S3_SECRET_KEY": ("s3", "secret_key"),
+    "REELFARM_S3_REGION": ("s3", "region"),
+    "REELFARM_TRANSFER_HOSTNAME": ("transfer", "hostname"),
+    "REELFARM_TRANSFER_PROTOCOL": ("transfer", "protocol"),
+    "REELFARM_TRANSFER_DEVICE": ("transfer", "device_name"),
+    "REELFARM_DEVICE": ("worker", "device"),
+}
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise SettingsError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise SettingsError(f"config {path} must be a mapping of settings, not {type(loaded).__name__}")
+    return loaded
+
+
+def load_settings(config: Path | None = None, env: dict[str, str] | None = None) -> FarmSettings:
+    env = dict(os.environ if env is None else env)
+    tree: dict[str, Any] = {}
+    config = config or (Path(env["REELFARM_CONFIG"]) if env.get("REELFARM_CONFIG") else None)
+    if config is not None:
+        tree = read_yaml(config)
+    from_env: dict[str, Any] = {}
+    for var, path in ENV_VARS.items():
+        if env.get(var):
+            _set_path(from_env, path, env[var])
+    tree = _deep_merge(tree, from_env)
+    home = Path(tree.get("home", DEFAULT_HOME))
+    state_file = home / STATE_FILE_NAME
+    if not tree.get("redis_url") and state_file.exists():
+        # The embedded farm (`reelfarm up`) is the fallback, never an override.
+        tree = _deep_merge(json.loads(state_file.read_text())["settings"], tree)
+    try:
+        return FarmSettings.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SettingsError(
+            f"bad setting {where}: {first['msg']} (check configs/farm.yaml and REELFARM_* env vars)"
+        ) from None

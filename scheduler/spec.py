@@ -1,0 +1,137 @@
+"""The job spec: what a user may ask the farm to render, and the checks at the door.
+
+A spec is validated completely at submit time -- before anything is written to
+Redis -- so a bad request costs one line of error and leaves nothing behind.
+Static bounds live on the model; farm-specific maxima (``SpecLimits``) come from
+settings because a CPU test farm and an H100 farm allow very different sizes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PRIORITIES = ("high", "default", "low")
+PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$")
+
+
+class SpecError(ValueError):
+    """A spec the farm refuses; the message is one line saying what to change."""
+
+
+class CodecOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "lossless" is RGB H.264 at qp 0: bit-exact frames for masters and for the
+    # farm's own correctness checks; "h264" is the compact delivery format.
+    name: Literal["h264", "lossless"] = "h264"
+    crf: int = Field(default=18, ge=0, le=51)
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "medium"
+
+
+class SpecLimits(BaseModel):
+    """Farm-wide maxima; configured in ``configs/farm.yaml`` under ``limits``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_width: int = Field(default=1280, ge=16)
+    max_height: int = Field(default=1280, ge=16)
+    max_frames: int = Field(default=81, ge=1)
+    max_steps: int = Field(default=100, ge=1)
+    max_prompt_chars: int = Field(default=2000, ge=1)
+
+
+class JobSpec(BaseModel):
+    """One video to render. Unknown fields are refused (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1)
+    negative_prompt: str = ""
+    width: int = Field(default=832, ge=16)
+    height: int = Field(default=480, ge=16)
+    frames: int = Field(default=81, ge=1)
+    steps: int = Field(default=50, ge=1)
+    guidance_scale: float = Field(default=5.0, ge=0.0, le=30.0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    flow_shift: float | None = Field(default=None, gt=0.0, le=30.0)
+    fps: int = Field(default=16, ge=1, le=120)
+    codec: CodecOptions = CodecOptions()
+    priority: Literal["high", "default", "low"] = "default"
+    output_prefix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain text, not only whitespace")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        # The VAE downsamples by 8 and the DiT patchifies by 2 more.
+        if value % 16:
+            raise ValueError(f"must be a multiple of 16 (got {value})")
+        return value
+
+    @field_validator("frames")
+    @classmethod
+    def _four_k_plus_one(cls, value: int) -> int:
+        # The causal VAE maps 1 + 4k frames onto 1 + k latent frames.
+        if (value - 1) % 4:
+            raise ValueError(f"must be 4k+1, e.g. 17, 33, 49, 81 (got {value})")
+        return value
+
+    @field_validator("output_prefix")
+    @classmethod
+    def _safe_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not PREFIX_PATTERN.match(value):
+            raise ValueError("must be path segments of A-Z a-z 0-9 _ - separated by '/'")
+        return value
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def _one_line(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        # Field names come from the user: quote odd ones so the message stays one readable line.
+        where = ".".join(p if isinstance(p, str) and p.isidentifier() else repr(p)[:40] for p in item["loc"]) or "spec"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see `reelfarm submit --help`)"
+        parts.append(f"{where}: {message}")
+    return "invalid job spec: " + "; ".join(parts)
+
+
+def parse_spec(raw: dict[str, Any], limits: SpecLimits, defaults: dict[str, Any] | None = None) -> JobSpec:
+    """Validate ``raw`` (after farm defaults) against the spec and the farm's limits."""
+    merged = {**(defaults or {}), **raw}
+    try:
+        spec = JobSpec.model_validate(merged)
+    except ValidationError as exc:
+        raise SpecError(_one_line(exc)) from None
+    problems = []
+    if spec.width > limits.max_width:
+        problems.append(f"width: {spec.width} is over this farm's maximum {limits.max_width}")
+    if spec.height > limits.max_height:
+        problems.append(f"height: {spec.height} is over this farm's maximum {limits.max_height}")
+    if spec.frames > limits.max_frames:
+        problems.append(f"frames: {spec.frames} is over this farm's maximum {limits.max_frames}")
+    if spec.steps > limits.max_steps:
+        problems.append(f"steps: {spec.steps} is over this farm's maximum {limits.max_steps}")
+    for field in ("prompt", "negative_prompt"):
+        length = len(getattr(spec, field))
+        if length > limits.max_prompt_chars:
+            problems.append(f"{field}: {length} characters is over the maximum {limits.max_prompt_chars}")
+    if problems:
+        raise SpecError("invalid job spec: " + "; ".join(problems))
+    return spec

@@ -1,0 +1,39 @@
+"""Submission: validate, write the job record and enqueue the first stage, atomically.
+
+The spec is validated before any write; the job record and the encode enqueue
+happen in one MULTI, so a crash can not leave a record without a queued stage or
+a queued stage without a record.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import redis
+
+from scheduler import jobs, keys, queues
+from scheduler.keys import Stage
+from scheduler.settings import FarmSettings
+from scheduler.spec import JobSpec, parse_spec
+
+
+def new_job_id() -> str:
+    return "j" + uuid.uuid4().hex[:20]
+
+
+def submit(
+    conn: redis.Redis, settings: FarmSettings, raw_spec: dict[str, Any] | JobSpec, job_id: str | None = None
+) -> str:
+    """Validate and enqueue one job; returns its id. Re-submitting an existing id is a no-op."""
+    if isinstance(raw_spec, JobSpec):
+        raw_spec = raw_spec.model_dump()
+    spec = parse_spec(raw_spec, settings.limits, settings.spec_defaults)
+    job_id = keys.check_id(job_id or new_job_id(), "job id")
+    if jobs.job_exists(conn, job_id):
+        return job_id
+    pipe = conn.pipeline(transaction=True)
+    jobs.create_job(pipe, job_id, spec)
+    queues.enqueue_stage(conn, job_id, Stage.ENCODE, attempt=1, upstream_attempt=None, pipeline=pipe)
+    pipe.execute()
+    return job_id

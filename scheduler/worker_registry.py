@@ -1,0 +1,68 @@
+"""Registered workers: who serves which stage, at which transfer endpoint, and whether it is alive.
+
+A worker's hash expires unless its heartbeat thread refreshes it, so "live" is
+simply "the key exists". Consumers look a producer's endpoint up here and never
+trust the endpoint a descriptor claims on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from scheduler import keys
+
+
+def register_worker(conn: redis.Redis, worker_id: str, info: dict[str, str], ttl_seconds: int) -> None:
+    key = keys.worker_key(worker_id)
+    pipe = conn.pipeline()
+    pipe.hset(key, mapping={**info, "worker_id": worker_id, "last_heartbeat": repr(time.time())})
+    pipe.expire(key, ttl_seconds)
+    pipe.sadd(keys.workers_index_key(), worker_id)
+    pipe.execute()
+
+
+def heartbeat(conn: redis.Redis, worker_id: str, ttl_seconds: int, fields: dict[str, str] | None = None) -> bool:
+    """Refresh liveness; returns False when the record had already expired (the farm may have declared us dead)."""
+    key = keys.worker_key(worker_id)
+    pipe = conn.pipeline()
+    pipe.exists(key)
+    pipe.hset(key, mapping={**(fields or {}), "last_heartbeat": repr(time.time())})
+    pipe.expire(key, ttl_seconds)
+    existed = pipe.execute()[0]
+    return bool(existed)
+
+
+def update_worker(conn: Any, worker_id: str, fields: dict[str, str]) -> None:
+    conn.hset(keys.worker_key(worker_id), mapping=fields)
+
+
+def increment(conn: Any, worker_id: str, field: str, amount: int = 1) -> None:
+    conn.hincrby(keys.worker_key(worker_id), field, amount)
+
+
+def deregister_worker(conn: redis.Redis, worker_id: str) -> None:
+    pipe = conn.pipeline()
+    pipe.delete(keys.worker_key(worker_id))
+    pipe.srem(keys.workers_index_key(), worker_id)
+    pipe.execute()
+
+
+def get_worker(conn: redis.Redis, worker_id: str) -> dict[str, str] | None:
+    raw: dict[bytes, bytes] = conn.hgetall(keys.worker_key(worker_id))  # type: ignore[assignment]
+    return {k.decode(): v.decode() for k, v in raw.items()} or None
+
+
+def live_workers(conn: redis.Redis) -> list[dict[str, str]]:
+    ids = sorted(m.decode() for m in conn.smembers(keys.workers_index_key()))  # type: ignore[union-attr]
+    alive = []
+    for worker_id in ids:
+        record = get_worker(conn, worker_id)
+        if record is None:
+            # Expired: forget it so the index does not grow with every restart.
+            conn.srem(keys.workers_index_key(), worker_id)
+        else:
+            alive.append(record)
+    return alive

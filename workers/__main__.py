@@ -1,0 +1,52 @@
+"""``python -m workers STAGE``: run one stage worker (what ``reelfarm worker STAGE`` execs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from scheduler.keys import Stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reelfarm worker", description="Run one reelfarm stage worker.")
+    parser.add_argument("stage", choices=[s.value for s in Stage])
+    parser.add_argument(
+        "--config", type=Path, default=None, help="farm settings YAML (default: env vars / embedded farm)"
+    )
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stage = Stage(args.stage)
+
+    from scheduler.queues import JSONSerializer, stage_queue
+    from scheduler.settings import load_settings
+    from workers.runtime import start_runtime
+    from workers.stage_worker import StageWorker
+
+    try:
+        settings = load_settings(args.config)
+        runtime = start_runtime(stage, settings)
+    except Exception as exc:  # noqa: BLE001 - start-up errors are reported in one line, not a traceback
+        print(f"reelfarm worker {stage.value}: cannot start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        worker = StageWorker(
+            [stage_queue(runtime.conn, stage)],
+            connection=runtime.conn,
+            serializer=JSONSerializer,
+            name=runtime.worker_id,
+        )
+        worker.runtime = runtime
+        print(f"reelfarm worker {stage.value} {runtime.worker_id} ready at {runtime.engine.endpoint}", flush=True)
+        worker.work(burst=args.burst, logging_level=args.log_level, with_scheduler=False)
+    finally:
+        runtime.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

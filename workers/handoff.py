@@ -1,0 +1,116 @@
+"""The hand-off between stages, one function per side, shared by every stage.
+
+Producer: 1. take a slot (backpressure already made sure one is free) 2. pack
+3. sign a descriptor 4. hold the slot until ack or lease expiry -- publishing the
+room happens in the caller's pipeline together with the next stage's enqueue.
+
+Consumer: 1. claim the room 2. verify the descriptor (signature, live producer,
+registered endpoint, bounds) 3. mark TRANSFERRING 4. batch-read into an own
+slot 5. verify the checksum 6. unpack (copies out) and free the own slot 7. ack.
+Any refusal marks the room FAILED with its reason and raises ``HandoffError``;
+the worker itself keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from scheduler import keys, worker_registry
+from scheduler.descriptors import Descriptor, DescriptorRefused, parse_and_verify
+from scheduler.keys import Stage
+from workers.runtime import StageRuntime
+from workers.transfer.packing import pack_tensors, payload_checksum, transfer_spans, unpack_tensors
+
+log = logging.getLogger("reelfarm.handoff")
+
+SLOT_WAIT_SECONDS = 60.0
+
+
+class HandoffError(RuntimeError):
+    """A hand-off that cannot complete; the message is the job's failure reason."""
+
+
+def stage_output(
+    rt: StageRuntime, job_id: str, attempt: int, tensors: dict[str, torch.Tensor]
+) -> tuple[Descriptor, str]:
+    """Pack ``tensors`` into a held slot and return the signed descriptor (not yet published)."""
+    slot = rt.pool.acquire(timeout=SLOT_WAIT_SECONDS)
+    if slot is None:
+        raise HandoffError(f"no free transfer slot after {SLOT_WAIT_SECONDS:.0f}s (all held for consumers)")
+    try:
+        entries, checksum = pack_tensors(tensors, slot)
+    except Exception:
+        rt.pool.release(slot.index)
+        raise
+    now = time.time()
+    desc = Descriptor(
+        job_id=job_id,
+        producer_stage=rt.stage.value,
+        attempt=attempt,
+        producer_id=rt.worker_id,
+        endpoint=rt.engine.endpoint,
+        slot_base=slot.ptr,
+        slot_bytes=slot.nbytes,
+        tensors=tuple(entries),
+        checksum=checksum,
+        created_at=now,
+        lease_expires_at=now + rt.settings.worker.lease_seconds,
+    )
+    # Hold before publishing: the ack may arrive the moment the room is visible.
+    rt.hold_slot(keys.room_key(job_id, rt.stage, attempt), slot.index, desc.lease_expires_at)
+    return desc, desc.sign(rt.secret)
+
+
+def pull_input(rt: StageRuntime, job_id: str, upstream: Stage, upstream_attempt: int) -> dict[str, torch.Tensor]:
+    room_key = keys.room_key(job_id, upstream, upstream_attempt)
+    rooms = rt.rooms
+    if not rooms.claim(room_key, rt.worker_id, rt.settings.worker.lease_seconds):
+        state = rooms.state(room_key)
+        raise HandoffError(f"room {room_key} cannot be claimed (state {state.name})")
+    room = rooms.read(room_key)
+    producer = worker_registry.get_worker(rt.conn, room.get("producer_id", ""))
+    endpoint = producer.get("endpoint") if producer and producer.get("stage") == upstream.value else None
+    try:
+        desc = parse_and_verify(
+            room.get("descriptor", ""), room.get("signature", ""), rt.secret, endpoint, rt.descriptor_limits
+        )
+        if desc.job_id != job_id or desc.producer_stage != upstream.value or desc.attempt != upstream_attempt:
+            raise DescriptorRefused("descriptor belongs to another room")
+    except DescriptorRefused as exc:
+        rooms.fail(room_key, str(exc))
+        log.warning("refused room %s: %s", room_key, exc)
+        raise HandoffError(str(exc)) from None
+    rooms.mark_transferring(room_key, rt.worker_id)
+    tensors = _read_payload(rt, room_key, desc)
+    if not rooms.ack(room_key, rt.worker_id, desc.producer_id):
+        raise HandoffError(f"room {room_key} was taken over before the ack (claim lease lapsed)")
+    return tensors
+
+
+def _read_payload(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str, torch.Tensor]:
+    slot = rt.pool.acquire(timeout=SLOT_WAIT_SECONDS)
+    if slot is None:
+        raise HandoffError("no free receive slot in this worker's pool")
+    try:
+        spans = transfer_spans(list(desc.tensors))
+        try:
+            rt.engine.batch_read(
+                desc.endpoint,
+                [slot.ptr + offset for offset, _ in spans],
+                [desc.slot_base + offset for offset, _ in spans],
+                [nbytes for _, nbytes in spans],
+            )
+        except Exception as exc:  # noqa: BLE001 - any engine failure becomes the room's reason
+            reason = f"transfer from {desc.producer_id} at {desc.endpoint} failed: {exc}"
+            rt.rooms.fail(room_key, reason)
+            raise HandoffError(reason) from None
+        if payload_checksum(slot.view(), list(desc.tensors)) != desc.checksum:
+            reason = "payload checksum mismatch after transfer"
+            rt.rooms.fail(room_key, reason)
+            raise HandoffError(reason)
+        return unpack_tensors(slot, list(desc.tensors))
+    finally:
+        rt.pool.release(slot.index)

@@ -1,0 +1,105 @@
+"""Decode output: streaming VAE decode -> ffmpeg (fragmented MP4 on a pipe) -> S3 multipart upload.
+
+Frames leave the VAE one latent frame at a time and the encoded bytes leave for
+S3 as ffmpeg produces them, so neither the whole video nor its frames are ever
+held in memory. The poster (first frame, JPEG) and a metadata JSON land beside
+the video under deterministic keys; the video object only exists once its
+multipart upload completed -- a failure aborts the upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from scheduler.object_store import (
+    S3Config,
+    StreamingMultipartUpload,
+    check_reachable,
+    ensure_bucket,
+    make_s3_client,
+    put_bytes,
+    s3_uri,
+)
+
+from scheduler import jobs
+from scheduler.output_keys import output_keys
+from scheduler.settings import FarmSettings
+from scheduler.spec import JobSpec
+from workers.runtime import StageRuntime
+from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encode_jpeg
+
+
+def s3_config(settings: FarmSettings) -> S3Config:
+    s3 = settings.s3
+    return S3Config(
+        endpoint_url=s3.endpoint_url,
+        bucket=s3.bucket,
+        access_key=s3.access_key,
+        secret_key=s3.secret_key,
+        region=s3.region,
+    )
+
+
+def connect_store(settings: FarmSettings) -> Any:
+    cfg = s3_config(settings)
+    client = make_s3_client(cfg)
+    ensure_bucket(client, cfg.bucket)
+    check_reachable(client, cfg.bucket)
+    return client
+
+
+def render_and_upload(rt: StageRuntime, job_id: str, spec: JobSpec, latents: torch.Tensor) -> dict[str, Any]:
+    bucket = rt.settings.s3.bucket
+    out = output_keys(rt.settings.s3.key_prefix, spec.output_prefix, job_id)
+    codec = codec_from_options(spec.codec.name, spec.codec.crf, spec.codec.preset)
+    started = time.monotonic()
+    frames_written = 0
+    poster: np.ndarray | None = None
+    raw_digest = hashlib.sha256()
+    with StreamingMultipartUpload(rt.s3, bucket, out.video, "video/mp4") as upload:
+        with FfmpegStreamEncoder(spec.width, spec.height, spec.fps, codec, sink=upload.write) as encoder:
+            for chunk in rt.compute.iter_frames(latents):
+                if poster is None:
+                    poster = chunk[0].copy()
+                raw_digest.update(np.ascontiguousarray(chunk).tobytes())
+                encoder.write_frames(chunk)
+                frames_written += chunk.shape[0]
+        uploaded = upload.complete()
+    decode_seconds = time.monotonic() - started
+    assert poster is not None, "the VAE produced no frames"
+    put_bytes(rt.s3, bucket, out.poster, encode_jpeg(poster), "image/jpeg")
+    status = jobs.read_status(rt.conn, job_id)
+    timings = {name: float(stage["seconds"]) for name, stage in status["stages"].items() if "seconds" in stage}
+    timings["decode"] = round(decode_seconds, 3)
+    result = {
+        "video": s3_uri(bucket, out.video),
+        "poster": s3_uri(bucket, out.poster),
+        "metadata": s3_uri(bucket, out.metadata),
+        "video_key": out.video,
+        "bytes": uploaded.size,
+        "sha256": uploaded.sha256,
+        "frames": frames_written,
+        "width": spec.width,
+        "height": spec.height,
+        "fps": spec.fps,
+        "codec": spec.codec.name,
+    }
+    metadata = {
+        "job_id": job_id,
+        "spec": spec.model_dump(mode="json"),
+        "result": result,
+        "frames_sha256": raw_digest.hexdigest(),
+        "timings_seconds": timings,
+        "workers": {name: stage.get("worker") for name, stage in status["stages"].items()},
+        "attempts": {name: int(stage.get("attempt", 1)) for name, stage in status["stages"].items()},
+        "model_dir": rt.settings.model_dir.name,
+        "created_at": status["created_at"],
+        "finished_at": time.time(),
+    }
+    put_bytes(rt.s3, bucket, out.metadata, json.dumps(metadata, indent=2).encode(), "application/json")
+    return result

@@ -1,0 +1,218 @@
+"""One stage worker process: its loaded model, transfer engine, slot pool and background threads.
+
+Lifecycle::
+
+    1. load settings, connect to Redis (clear exit if unreachable)
+    2. load the stage's model ONCE (clear exit if the model dir is wrong)
+    3. start the Mooncake engine and register the slot pool ONCE
+    4. register the worker (stage, endpoint, model, load counter) and start heartbeating
+    5. serve rq jobs with a non-forking worker that takes a job only when a slot is free
+    6. on exit: deregister, stop threads, close the engine
+
+Background threads: the heartbeat (rq's SimpleWorker does not heartbeat during a
+job, so the farm's own liveness must not depend on it) and, for producing
+stages, the ack listener that frees a slot when its consumer acknowledged or
+when the room's lease ran out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from scheduler import worker_registry
+from scheduler.connection import connect_redis
+from scheduler.descriptors import DescriptorLimits
+from scheduler.keys import Stage, acks_key
+from scheduler.rooms import Rooms
+from scheduler.settings import FarmSettings
+from workers.transfer.mooncake_engine import MooncakeEngine
+from workers.transfer.slot_pool import SlotPool
+
+log = logging.getLogger("reelfarm.worker")
+
+_CURRENT: StageRuntime | None = None
+
+
+def current_runtime() -> StageRuntime:
+    if _CURRENT is None:
+        raise RuntimeError("no stage runtime in this process: stage jobs run only inside `reelfarm worker STAGE`")
+    return _CURRENT
+
+
+def make_worker_id(stage: Stage) -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:32]
+    return f"{stage.value}-{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class HeldSlot:
+    slot_index: int
+    lease_expires_at: float
+
+
+@dataclass
+class StageRuntime:
+    stage: Stage
+    settings: FarmSettings
+    conn: redis.Redis
+    compute: Any
+    engine: MooncakeEngine
+    pool: SlotPool
+    worker_id: str
+    secret: bytes
+    s3: Any = None
+    model_loads: int = 1
+    held: dict[str, HeldSlot] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def rooms(self) -> Rooms:
+        return Rooms(self.conn)
+
+    @property
+    def produces(self) -> bool:
+        return self.stage.next is not None
+
+    @property
+    def descriptor_limits(self) -> DescriptorLimits:
+        return DescriptorLimits(max_payload_bytes=self.pool.slot_bytes)
+
+    # -- registration and liveness -------------------------------------------------
+
+    def register(self) -> None:
+        info = {
+            "stage": self.stage.value,
+            "endpoint": self.engine.endpoint,
+            "pid": str(os.getpid()),
+            "host": socket.gethostname(),
+            "model_dir": str(self.settings.model_dir),
+            "device": self.settings.worker.device,
+            "model_loads": str(self.model_loads),
+            "jobs_done": "0",
+            "slots": str(self.pool.num_slots),
+            "started_at": repr(time.time()),
+            "state": "idle",
+        }
+        worker_registry.register_worker(self.conn, self.worker_id, info, self.settings.worker.worker_ttl_seconds)
+        self._start_thread(self._heartbeat_loop, "heartbeat")
+        if self.produces:
+            self._start_thread(self._ack_loop, "ack-listener")
+
+    def _start_thread(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.settings.worker.heartbeat_seconds
+        while not self._stop.wait(interval):
+            try:
+                fields = {"free_slots": str(self.pool.free_count)}
+                if not worker_registry.heartbeat(
+                    self.conn, self.worker_id, self.settings.worker.worker_ttl_seconds, fields
+                ):
+                    log.warning("worker record had expired (missed heartbeats); re-registered")
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- slots held for consumers --------------------------------------------------
+
+    def hold_slot(self, room_key: str, slot_index: int, lease_expires_at: float) -> None:
+        with self._lock:
+            self.held[room_key] = HeldSlot(slot_index, lease_expires_at)
+
+    def free_slot_of(self, room_key: str, why: str) -> None:
+        with self._lock:
+            held = self.held.pop(room_key, None)
+        if held is not None:
+            self.pool.release(held.slot_index)
+            log.info("freed slot %d of %s (%s)", held.slot_index, room_key, why)
+
+    def _ack_loop(self) -> None:
+        # A dedicated connection: BLPOP blocks it.
+        listener = redis.Redis(connection_pool=redis.ConnectionPool.from_url(self.settings.require_redis_url()))
+        key = acks_key(self.worker_id)
+        while not self._stop.is_set():
+            try:
+                popped = listener.blpop([key], timeout=1)
+            except redis.RedisError as exc:
+                log.warning("ack listener: %s", exc)
+                self._stop.wait(1.0)
+                continue
+            if popped is not None:
+                self.free_slot_of(popped[1].decode(), "acknowledged")
+            self._expire_leases()
+
+    def _expire_leases(self) -> None:
+        now = time.time()
+        with self._lock:
+            expired = [room for room, held in self.held.items() if held.lease_expires_at < now]
+        for room in expired:
+            self.rooms.fail(room, "lease expired before the consumer acknowledged; the producer freed the slot")
+            self.free_slot_of(room, "lease expired")
+
+    def wait_for_free_slot(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.pool.free_count == 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=3)
+        try:
+            worker_registry.deregister_worker(self.conn, self.worker_id)
+        except redis.RedisError:
+            pass
+        self.engine.close()
+
+
+def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
+    """Steps 1-4 of the lifecycle; raises ``WorkerStartupError`` with a one-line reason."""
+    global _CURRENT
+    from workers.stage_compute import load_stage_compute
+
+    conn = connect_redis(settings)
+    secret = settings.require_secret()
+    compute = load_stage_compute(stage, settings)
+    s3 = None
+    if stage is Stage.DECODE:
+        from workers.render_upload import connect_store
+
+        s3 = connect_store(settings)
+    engine = MooncakeEngine(
+        hostname=settings.transfer.hostname,
+        protocol=settings.transfer.protocol,
+        device_name=settings.transfer.device_name,
+    )
+    pool = SlotPool(engine, slot_bytes=settings.transfer.slot_mb * 2**20, num_slots=settings.transfer.slots)
+    runtime = StageRuntime(
+        stage=stage,
+        settings=settings,
+        conn=conn,
+        compute=compute,
+        engine=engine,
+        pool=pool,
+        worker_id=make_worker_id(stage),
+        secret=secret,
+        s3=s3,
+    )
+    runtime.register()
+    _CURRENT = runtime
+    return runtime
