@@ -73,9 +73,14 @@ def acks_key(worker_id: str) -> str:
     return f"{PREFIX}:acks:{check_id(worker_id, 'worker id')}"
 
 
-def queue_name(stage: Stage) -> str:
-    """rq queue name of a stage (rq adds its own ``rq:queue:`` key prefix)."""
-    return f"{PREFIX}-{stage.value}"
+PRIORITIES = ("high", "default", "low")
+
+
+def queue_name(stage: Stage, priority: str = "default") -> str:
+    """rq queue name of a stage at a priority (rq adds its own ``rq:queue:`` key prefix)."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
+    return f"{PREFIX}-{stage.value}" if priority == "default" else f"{PREFIX}-{stage.value}-{priority}"
 
 
 def stage_job_id(job_id: str, stage: Stage, attempt: int) -> str:

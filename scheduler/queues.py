@@ -25,8 +25,20 @@ FAILURE_TTL_SECONDS = 7 * 24 * 3600
 __all__ = ["STAGE_ENTRYPOINT", "SimpleWorker", "JSONSerializer", "stage_queue", "enqueue_stage"]
 
 
-def stage_queue(conn: redis.Redis, stage: Stage) -> Queue:
-    return Queue(keys.queue_name(stage), connection=conn, serializer=JSONSerializer)
+def transaction(conn: redis.Redis) -> Any:
+    """A MULTI pipeline that rq's enqueue can join (rq requires explicit MULTI mode before the first command)."""
+    pipe = conn.pipeline(transaction=True)
+    pipe.multi()
+    return pipe
+
+
+def stage_queue(conn: redis.Redis, stage: Stage, priority: str = "default") -> Queue:
+    return Queue(keys.queue_name(stage, priority), connection=conn, serializer=JSONSerializer)
+
+
+def stage_queues_by_priority(conn: redis.Redis, stage: Stage) -> list[Queue]:
+    """A stage's queues, highest priority first: rq workers drain them in this order."""
+    return [stage_queue(conn, stage, priority) for priority in keys.PRIORITIES]
 
 
 def enqueue_stage(
@@ -35,11 +47,12 @@ def enqueue_stage(
     stage: Stage,
     attempt: int,
     upstream_attempt: int | None,
+    priority: str = "default",
     pipeline: Any | None = None,
 ) -> str:
     """Put one attempt of one stage of a job on its queue; joins the caller's pipeline."""
     rq_id = keys.stage_job_id(job_id, stage, attempt)
-    stage_queue(conn, stage).enqueue_call(
+    stage_queue(conn, stage, priority).enqueue_call(
         STAGE_ENTRYPOINT,
         kwargs={"job_id": job_id, "stage": stage.value, "attempt": attempt, "upstream_attempt": upstream_attempt},
         job_id=rq_id,
@@ -54,4 +67,4 @@ def enqueue_stage(
 
 
 def queue_depths(conn: redis.Redis) -> dict[str, int]:
-    return {stage.value: stage_queue(conn, stage).count for stage in Stage}
+    return {stage.value: sum(q.count for q in stage_queues_by_priority(conn, stage)) for stage in Stage}

@@ -32,8 +32,10 @@ def submit(
     job_id = keys.check_id(job_id or new_job_id(), "job id")
     if jobs.job_exists(conn, job_id):
         return job_id
-    pipe = conn.pipeline(transaction=True)
+    pipe = queues.transaction(conn)
     jobs.create_job(pipe, job_id, spec)
-    queues.enqueue_stage(conn, job_id, Stage.ENCODE, attempt=1, upstream_attempt=None, pipeline=pipe)
+    queues.enqueue_stage(
+        conn, job_id, Stage.ENCODE, attempt=1, upstream_attempt=None, priority=spec.priority, pipeline=pipe
+    )
     pipe.execute()
     return job_id

@@ -16,9 +16,10 @@ from scheduler import keys
 
 
 def register_worker(conn: redis.Redis, worker_id: str, info: dict[str, str], ttl_seconds: int) -> None:
+    fields: dict[Any, Any] = {**info, "worker_id": worker_id, "last_heartbeat": repr(time.time())}
     key = keys.worker_key(worker_id)
     pipe = conn.pipeline()
-    pipe.hset(key, mapping={**info, "worker_id": worker_id, "last_heartbeat": repr(time.time())})
+    pipe.hset(key, mapping=fields)
     pipe.expire(key, ttl_seconds)
     pipe.sadd(keys.workers_index_key(), worker_id)
     pipe.execute()
@@ -29,7 +30,8 @@ def heartbeat(conn: redis.Redis, worker_id: str, ttl_seconds: int, fields: dict[
     key = keys.worker_key(worker_id)
     pipe = conn.pipeline()
     pipe.exists(key)
-    pipe.hset(key, mapping={**(fields or {}), "last_heartbeat": repr(time.time())})
+    update: dict[Any, Any] = {**(fields or {}), "last_heartbeat": repr(time.time())}
+    pipe.hset(key, mapping=update)
     pipe.expire(key, ttl_seconds)
     existed = pipe.execute()[0]
     return bool(existed)

@@ -49,7 +49,9 @@ def test_good_descriptor_passes() -> None:
         (make_descriptor(), {"endpoint": "10.0.0.9:5000"}, "is not the endpoint producer"),
         (make_descriptor(), {"endpoint": None}, "is not a live registered worker"),
         (
-            make_descriptor(tensors=(TensorEntry(name="x", dtype="uint8", shape=(64,), offset=(1 << 20) - 10, nbytes=64),)),
+            make_descriptor(
+                tensors=(TensorEntry(name="x", dtype="uint8", shape=(64,), offset=(1 << 20) - 10, nbytes=64),)
+            ),
             {},
             "lies outside the producer's slot",
         ),

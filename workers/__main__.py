@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage = Stage(args.stage)
 
-    from scheduler.queues import JSONSerializer, stage_queue
+    from scheduler.queues import JSONSerializer, stage_queues_by_priority
     from scheduler.settings import load_settings
     from workers.runtime import start_runtime
     from workers.stage_worker import StageWorker
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         worker = StageWorker(
-            [stage_queue(runtime.conn, stage)],
+            stage_queues_by_priority(runtime.conn, stage),
             connection=runtime.conn,
             serializer=JSONSerializer,
             name=runtime.worker_id,

@@ -22,7 +22,9 @@ from scheduler import keys, worker_registry
 from scheduler.descriptors import Descriptor, DescriptorRefused, parse_and_verify
 from scheduler.keys import Stage
 from workers.runtime import StageRuntime
-from workers.transfer.packing import pack_tensors, payload_checksum, transfer_spans, unpack_tensors
+from workers.transfer.mooncake_engine import TransferError
+from workers.transfer.packing import ChecksumMismatch, PayloadTooLarge, pack_tensors, unpack_tensors, verify_checksum
+from workers.transfer.slot_pool import pull_payload
 
 log = logging.getLogger("reelfarm.handoff")
 
@@ -94,23 +96,20 @@ def _read_payload(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str
     slot = rt.pool.acquire(timeout=SLOT_WAIT_SECONDS)
     if slot is None:
         raise HandoffError("no free receive slot in this worker's pool")
+    entries = list(desc.tensors)
     try:
-        spans = transfer_spans(list(desc.tensors))
         try:
-            rt.engine.batch_read(
-                desc.endpoint,
-                [slot.ptr + offset for offset, _ in spans],
-                [desc.slot_base + offset for offset, _ in spans],
-                [nbytes for _, nbytes in spans],
-            )
-        except Exception as exc:  # noqa: BLE001 - any engine failure becomes the room's reason
+            pull_payload(rt.engine, desc.endpoint, desc.slot_base, entries, slot)
+        except (TransferError, PayloadTooLarge) as exc:
             reason = f"transfer from {desc.producer_id} at {desc.endpoint} failed: {exc}"
             rt.rooms.fail(room_key, reason)
             raise HandoffError(reason) from None
-        if payload_checksum(slot.view(), list(desc.tensors)) != desc.checksum:
-            reason = "payload checksum mismatch after transfer"
-            rt.rooms.fail(room_key, reason)
-            raise HandoffError(reason)
-        return unpack_tensors(slot, list(desc.tensors))
+        try:
+            # The checksum names its algorithm, so producer and consumer need not share a default.
+            verify_checksum(slot.view(), entries, desc.checksum)
+        except ChecksumMismatch as exc:
+            rt.rooms.fail(room_key, str(exc))
+            raise HandoffError(str(exc)) from None
+        return unpack_tensors(slot, entries)
     finally:
         rt.pool.release(slot.index)

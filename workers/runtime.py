@@ -151,7 +151,8 @@ class StageRuntime:
                 self._stop.wait(1.0)
                 continue
             if popped is not None:
-                self.free_slot_of(popped[1].decode(), "acknowledged")
+                room = popped[1]
+                self.free_slot_of(room.decode() if isinstance(room, bytes) else room, "acknowledged")
             self._expire_leases()
 
     def _expire_leases(self) -> None:

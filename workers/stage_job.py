@@ -79,14 +79,16 @@ def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, tor
 
 
 def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: Any, started: float) -> None:
-    pipe = rt.conn.pipeline(transaction=True)
+    pipe = queues.transaction(rt.conn)
     jobs.mark_stage_finished(pipe, job_id, rt.stage, time.monotonic() - started)
     next_stage = rt.stage.next
     if next_stage is not None:
         desc, signature = stage_output(rt, job_id, attempt, outputs)
         rt.rooms.publish(desc, signature, pipeline=pipe)
         jobs.mark_stage_queued(pipe, job_id, next_stage, attempt=1)
-        queues.enqueue_stage(rt.conn, job_id, next_stage, attempt=1, upstream_attempt=attempt, pipeline=pipe)
+        queues.enqueue_stage(
+            rt.conn, job_id, next_stage, attempt=1, upstream_attempt=attempt, priority=spec.priority, pipeline=pipe
+        )
     else:
         jobs.mark_succeeded(pipe, job_id, outputs)
     worker_registry.increment(pipe, rt.worker_id, "jobs_done")

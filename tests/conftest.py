@@ -1,0 +1,4 @@
+"""Fixtures shared by the suite: real Valkey, real SeaweedFS S3, the tiny model directory."""
+
+from tests.conftest_models import tiny_model_dir  # noqa: F401
+from tests.service_fixtures import redis_url, s3_client, s3_config, s3_server, valkey_server  # noqa: F401

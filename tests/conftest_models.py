@@ -1,0 +1,26 @@
+"""Shared fixtures for model directories: one tiny Wan2.1 t2v model, built once per test session.
+
+Wire into ``tests/conftest.py`` with ``from tests.conftest_models import tiny_model_dir  # noqa: F401``.
+Workers code (torch, diffusers) is imported inside the fixture, so collecting
+scheduler-only tests does not need the GPU stack.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# huggingface_hub reads this once, at import: set it before anything imports diffusers or transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_MODEL_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny Wan2.1 t2v model directory in diffusers format (seed 0), shared by the whole session."""
+    from workers.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "wan21-t2v-tiny", seed=TINY_MODEL_SEED)

@@ -1,0 +1,70 @@
+"""A farm made of real parts for integration tests: real Valkey, real S3 server, real worker processes."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from scheduler import jobs
+from scheduler.embedded import start_worker, wait_for_workers
+from scheduler.keys import Stage
+from scheduler.settings import FarmSettings, S3Settings, TransferSettings, WorkerSettings
+
+
+def farm_settings(redis_url: str, s3: Any, model_dir: Path, home: Path, **overrides: Any) -> FarmSettings:
+    base = FarmSettings(
+        redis_url=redis_url,
+        model_dir=model_dir,
+        secret=secrets.token_hex(16),
+        home=home,
+        s3=S3Settings(
+            endpoint_url=s3.endpoint_url, bucket=s3.bucket, access_key=s3.access_key, secret_key=s3.secret_key
+        ),
+        transfer=TransferSettings(slots=2, slot_mb=4),
+        worker=WorkerSettings(heartbeat_seconds=0.5, worker_ttl_seconds=5, lease_seconds=60),
+    )
+    return base.model_copy(update=overrides)
+
+
+@contextmanager
+def running_workers(
+    settings: FarmSettings, stages: list[Stage] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    stages = stages or list(Stage)
+    log_dir = settings.home / "logs"
+    procs = [start_worker(stage, settings, log_dir) for stage in stages]
+    try:
+        wait_for_workers(settings, stages, procs, log_dir)
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_finished(conn: redis.Redis, job_id: str, timeout: float = 180.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = jobs.read_status(conn, job_id)
+        if jobs.JobState(record["state"]).finished:
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {jobs.read_status(conn, job_id)}")
+
+
+def worker_logs(settings: FarmSettings) -> str:
+    log_dir = settings.home / "logs"
+    return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.log")))

@@ -1,0 +1,164 @@
+"""Loading one model component at a time from a Wan2.1 model directory in diffusers format.
+
+A stage worker keeps only its own stage's component(s) resident, so each
+loader opens exactly one folder of the directory (``text_encoder/``,
+``transformer/``, ``vae/``, ``scheduler/``). The same code opens a real
+``Wan2.1-T2V-1.3B-Diffusers`` checkout and a tiny model written by
+``workers.models.tiny``. Everything is read with ``local_files_only=True``:
+nothing here ever reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+import diffusers
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import is_accelerate_available
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
+from transformers.utils import logging as transformers_logging
+
+Component = Literal["tokenizer", "text_encoder", "transformer", "vae", "scheduler"]
+
+TINY_MODEL_HINT = "point it at a Wan2.1 diffusers checkout, or build a tiny test model with `python -m workers.models tiny DIR`"
+
+# What must exist in each component folder before a loader is worth starting:
+# a config, and (for models) at least one weights file or a shard index.
+_CONFIG_FILE: dict[Component, str] = {
+    "tokenizer": "tokenizer_config.json",
+    "text_encoder": "config.json",
+    "transformer": "config.json",
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+_WEIGHT_PATTERNS: dict[Component, tuple[str, ...]] = {
+    "tokenizer": ("tokenizer.json", "spiece.model"),
+    "text_encoder": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
+    "transformer": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
+    "vae": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
+    "scheduler": (),
+}
+
+
+class DenoisingScheduler(Protocol):
+    """What the denoising loop uses of a diffusers scheduler (their base class declares none of it)."""
+
+    config: Mapping[str, Any]
+    timesteps: torch.Tensor
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> DenoisingScheduler: ...
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None: ...
+
+    def set_begin_index(self, begin_index: int = 0) -> None: ...
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True) -> Any: ...
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot serve a stage; the message is one line saying what is missing and what to do."""
+
+
+def check_model_dir(model_dir: Path, components: Iterable[Component]) -> None:
+    """Raise `ModelDirError` naming the first missing folder or file among ``components``."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ModelDirError(f"model dir {model_dir} does not exist; {TINY_MODEL_HINT}")
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model dir {model_dir} is a file, not a directory; {TINY_MODEL_HINT}")
+    for component in components:
+        folder = model_dir / component
+        if not folder.is_dir():
+            raise ModelDirError(f"model dir {model_dir} has no {component}/ folder; {TINY_MODEL_HINT}")
+        config = folder / _CONFIG_FILE[component]
+        if not config.is_file():
+            raise ModelDirError(f"model dir {model_dir} is missing {component}/{config.name}; {TINY_MODEL_HINT}")
+        patterns = _WEIGHT_PATTERNS[component]
+        if patterns and not any(any(folder.glob(pattern)) for pattern in patterns):
+            wanted = " or ".join(patterns)
+            raise ModelDirError(f"model dir {model_dir} has no {wanted} in {component}/; {TINY_MODEL_HINT}")
+
+
+def load_text_encoder(
+    model_dir: Path, device: str | torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedTokenizerBase, UMT5EncoderModel]:
+    """The tokenizer and the umT5 encoder, in eval mode on ``device``."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir, ("tokenizer", "text_encoder"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
+    with quiet_transformers_progress():
+        text_encoder = UMT5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, local_files_only=True)
+    # transformers declares .to with functools.wraps(nn.Module.to), which mypy reads as unbound.
+    return tokenizer, text_encoder.to(device).eval()  # type: ignore[call-arg,arg-type]
+
+
+def load_transformer(model_dir: Path, device: str | torch.device, dtype: torch.dtype) -> WanTransformer3DModel:
+    """The DiT, in eval mode on ``device``."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir, ("transformer",))
+    if not is_accelerate_available():
+        # diffusers keeps some Wan DiT layers in float32 and can only do that through accelerate.
+        raise ImportError("loading the Wan transformer needs the accelerate package: pip install accelerate")
+    transformer = WanTransformer3DModel.from_pretrained(
+        model_dir, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+    )
+    return transformer.to(device).eval()
+
+
+def load_vae(model_dir: Path, device: str | torch.device, dtype: torch.dtype) -> AutoencoderKLWan:
+    """The causal video VAE, in eval mode on ``device``."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir, ("vae",))
+    vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    return vae.to(device).eval()
+
+
+def load_scheduler(model_dir: Path, flow_shift: float | None) -> DenoisingScheduler:
+    """The directory's noise scheduler; ``flow_shift`` None keeps the directory's value, else overrides it."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir, ("scheduler",))
+    config_path = model_dir / "scheduler" / _CONFIG_FILE["scheduler"]
+    scheduler_class = _scheduler_class(json.loads(config_path.read_text()), config_path)
+    scheduler = scheduler_class.from_pretrained(model_dir, subfolder="scheduler", local_files_only=True)
+    return fresh_scheduler(cast(DenoisingScheduler, scheduler), flow_shift)
+
+
+def fresh_scheduler(template: DenoisingScheduler, flow_shift: float | None) -> DenoisingScheduler:
+    """A new scheduler with ``template``'s config (schedulers keep per-job state, so each job needs its own)."""
+    overrides: dict[str, Any] = {}
+    if flow_shift is not None:
+        if "flow_shift" not in template.config:
+            raise ValueError(
+                f"{type(template).__name__} has no flow_shift setting; leave flow_shift unset for this model"
+            )
+        overrides["flow_shift"] = float(flow_shift)
+    return type(template).from_config(template.config, **overrides)
+
+
+@contextmanager
+def quiet_transformers_progress() -> Iterator[None]:
+    """Silence transformers' tqdm bars (loading and saving weights) in worker logs and one-line CLIs."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _scheduler_class(config: dict[str, Any], config_path: Path) -> type[SchedulerMixin]:
+    # The class name comes from a file on disk: only accept diffusers' own schedulers.
+    name = config.get("_class_name", "")
+    scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ModelDirError(f"{config_path} names {name!r}, which is not a diffusers scheduler; {TINY_MODEL_HINT}")
+    return scheduler_class

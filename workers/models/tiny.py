@@ -1,0 +1,225 @@
+"""Tiny Wan2.1 text-to-video model directories with deterministic random weights, for tests and CPU farms.
+
+The directory has the same layout and classes as ``Wan2.1-T2V-1.3B-Diffusers``
+(``model_index.json``, ``tokenizer/``, ``text_encoder/``, ``transformer/``,
+``vae/``, ``scheduler/``), so the loaders in `workers.models.loading` and
+diffusers' ``WanPipeline.from_pretrained`` open it unchanged. The tokenizer is
+built here from a word list; nothing is downloaded. The same seed always gives
+byte-identical weight files, and a 17-frame 64x64 4-step job takes seconds on a
+CPU.
+
+A marker file, ``reelfarm_tiny.json``, says the directory was written here (and
+with which seed), so that building into it again is a no-op and building into
+any other non-empty directory is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from workers.models.loading import Component, ModelDirError, check_model_dir, quiet_transformers_progress
+
+ModelT = TypeVar("ModelT")
+
+MARKER_FILE = "reelfarm_tiny.json"
+MARKER_FORMAT = 1
+COMPONENTS: tuple[Component, ...] = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+
+TEXT_DIM = 32
+CROSS_ATTENTION_GAIN = 4.0
+
+# Words get whole pieces so ordinary prompts tokenize to a few ids; single
+# characters are the fallback for any other word (as in a sentencepiece vocab).
+_WORDS = (
+    "a an the and or of in on at to with through over under by from into near across "
+    "red orange yellow green blue purple white black gray brown golden silver dark bright "
+    "fox cat dog bird horse fish tree forest river lake sea ocean mountain snow rain sky cloud "
+    "sun moon star city street car house room light fire water wind field flower grass "
+    "running walking flying swimming jumping sitting standing dancing falling moving "
+    "slow fast small big tall old young happy calm quiet loud cold warm "
+    "blurry static low quality worst overexposed subtitles ugly deformed video frame camera shot"
+).split()
+_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()"
+
+
+def build_tiny_model(model_dir: Path, *, seed: int = 0, i2v: bool = False) -> Path:
+    """Write a tiny Wan2.1 t2v model into ``model_dir`` (new or empty) and return it.
+
+    A no-op when ``model_dir`` already holds a complete tiny model built with
+    ``seed``; `ModelDirError` when it holds anything else. The directory appears
+    complete or not at all: the model is written beside it and renamed into place.
+    """
+    if i2v:
+        raise NotImplementedError("tiny image-to-video models are not built yet; build the t2v model (i2v=False)")
+    model_dir = Path(model_dir)
+    if holds_tiny_model(model_dir, seed=seed):
+        return model_dir
+    _refuse_foreign_contents(model_dir, seed)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.building-", dir=model_dir.parent))
+    try:
+        _write_model(staging, seed)
+        if model_dir.exists():
+            model_dir.rmdir()  # empty, checked above
+        staging.rename(model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model_dir
+
+
+def holds_tiny_model(model_dir: Path, *, seed: int | None = None) -> bool:
+    """Whether ``model_dir`` is a complete tiny model written here (built with ``seed``, if given)."""
+    marker = _read_marker(Path(model_dir))
+    if marker is None or (seed is not None and marker.get("seed") != seed):
+        return False
+    try:
+        check_model_dir(Path(model_dir), COMPONENTS)
+    except ModelDirError:
+        return False
+    return True
+
+
+def _refuse_foreign_contents(model_dir: Path, seed: int) -> None:
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ModelDirError(f"{model_dir} is a file, not a directory; choose a new or empty directory")
+    if not model_dir.exists() or not any(model_dir.iterdir()):
+        return
+    marker = _read_marker(model_dir)
+    if marker is not None and marker.get("seed") != seed:
+        raise ModelDirError(
+            f"{model_dir} holds a tiny model built with seed {marker.get('seed')}, not {seed}; "
+            "pass that seed or choose a new directory"
+        )
+    raise ModelDirError(
+        f"refusing to write a tiny model into {model_dir}: it is not empty and holds no complete tiny model; "
+        "choose a new or empty directory"
+    )
+
+
+def _read_marker(model_dir: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((model_dir / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _write_model(model_dir: Path, seed: int) -> None:
+    tokenizer = tiny_tokenizer()
+    # Each component draws from its own seed, so resizing one leaves the others' weights unchanged.
+    # WanPipeline's annotations name AutoTokenizer and FlowMatchEulerDiscreteScheduler; Wan2.1 ships these.
+    pipeline = WanPipeline(
+        tokenizer=tokenizer,  # type: ignore[arg-type]
+        text_encoder=_seeded(seed, 0, lambda: tiny_text_encoder(vocab_size=len(tokenizer))),
+        transformer=_seeded(seed, 1, tiny_transformer),
+        vae=_seeded(seed, 2, tiny_vae),
+        scheduler=wan21_scheduler(),  # type: ignore[arg-type]
+    )
+    with quiet_transformers_progress():  # the CLI's output is one line
+        pipeline.save_pretrained(model_dir, safe_serialization=True)
+    marker = {"format": MARKER_FORMAT, "kind": "wan2.1-t2v-tiny", "seed": seed}
+    (model_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _seeded(seed: int, component_index: int, build: Callable[[], ModelT]) -> ModelT:
+    # Model constructors initialise from the global RNG; fork it so callers' random streams are untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1009 + component_index)
+        return build()
+
+
+def tiny_tokenizer() -> T5Tokenizer:
+    """A T5-style unigram tokenizer (pad 0, eos 1, unk 2, eos appended) over a small English word list."""
+    # Scores are log-probabilities: whole words (-5) beat spelling them out (-10 per character).
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(f"\u2581{word}", -5.0) for word in _WORDS]
+    vocab += [(char, -10.0) for char in _CHARACTERS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_text_encoder(vocab_size: int) -> UMT5EncoderModel:
+    """A 2-layer umT5 encoder (d_model 32) with umT5-XXL's gated-GELU feed-forward and relative attention."""
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def tiny_transformer() -> WanTransformer3DModel:
+    """A 2-layer Wan DiT: 2 heads x 12 dims (4 per 3D-RoPE axis), patch (1, 2, 2), 16 latent channels."""
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    ).eval()
+    _sharpen_cross_attention(transformer, gain=CROSS_ATTENTION_GAIN)
+    return transformer
+
+
+def _sharpen_cross_attention(transformer: WanTransformer3DModel, gain: float) -> None:
+    # A prompt has a handful of real tokens among 512 zero-padded positions. With
+    # unit q/k norm gains, random weights spread cross-attention evenly over
+    # them all, so the prompt (and so CFG) moves the DiT's output by ~0.1%:
+    # below one uint8 step, where a lost or swapped embedding in the hand-off
+    # would go unseen. Trained models learn larger gains; a fixed 4 makes the
+    # prompt move the output by ~10%.
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if ".attn2.norm_q." in name or ".attn2.norm_k." in name:
+                parameter.fill_(gain)
+
+
+def tiny_vae() -> AutoencoderKLWan:
+    """Wan2.1's causal VAE layout (8x spatial, 4x temporal, z_dim 16) with 8 base channels and 1 block per level."""
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+    ).eval()
+
+
+def wan21_scheduler() -> UniPCMultistepScheduler:
+    """The scheduler Wan2.1-T2V ships with: UniPC on flow-matching sigmas, shift 3.0 (480p)."""
+    return UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+    )

@@ -1,0 +1,10 @@
+"""One stage's compute per module: encode (text encoder), transform (DiT denoise), decode (streaming VAE).
+
+Each stage class loads its model component(s) once and then serves many jobs.
+Stages turn tensors into tensors (or frames); they import no queue, transport
+or storage code, so the worker process wires them to the hand-off.
+"""
+
+
+class StageCancelled(Exception):
+    """A job was stopped at a step boundary because its caller asked (``should_stop()`` returned True)."""

@@ -1,0 +1,200 @@
+"""The byte layout of a payload inside a slot: packing, checksums, unpacking, and read spans.
+
+A payload is a named set of tensors laid out back to back in one slot, each
+starting at a ``ALIGNMENT``-byte boundary, described by one ``TensorEntry`` per
+tensor (the entries travel in the signed descriptor). Bytes are copied as they
+are -- a bfloat16 tensor is viewed as bytes, never converted -- so the consumer
+gets bit-identical tensors.
+
+Producer: ``pack_tensors`` -> (entries, checksum) -> descriptor.
+Consumer: ``transfer_spans`` (what to read, merged so one batch read covers a
+multi-tensor payload) -> read -> ``payload_checksum`` must equal the
+descriptor's -> ``unpack_tensors`` (clones, so the slot can be released at once).
+
+The checksum covers exactly the entries' bytes, in entry order, never the
+padding between them. It is ``"<algorithm>:<hex>"``: xxh3_128 when the
+``xxhash`` package is installed (several GB/s), else blake2b-128 from the
+standard library; a consumer verifies with the algorithm the string names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+
+from scheduler.descriptors import DTYPE_ITEMSIZE, TensorEntry
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+_xxhash: ModuleType | None
+try:
+    import xxhash as _xxhash
+except ImportError:  # the fallback is slower but always there
+    _xxhash = None
+
+# 256 bytes covers every dtype's alignment and the widest SIMD loads when a consumer views the slot in place.
+ALIGNMENT = 256
+
+# The dtype names TensorEntry accepts (its ``dtype`` Literal), keyed by the torch dtype they name.
+DtypeName = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool"]
+_TORCH_DTYPE_NAMES: dict[torch.dtype, DtypeName] = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
+_TORCH_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in _TORCH_DTYPE_NAMES.items()}
+# A new dtype must be added to the descriptor schema and here together; fail at import, not mid-job.
+if set(_TORCH_DTYPES) != set(DTYPE_ITEMSIZE):
+    raise RuntimeError("workers.transfer.packing and scheduler.descriptors disagree on the payload dtypes")
+
+
+class PayloadTooLarge(ValueError):
+    """The tensors do not fit one slot; raise ``slot_mb`` or shrink the job."""
+
+
+class ChecksumMismatch(ValueError):
+    """The bytes read do not match the descriptor's checksum: the transfer or the producer's slot is corrupt."""
+
+
+class SlotBytes(Protocol):
+    """Anything that exposes a slot's bytes as a uint8 tensor (``Slot`` does)."""
+
+    def view(self) -> torch.Tensor: ...
+
+
+def _hasher(algorithm: str) -> Any:
+    if algorithm == "xxh3_128":
+        if _xxhash is None:
+            raise ChecksumMismatch(
+                "payload checksum is xxh3_128 but the xxhash package is not installed: pip install xxhash"
+            )
+        return _xxhash.xxh3_128()
+    if algorithm == "blake2b":
+        return hashlib.blake2b(digest_size=16)
+    raise ChecksumMismatch(f"unknown payload checksum algorithm {algorithm!r}")
+
+
+DEFAULT_CHECKSUM = "xxh3_128" if _xxhash is not None else "blake2b"
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's bytes (no dtype conversion)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor], slot: SlotBytes) -> tuple[list[TensorEntry], str]:
+    """Copy ``tensors`` into ``slot`` at aligned offsets, in the mapping's order; return entries and checksum."""
+    # Plan the whole layout before writing a byte, so a too-large payload leaves the slot untouched.
+    view = slot.view()
+    entries: list[TensorEntry] = []
+    offset = 0
+    for name, tensor in tensors.items():
+        dtype_name = _TORCH_DTYPE_NAMES.get(tensor.dtype)
+        if dtype_name is None:
+            raise ValueError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which a payload cannot carry "
+                f"(supported: {', '.join(_TORCH_DTYPES)})"
+            )
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append(
+            TensorEntry(name=name, dtype=dtype_name, shape=tuple(tensor.shape), offset=offset, nbytes=nbytes)
+        )
+        offset = _aligned(offset + nbytes)
+    end = payload_end(entries)
+    if end > view.numel():
+        raise PayloadTooLarge(
+            f"payload of {len(entries)} tensors needs {end} bytes but a slot holds {view.numel()}; "
+            "raise transfer.slot_mb or shrink the job"
+        )
+    for entry, tensor in zip(entries, tensors.values(), strict=True):
+        if entry.nbytes:
+            # copy_ also brings a GPU tensor down to the host slot; contiguous() makes the byte view legal.
+            view[entry.offset : entry.offset + entry.nbytes].copy_(_as_bytes(tensor.detach().contiguous()))
+    return entries, payload_checksum(view, entries)
+
+
+def payload_checksum(slot_view: torch.Tensor, entries: Sequence[TensorEntry], algorithm: str | None = None) -> str:
+    """Checksum of exactly the entries' bytes in ``slot_view`` (a uint8 tensor), as ``"<algorithm>:<hex>"``."""
+    algorithm = algorithm or DEFAULT_CHECKSUM
+    hasher = _hasher(algorithm)
+    update: Callable[[Any], None] = hasher.update
+    host = slot_view if slot_view.device.type == "cpu" else slot_view.cpu()
+    for entry in entries:
+        if entry.offset + entry.nbytes > host.numel():
+            raise PayloadTooLarge(f"tensor {entry.name} ends past the slot's {host.numel()} bytes")
+        if entry.nbytes:
+            # numpy() is a zero-copy view; the hashers read it through the buffer protocol.
+            update(host[entry.offset : entry.offset + entry.nbytes].numpy())
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def verify_checksum(slot_view: torch.Tensor, entries: Sequence[TensorEntry], expected: str) -> None:
+    """Raise ``ChecksumMismatch`` unless the slot's entry bytes hash to ``expected`` (same algorithm)."""
+    algorithm, sep, _ = expected.partition(":")
+    if not sep:
+        raise ChecksumMismatch(f"payload checksum {expected!r} does not name its algorithm")
+    actual = payload_checksum(slot_view, entries, algorithm)
+    if actual != expected:
+        raise ChecksumMismatch(f"payload checksum is {actual}, the descriptor says {expected}")
+
+
+def unpack_tensors(slot: SlotBytes, entries: Sequence[TensorEntry]) -> dict[str, torch.Tensor]:
+    """Tensors rebuilt from the slot, each cloned so it owns its memory and the slot can be released."""
+    view = slot.view()
+    out: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        if entry.nbytes != entry.expected_nbytes():
+            raise ValueError(
+                f"tensor {entry.name}: nbytes {entry.nbytes} does not match shape {entry.shape} and dtype {entry.dtype}"
+            )
+        if entry.offset + entry.nbytes > view.numel():
+            raise PayloadTooLarge(f"tensor {entry.name} ends past the slot's {view.numel()} bytes")
+        if entry.name in out:
+            raise ValueError(f"payload names tensor {entry.name!r} twice")
+        raw = view[entry.offset : entry.offset + entry.nbytes].clone()
+        out[entry.name] = raw.view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+    return out
+
+
+def payload_end(entries: Sequence[TensorEntry]) -> int:
+    """One past the last byte any entry uses: how large a slot must be to hold the payload."""
+    return max((e.offset + e.nbytes for e in entries), default=0)
+
+
+def payload_nbytes(entries: Sequence[TensorEntry]) -> int:
+    """The tensor bytes the payload carries (padding excluded)."""
+    return sum(e.nbytes for e in entries)
+
+
+def transfer_spans(entries: Sequence[TensorEntry], max_gap: int = ALIGNMENT) -> list[tuple[int, int]]:
+    """(offset, nbytes) ranges to read, in offset order, covering every entry's bytes.
+
+    Entries closer than ``max_gap`` bytes are merged, reading the alignment padding
+    between them, so a payload packed by ``pack_tensors`` is one span: one read.
+    Empty tensors need no bytes and get no span.
+    """
+    spans: list[tuple[int, int]] = []
+    for entry in sorted((e for e in entries if e.nbytes), key=lambda e: e.offset):
+        start, end = entry.offset, entry.offset + entry.nbytes
+        if spans:
+            last_start, last_len = spans[-1]
+            last_end = last_start + last_len
+            if start - last_end < max_gap:
+                spans[-1] = (last_start, max(last_end, end) - last_start)
+                continue
+        spans.append((start, end - start))
+    return spans
