@@ -86,3 +86,22 @@ def queue_name(stage: Stage, priority: str = "default") -> str:
 def stage_job_id(job_id: str, stage: Stage, attempt: int) -> str:
     """rq job id of one attempt of one stage: unique, so a re-enqueue never collides."""
     return f"{check_id(job_id, 'job id')}-{stage.value}-a{attempt}"
+
+
+def inflight_key() -> str:
+    """Sorted set of running stage executions (``job|stage|attempt``) scored by start time, for the reaper."""
+    return f"{PREFIX}:inflight"
+
+
+def inflight_member(job_id: str, stage: Stage, attempt: int) -> str:
+    return f"{check_id(job_id, 'job id')}|{stage.value}|{int(attempt)}"
+
+
+def parse_inflight_member(member: str) -> tuple[str, Stage, int]:
+    job_id, stage, attempt = member.split("|")
+    return check_id(job_id, "job id"), Stage(stage), int(attempt)
+
+
+def reaper_lock_key() -> str:
+    """Lock held by whichever process runs the maintenance pass, so passes never overlap."""
+    return f"{PREFIX}:lock:reaper"

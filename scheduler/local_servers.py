@@ -458,7 +458,7 @@ def start_valkey(
             port=chosen,
             password=password,
             socket_connect_timeout=0.5,
-            socket_timeout=2.0,
+            socket_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
         )
 
