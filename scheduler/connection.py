@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from scheduler.settings import FarmSettings
 
@@ -16,7 +18,10 @@ def connect_redis(settings: FarmSettings, check: bool = True) -> redis.Redis:
     conn = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
     if check:
         try:
-            conn.ping()
+            # One plain probe: redis-py's default retries would take seconds to report a wrong password.
+            probe = redis.Redis.from_url(url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
+            probe.ping()
+            probe.close()
         except redis.AuthenticationError:
             raise FarmUnreachable(f"Redis at {_redact(url)} refused the password: check REELFARM_REDIS_URL") from None
         except redis.RedisError as exc:

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scheduler.local_servers import free_port, start_s3_server, start_valkey, stop_pid
-
 from scheduler import worker_registry
 from scheduler.connection import connect_redis
 from scheduler.keys import Stage
+from scheduler.local_servers import S3_STOP_TIMEOUT, free_port, start_s3_server, start_valkey, stop_pid
 from scheduler.settings import STATE_FILE_NAME, FarmSettings
 
 # Small sizes so the embedded default renders in seconds on a CPU with the tiny model.
@@ -172,11 +171,14 @@ def farm_down(home: Path) -> list[str]:
     if state is None:
         return []
     pids: dict[str, int] = state["pids"]
-    order = [s.value for s in Stage] + ["s3", "valkey"]
+    # `expect` guards against a reused pid: only a process with that in its command line is signalled.
+    expect = {**{s.value: "workers" for s in Stage}, "s3": "weed", "valkey": "valkey"}
+    # weed's filer ignores SIGTERM while it waits on subscribers; what it acknowledged is on disk already.
+    timeouts = {"s3": S3_STOP_TIMEOUT}
     stopped = []
-    for name in order:
+    for name in [s.value for s in Stage] + ["s3", "valkey"]:
         if name in pids:
-            stop_pid(pids[name])
+            stop_pid(pids[name], timeout=timeouts.get(name, 30.0), expect=expect[name])
             stopped.append(name)
     state_path(home.resolve()).unlink()
     return stopped
