@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import math
+import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,6 +49,10 @@ class TensorEntry(BaseModel):
 
 class DescriptorRefused(ValueError):
     """A descriptor that must not be transferred from; the message is the room's failure reason."""
+
+
+class ProducerGone(DescriptorRefused):
+    """The producer is no longer a live worker: its output is lost, not forged (recompute upstream)."""
 
 
 class Descriptor(BaseModel):
@@ -117,7 +122,9 @@ def parse_and_verify(
     if not hmac.compare_digest(desc.sign(secret), signature or ""):
         raise DescriptorRefused("descriptor signature does not match the farm secret")
     if registered_endpoint is None:
-        raise DescriptorRefused(f"producer {desc.producer_id} is not a live registered worker")
+        raise ProducerGone(f"producer {desc.producer_id} is not a live registered worker")
+    if desc.lease_expires_at < time.time():
+        raise ProducerGone(f"the producer's lease on this payload expired at {desc.lease_expires_at:.0f}")
     if registered_endpoint != desc.endpoint:
         raise DescriptorRefused(
             f"descriptor endpoint {desc.endpoint} is not the endpoint producer {desc.producer_id} registered"

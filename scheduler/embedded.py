@@ -175,7 +175,7 @@ def farm_down(home: Path) -> list[str]:
     expect = {**{s.value: "workers" for s in Stage}, "s3": "weed", "valkey": "valkey"}
     # weed's filer ignores SIGTERM while it waits on subscribers; what it acknowledged is on disk already.
     timeouts = {"s3": S3_STOP_TIMEOUT}
-    stopped = []
+    stopped: list[str] = []
     for name in [s.value for s in Stage] + ["s3", "valkey"]:
         if name in pids:
             stop_pid(pids[name], timeout=timeouts.get(name, 30.0), expect=expect[name])

@@ -82,7 +82,10 @@ def mark_stage_queued(pipe: Any, job_id: str, stage: Stage, attempt: int) -> Non
 
 
 def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, attempt: int) -> None:
-    conn.hset(
+    """Record who runs this attempt and list it as in flight, so the reaper notices if that worker dies."""
+    pipe = conn.pipeline(transaction=True)
+    pipe.zadd(keys.inflight_key(), {keys.inflight_member(job_id, stage, attempt): time.time()})
+    pipe.hset(
         keys.job_key(job_id),
         mapping={
             "state": JobState.RUNNING.value,
@@ -94,13 +97,15 @@ def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, att
             "updated_at": _now(),
         },
     )
+    pipe.execute()
 
 
 def set_progress(conn: Any, job_id: str, stage: Stage, done: int, total: int) -> None:
     conn.hset(keys.job_key(job_id), mapping={f"{stage.value}.progress": f"{done}/{total}", "updated_at": _now()})
 
 
-def mark_stage_finished(pipe: Any, job_id: str, stage: Stage, seconds: float) -> None:
+def mark_stage_finished(pipe: Any, job_id: str, stage: Stage, attempt: int, seconds: float) -> None:
+    pipe.zrem(keys.inflight_key(), keys.inflight_member(job_id, stage, attempt))
     pipe.hset(
         keys.job_key(job_id),
         mapping={
@@ -120,6 +125,7 @@ def mark_succeeded(pipe: Any, job_id: str, result: dict[str, Any]) -> None:
 
 
 def mark_failed(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
+    """Terminal failure (after the attempt budget, or a refusal no retry can fix)."""
     conn.hset(
         keys.job_key(job_id),
         mapping={
@@ -158,5 +164,37 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
         "stages": stages,
         "error": fields.get("error"),
         "result": json.loads(fields["result"]) if "result" in fields else None,
+        "failures": json.loads(fields.get("failures", "[]")),
         "spec": json.loads(fields["spec"]),
     }
+
+
+def clear_inflight(conn: Any, job_id: str, stage: Stage, attempt: int) -> None:
+    conn.zrem(keys.inflight_key(), keys.inflight_member(job_id, stage, attempt))
+
+
+def stage_attempt(conn: redis.Redis, job_id: str, stage: Stage) -> int:
+    value = conn.hget(keys.job_key(job_id), f"{stage.value}.attempt")
+    return int(value) if value is not None else 0  # type: ignore[arg-type]
+
+
+def job_fields(conn: redis.Redis, job_id: str) -> dict[str, str]:
+    raw: dict[bytes, bytes] = conn.hgetall(keys.job_key(job_id))  # type: ignore[assignment]
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def mark_cancelled(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
+    conn.hset(
+        keys.job_key(job_id),
+        mapping={
+            "state": JobState.CANCELLED.value,
+            "error": f"{stage.value}: {reason}",
+            f"{stage.value}.state": "cancelled",
+            "updated_at": _now(),
+        },
+    )
+
+
+def cancel_requested(conn: redis.Redis, job_id: str) -> bool:
+    """Set by ``reelfarm cancel`` on a running job; stages check it at step boundaries."""
+    return conn.hget(keys.job_key(job_id), "cancel_requested") is not None

@@ -105,3 +105,8 @@ def parse_inflight_member(member: str) -> tuple[str, Stage, int]:
 def reaper_lock_key() -> str:
     """Lock held by whichever process runs the maintenance pass, so passes never overlap."""
     return f"{PREFIX}:lock:reaper"
+
+
+def delayed_key() -> str:
+    """Sorted set of stage enqueues waiting out a retry backoff, scored by due time."""
+    return f"{PREFIX}:delayed"

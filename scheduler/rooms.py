@@ -63,6 +63,16 @@ end
 return 0
 """
 
+# Extend a claim while its holder is alive (called from the holder's heartbeat thread).
+_RENEW = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+if (cur == 2 or cur == 3) and redis.call('HGET', KEYS[1], 'claimed_by') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'claim_expires_at', ARGV[2])
+  return 1
+end
+return 0
+"""
+
 # Acknowledge and tell the producer in one step: the slot is freed exactly when the room is ACKED.
 _ACK = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
@@ -81,6 +91,7 @@ class Rooms:
         self._advance = conn.register_script(_ADVANCE)
         self._claim = conn.register_script(_CLAIM)
         self._ack = conn.register_script(_ACK)
+        self._renew = conn.register_script(_RENEW)
 
     def publish(self, desc: Descriptor, signature: str, pipeline: Any | None = None) -> str:
         """Write the room for ``desc``; joins the caller's pipeline so the next stage's enqueue is atomic with it."""
@@ -113,6 +124,9 @@ class Rooms:
     def claim(self, key: str, claimer: str, lease_seconds: float) -> bool:
         now = time.time()
         return bool(self._claim(keys=[key], args=[claimer, repr(now), repr(now + lease_seconds)]))
+
+    def renew_claim(self, key: str, claimer: str, lease_seconds: float) -> bool:
+        return bool(self._renew(keys=[key], args=[claimer, repr(time.time() + lease_seconds)]))
 
     def mark_transferring(self, key: str, claimer: str) -> bool:
         got = self._advance(

@@ -55,9 +55,14 @@ class WorkerSettings(BaseModel):
 
     heartbeat_seconds: float = Field(default=2.0, gt=0)
     # A worker whose heartbeat key is older than this is dead.
-    worker_ttl_seconds: int = Field(default=15, ge=3)
+    worker_ttl_seconds: int = Field(default=15, ge=2)
     # A producer holds a slot for this long waiting for the consumer's ack.
-    lease_seconds: int = Field(default=600, ge=5)
+    lease_seconds: int = Field(default=600, ge=1)
+    # Restarts of a stage before the job is quarantined (FAILED with its history).
+    max_attempts: int = Field(default=3, ge=1)
+    # Backoff before retrying a stage that raised: base * 2^(attempt-1).
+    retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    reaper_interval_seconds: float = Field(default=5.0, gt=0)
     device: str = "cpu"
     dtype: str = "float32"
 

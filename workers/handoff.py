@@ -19,8 +19,9 @@ import time
 import torch
 
 from scheduler import keys, worker_registry
-from scheduler.descriptors import Descriptor, DescriptorRefused, parse_and_verify
+from scheduler.descriptors import Descriptor, DescriptorRefused, ProducerGone, parse_and_verify
 from scheduler.keys import Stage
+from scheduler.rooms import RoomState
 from workers.runtime import StageRuntime
 from workers.transfer.mooncake_engine import TransferError
 from workers.transfer.packing import ChecksumMismatch, PayloadTooLarge, pack_tensors, unpack_tensors, verify_checksum
@@ -33,6 +34,14 @@ SLOT_WAIT_SECONDS = 60.0
 
 class HandoffError(RuntimeError):
     """A hand-off that cannot complete; the message is the job's failure reason."""
+
+
+class InputLost(HandoffError):
+    """The input is gone (producer died, lease ran out, transfer or checksum failed): recompute upstream."""
+
+
+class InputRefused(HandoffError):
+    """The descriptor failed a security or bounds check: no retry can make it trustworthy."""
 
 
 def stage_output(
@@ -68,10 +77,31 @@ def stage_output(
 
 def pull_input(rt: StageRuntime, job_id: str, upstream: Stage, upstream_attempt: int) -> dict[str, torch.Tensor]:
     room_key = keys.room_key(job_id, upstream, upstream_attempt)
+    claim_room(rt, room_key)
+    try:
+        return _verified_pull(rt, room_key, job_id, upstream, upstream_attempt)
+    finally:
+        rt.end_claim(room_key)
+
+
+def claim_room(rt: StageRuntime, room_key: str) -> None:
+    """Claim, waiting out a claim whose holder died (its lease lapses within one worker TTL)."""
+    lease = rt.settings.worker.worker_ttl_seconds
+    deadline = time.monotonic() + lease + 1.0
+    while True:
+        if rt.rooms.claim(room_key, rt.worker_id, lease):
+            rt.begin_claim(room_key)
+            return
+        state = rt.rooms.state(room_key)
+        if state not in (RoomState.CLAIMED, RoomState.TRANSFERRING) or time.monotonic() > deadline:
+            raise InputLost(f"input room {room_key} cannot be claimed (state {state.name})")
+        time.sleep(0.2)
+
+
+def _verified_pull(
+    rt: StageRuntime, room_key: str, job_id: str, upstream: Stage, upstream_attempt: int
+) -> dict[str, torch.Tensor]:
     rooms = rt.rooms
-    if not rooms.claim(room_key, rt.worker_id, rt.settings.worker.lease_seconds):
-        state = rooms.state(room_key)
-        raise HandoffError(f"room {room_key} cannot be claimed (state {state.name})")
     room = rooms.read(room_key)
     producer = worker_registry.get_worker(rt.conn, room.get("producer_id", ""))
     endpoint = producer.get("endpoint") if producer and producer.get("stage") == upstream.value else None
@@ -84,18 +114,18 @@ def pull_input(rt: StageRuntime, job_id: str, upstream: Stage, upstream_attempt:
     except DescriptorRefused as exc:
         rooms.fail(room_key, str(exc))
         log.warning("refused room %s: %s", room_key, exc)
-        raise HandoffError(str(exc)) from None
+        raise (InputLost if isinstance(exc, ProducerGone) else InputRefused)(str(exc)) from None
     rooms.mark_transferring(room_key, rt.worker_id)
     tensors = _read_payload(rt, room_key, desc)
     if not rooms.ack(room_key, rt.worker_id, desc.producer_id):
-        raise HandoffError(f"room {room_key} was taken over before the ack (claim lease lapsed)")
+        raise InputLost(f"room {room_key} was taken over before the ack (claim lease lapsed)")
     return tensors
 
 
 def _read_payload(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str, torch.Tensor]:
     slot = rt.pool.acquire(timeout=SLOT_WAIT_SECONDS)
     if slot is None:
-        raise HandoffError("no free receive slot in this worker's pool")
+        raise InputLost("no free receive slot in this worker's pool")
     entries = list(desc.tensors)
     try:
         try:
@@ -103,13 +133,13 @@ def _read_payload(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str
         except (TransferError, PayloadTooLarge) as exc:
             reason = f"transfer from {desc.producer_id} at {desc.endpoint} failed: {exc}"
             rt.rooms.fail(room_key, reason)
-            raise HandoffError(reason) from None
+            raise InputLost(reason) from None
         try:
             # The checksum names its algorithm, so producer and consumer need not share a default.
             verify_checksum(slot.view(), entries, desc.checksum)
         except ChecksumMismatch as exc:
             rt.rooms.fail(room_key, str(exc))
-            raise HandoffError(str(exc)) from None
+            raise InputLost(str(exc)) from None
         return unpack_tensors(slot, entries)
     finally:
         rt.pool.release(slot.index)

@@ -32,6 +32,7 @@ from scheduler import worker_registry
 from scheduler.connection import connect_redis
 from scheduler.descriptors import DescriptorLimits
 from scheduler.keys import Stage, acks_key
+from scheduler.reaper import ReaperThread
 from scheduler.rooms import Rooms
 from scheduler.settings import FarmSettings
 from workers.transfer.mooncake_engine import MooncakeEngine
@@ -72,9 +73,11 @@ class StageRuntime:
     s3: Any = None
     model_loads: int = 1
     held: dict[str, HeldSlot] = field(default_factory=dict)
+    claims: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _reaper: ReaperThread | None = None
 
     @property
     def rooms(self) -> Rooms:
@@ -108,6 +111,11 @@ class StageRuntime:
         self._start_thread(self._heartbeat_loop, "heartbeat")
         if self.produces:
             self._start_thread(self._ack_loop, "ack-listener")
+        # Every worker runs the maintenance loop, so any live worker notices the dead ones.
+        self._reaper = ReaperThread(
+            self.conn, self.settings.worker.reaper_interval_seconds, self.settings.worker.max_attempts
+        )
+        self._reaper.start()
 
     def _start_thread(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -118,6 +126,10 @@ class StageRuntime:
         interval = self.settings.worker.heartbeat_seconds
         while not self._stop.wait(interval):
             try:
+                with self._lock:
+                    claims = list(self.claims)
+                for room in claims:
+                    self.rooms.renew_claim(room, self.worker_id, self.settings.worker.worker_ttl_seconds)
                 fields = {"free_slots": str(self.pool.free_count)}
                 if not worker_registry.heartbeat(
                     self.conn, self.worker_id, self.settings.worker.worker_ttl_seconds, fields
@@ -125,6 +137,16 @@ class StageRuntime:
                     log.warning("worker record had expired (missed heartbeats); re-registered")
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    # -- claims this worker holds (renewed by the heartbeat) ---------------------------
+
+    def begin_claim(self, room_key: str) -> None:
+        with self._lock:
+            self.claims.add(room_key)
+
+    def end_claim(self, room_key: str) -> None:
+        with self._lock:
+            self.claims.discard(room_key)
 
     # -- slots held for consumers --------------------------------------------------
 
@@ -175,6 +197,8 @@ class StageRuntime:
 
     def close(self) -> None:
         self._stop.set()
+        if self._reaper is not None:
+            self._reaper.stop()
         for thread in self._threads:
             thread.join(timeout=3)
         try:

@@ -3,6 +3,11 @@
 rq calls ``run_stage`` by name inside the (non-forking) stage worker, so the
 model loaded at start-up is the one used here. Compute is delegated to the
 stage classes; hand-off to ``workers.handoff``; storage to ``render_upload``.
+
+Outcomes never escape as exceptions to rq: the job record is the source of
+truth. Lost inputs and failed attempts go back through ``recovery.restart_job``
+(lineage, backoff, quarantine); a refused descriptor fails the job; a stale
+attempt -- one the farm already replaced -- discards its output.
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ import logging
 import time
 from typing import Any
 
+import redis
 import torch
 
-from scheduler import jobs, queues, worker_registry
+from scheduler import jobs, keys, queues, recovery, worker_registry
 from scheduler.keys import Stage
 from scheduler.spec import JobSpec
-from workers.handoff import pull_input, stage_output
+from workers.handoff import InputLost, InputRefused, pull_input, stage_output
 from workers.runtime import StageRuntime, current_runtime
+from workers.stages import StageCancelled
 
 log = logging.getLogger("reelfarm.stage")
 
@@ -27,9 +34,14 @@ def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | Non
     this_stage = Stage(stage)
     if this_stage is not rt.stage:
         raise RuntimeError(f"a {stage} job reached a {rt.stage.value} worker: check the queue names in settings")
+    fields = jobs.job_fields(rt.conn, job_id)
+    if not fields or jobs.JobState(fields["state"]).finished or int(fields.get(f"{stage}.attempt", "0")) != attempt:
+        log.info("job %s: %s attempt %d is stale or finished; skipped", job_id, stage, attempt)
+        return {"job_id": job_id, "stage": stage, "outcome": "skipped"}
     started = time.monotonic()
     jobs.mark_stage_started(rt.conn, job_id, this_stage, rt.worker_id, attempt)
     worker_registry.update_worker(rt.conn, rt.worker_id, {"state": "busy", "current_job": job_id})
+    outcome = "done"
     try:
         spec = jobs.load_spec(rt.conn, job_id)
         inputs: dict[str, torch.Tensor] = {}
@@ -37,15 +49,51 @@ def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | Non
         if upstream is not None:
             inputs = pull_input(rt, job_id, upstream, upstream_attempt or 1)
         outputs = _compute(rt, job_id, spec, inputs)
-        _finish(rt, job_id, spec, attempt, outputs, started)
-    except Exception as exc:
-        reason = _one_line(exc)
-        log.exception("job %s failed in %s", job_id, stage)
-        jobs.mark_failed(rt.conn, job_id, this_stage, reason)
+        if not _finish(rt, job_id, spec, attempt, outputs, started):
+            outcome = "superseded"
+    except InputRefused as exc:
+        outcome = f"failed: {exc}"
+        pipe = rt.conn.pipeline(transaction=True)
+        jobs.clear_inflight(pipe, job_id, this_stage, attempt)
+        jobs.mark_failed(pipe, job_id, this_stage, f"input refused: {exc}")
+        pipe.execute()
+    except InputLost as exc:
+        outcome = _restart(rt, job_id, this_stage, attempt, f"input lost: {exc}", delay=0.0)
+    except StageCancelled as exc:
+        outcome = "cancelled"
+        pipe = rt.conn.pipeline(transaction=True)
+        jobs.clear_inflight(pipe, job_id, this_stage, attempt)
+        jobs.mark_cancelled(pipe, job_id, this_stage, str(exc))
+        pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - any stage error is retried with backoff, then quarantined
+        log.exception("job %s: %s attempt %d raised", job_id, stage, attempt)
+        backoff = rt.settings.worker.retry_backoff_seconds * 2 ** (attempt - 1)
+        outcome = _restart(rt, job_id, this_stage, attempt, _one_line(exc), delay=backoff)
+    except BaseException:
+        # Forced shutdown (second SIGTERM, Ctrl-C): hand the job back before the process goes.
+        _restart(rt, job_id, this_stage, attempt, "worker shut down mid-job", delay=0.0)
         raise
     finally:
         worker_registry.update_worker(rt.conn, rt.worker_id, {"state": "idle", "current_job": ""})
-    return {"job_id": job_id, "stage": stage, "seconds": round(time.monotonic() - started, 3)}
+    return {"job_id": job_id, "stage": stage, "outcome": outcome, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: str, delay: float) -> str:
+    try:
+        return recovery.restart_job(
+            rt.conn,
+            job_id,
+            stage,
+            attempt,
+            reason,
+            max_attempts=rt.settings.worker.max_attempts,
+            delay_seconds=delay,
+            worker_id=rt.worker_id,
+        )
+    except redis.RedisError as exc:
+        # The reaper will find the attempt still in flight once this worker is gone or restarts it.
+        log.error("job %s: could not record the failure (%s); leaving it to the reaper", job_id, exc)
+        return "left to the reaper"
 
 
 def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, torch.Tensor]) -> Any:
@@ -53,11 +101,14 @@ def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, tor
     if rt.stage is Stage.ENCODE:
         return rt.compute.encode(spec.prompt, spec.negative_prompt, spec.guidance_scale)
 
-    # 2. Transform: the denoising loop, publishing per-step progress.
+    # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries.
     if rt.stage is Stage.TRANSFORM:
 
         def on_step(done: int, total: int) -> None:
             jobs.set_progress(rt.conn, job_id, Stage.TRANSFORM, done, total)
+
+        def should_stop() -> bool:
+            return jobs.cancel_requested(rt.conn, job_id)
 
         latents = rt.compute.denoise(
             inputs,
@@ -69,6 +120,7 @@ def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, tor
             seed=spec.seed,
             flow_shift=spec.flow_shift,
             on_step=on_step,
+            should_stop=should_stop,
         )
         return {"latents": latents}
 
@@ -78,21 +130,43 @@ def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, tor
     return render_and_upload(rt, job_id, spec, inputs["latents"])
 
 
-def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: Any, started: float) -> None:
-    pipe = queues.transaction(rt.conn)
-    jobs.mark_stage_finished(pipe, job_id, rt.stage, time.monotonic() - started)
+def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: Any, started: float) -> bool:
+    """Publish and enqueue the next stage (or record the result), fenced on this attempt still being current."""
     next_stage = rt.stage.next
+    room_key = None
     if next_stage is not None:
         desc, signature = stage_output(rt, job_id, attempt, outputs)
-        rt.rooms.publish(desc, signature, pipeline=pipe)
-        jobs.mark_stage_queued(pipe, job_id, next_stage, attempt=1)
-        queues.enqueue_stage(
-            rt.conn, job_id, next_stage, attempt=1, upstream_attempt=attempt, priority=spec.priority, pipeline=pipe
-        )
-    else:
-        jobs.mark_succeeded(pipe, job_id, outputs)
-    worker_registry.increment(pipe, rt.worker_id, "jobs_done")
-    pipe.execute()
+        room_key = keys.room_key(job_id, rt.stage, attempt)
+    with rt.conn.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(keys.job_key(job_id))
+                raw: dict[bytes, bytes] = pipe.hgetall(keys.job_key(job_id))  # type: ignore[assignment]
+                fields = {k.decode(): v.decode() for k, v in raw.items()}
+                current = int(fields.get(f"{rt.stage.value}.attempt", "0"))
+                if current != attempt or jobs.JobState(fields["state"]).finished:
+                    pipe.unwatch()
+                    log.warning("job %s: %s attempt %d was superseded; output discarded", job_id, rt.stage, attempt)
+                    if room_key is not None:
+                        rt.free_slot_of(room_key, "superseded")
+                    jobs.clear_inflight(rt.conn, job_id, rt.stage, attempt)
+                    return False
+                pipe.multi()
+                jobs.mark_stage_finished(pipe, job_id, rt.stage, attempt, time.monotonic() - started)
+                if next_stage is not None:
+                    next_attempt = int(fields.get(f"{next_stage.value}.attempt", "0")) + 1
+                    rt.rooms.publish(desc, signature, pipeline=pipe)
+                    jobs.mark_stage_queued(pipe, job_id, next_stage, next_attempt)
+                    queues.enqueue_stage(
+                        rt.conn, job_id, next_stage, next_attempt, attempt, priority=spec.priority, pipeline=pipe
+                    )
+                else:
+                    jobs.mark_succeeded(pipe, job_id, outputs)
+                worker_registry.increment(pipe, rt.worker_id, "jobs_done")
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue
 
 
 def _one_line(exc: BaseException) -> str:

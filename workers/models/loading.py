@@ -1,11 +1,13 @@
 """Loading one model component at a time from a Wan2.1 model directory in diffusers format.
 
 A stage worker keeps only its own stage's component(s) resident, so each
-loader opens exactly one folder of the directory (``text_encoder/``,
-``transformer/``, ``vae/``, ``scheduler/``). The same code opens a real
-``Wan2.1-T2V-1.3B-Diffusers`` checkout and a tiny model written by
-``workers.models.tiny``. Everything is read with ``local_files_only=True``:
-nothing here ever reaches a model hub.
+loader opens exactly one part of the directory (``text_encoder/``,
+``transformer/``, ``vae/``, ``scheduler/``, and for image-to-video
+``image_encoder/`` with ``image_processor/``). The same code opens real
+``Wan2.1-T2V-1.3B-Diffusers`` / ``Wan2.1-I2V-14B-480P-Diffusers`` checkouts and
+tiny models written by ``workers.models.tiny``; `model_task` says which task a
+directory serves. Everything is read with ``local_files_only=True``: nothing
+here ever reaches a model hub.
 """
 
 from __future__ import annotations
@@ -18,14 +20,27 @@ from typing import Any, Literal, Protocol, cast
 
 import diffusers
 import torch
+import transformers
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_accelerate_available
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
+from transformers import AutoTokenizer, BaseImageProcessor, CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderModel
 from transformers.utils import logging as transformers_logging
 
-Component = Literal["tokenizer", "text_encoder", "transformer", "vae", "scheduler"]
+Component = Literal["tokenizer", "text_encoder", "transformer", "vae", "scheduler", "image_encoder", "image_processor"]
+ModelTask = Literal["t2v", "i2v"]
+
+# What each task's directory holds (diffusers' save_pretrained layout).
+TASK_COMPONENTS: dict[ModelTask, tuple[Component, ...]] = {
+    "t2v": ("tokenizer", "text_encoder", "transformer", "vae", "scheduler"),
+    "i2v": ("tokenizer", "text_encoder", "transformer", "vae", "scheduler", "image_encoder", "image_processor"),
+}
+# model_index.json's _class_name -> task. Only the Wan2.1 pipelines: Wan2.2's
+# two-expert and expand_timesteps variants use the same class names with
+# settings the stages do not implement, so `model_task` refuses those.
+_PIPELINE_TASKS: dict[str, ModelTask] = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
+MODEL_INDEX_FILE = "model_index.json"
 
 TINY_MODEL_HINT = "point it at a Wan2.1 diffusers checkout, or build a tiny test model with `python -m workers.models tiny DIR`"
 
@@ -37,6 +52,8 @@ _CONFIG_FILE: dict[Component, str] = {
     "transformer": "config.json",
     "vae": "config.json",
     "scheduler": "scheduler_config.json",
+    "image_encoder": "config.json",
+    "image_processor": "preprocessor_config.json",
 }
 _WEIGHT_PATTERNS: dict[Component, tuple[str, ...]] = {
     "tokenizer": ("tokenizer.json", "spiece.model"),
@@ -44,6 +61,8 @@ _WEIGHT_PATTERNS: dict[Component, tuple[str, ...]] = {
     "transformer": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
     "vae": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
     "scheduler": (),
+    "image_encoder": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
+    "image_processor": (),
 }
 
 
@@ -87,6 +106,39 @@ def check_model_dir(model_dir: Path, components: Iterable[Component]) -> None:
             raise ModelDirError(f"model dir {model_dir} has no {wanted} in {component}/; {TINY_MODEL_HINT}")
 
 
+def model_task(model_dir: Path) -> ModelTask:
+    """Which task a model directory serves, from the pipeline class its ``model_index.json`` names.
+
+    `ModelDirError` when the index is missing or unreadable, names another
+    pipeline, or turns on Wan2.2 settings (a second expert, expanded timesteps)
+    that the stages do not implement.
+    """
+    model_dir = Path(model_dir)
+    index_path = model_dir / MODEL_INDEX_FILE
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model dir {model_dir} does not exist or is not a directory; {TINY_MODEL_HINT}")
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise ModelDirError(f"model dir {model_dir} has no {MODEL_INDEX_FILE}; {TINY_MODEL_HINT}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"cannot read {index_path} ({exc}); {TINY_MODEL_HINT}") from None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    task = _PIPELINE_TASKS.get(name) if isinstance(name, str) else None
+    if task is None:
+        known = " or ".join(_PIPELINE_TASKS)
+        raise ModelDirError(f"{index_path} names pipeline {name!r}, not {known}; {TINY_MODEL_HINT}")
+    # save_pretrained writes an absent optional component as [null, null].
+    unsupported = [key for key in ("boundary_ratio", "expand_timesteps") if index.get(key)]
+    if index.get("transformer_2") not in (None, [None, None]):
+        unsupported.append("transformer_2")
+    if unsupported:
+        raise ModelDirError(
+            f"{index_path} sets {', '.join(unsupported)} (a Wan2.2 model); reelfarm's stages run Wan2.1 models only"
+        )
+    return task
+
+
 def load_text_encoder(
     model_dir: Path, device: str | torch.device, dtype: torch.dtype
 ) -> tuple[PreTrainedTokenizerBase, UMT5EncoderModel]:
@@ -98,6 +150,21 @@ def load_text_encoder(
         text_encoder = UMT5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, local_files_only=True)
     # transformers declares .to with functools.wraps(nn.Module.to), which mypy reads as unbound.
     return tokenizer, text_encoder.to(device).eval()  # type: ignore[call-arg,arg-type]
+
+
+def load_image_encoder(
+    model_dir: Path, device: str | torch.device, dtype: torch.dtype
+) -> tuple[BaseImageProcessor, CLIPVisionModel]:
+    """The CLIP image processor and vision encoder (i2v models), the encoder in eval mode on ``device``."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir, ("image_processor", "image_encoder"))
+    # Looked up by name on the transformers package, as WanImageToVideoPipeline.from_pretrained does
+    # with model_index.json's "CLIPImageProcessor": transformers 5 resolves that name to the torchvision
+    # backend, or to the PIL one when torchvision is missing, and the two round pixels differently.
+    image_processor = transformers.CLIPImageProcessor.from_pretrained(model_dir / "image_processor", local_files_only=True)
+    with quiet_transformers_progress():
+        image_encoder = CLIPVisionModel.from_pretrained(model_dir / "image_encoder", dtype=dtype, local_files_only=True)
+    return image_processor, image_encoder.to(device).eval()  # type: ignore[call-arg,arg-type]
 
 
 def load_transformer(model_dir: Path, device: str | torch.device, dtype: torch.dtype) -> WanTransformer3DModel:

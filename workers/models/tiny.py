@@ -1,16 +1,20 @@
-"""Tiny Wan2.1 text-to-video model directories with deterministic random weights, for tests and CPU farms.
+"""Tiny Wan2.1 text-to-video and image-to-video model directories with deterministic random weights.
 
-The directory has the same layout and classes as ``Wan2.1-T2V-1.3B-Diffusers``
-(``model_index.json``, ``tokenizer/``, ``text_encoder/``, ``transformer/``,
-``vae/``, ``scheduler/``), so the loaders in `workers.models.loading` and
-diffusers' ``WanPipeline.from_pretrained`` open it unchanged. The tokenizer is
-built here from a word list; nothing is downloaded. The same seed always gives
-byte-identical weight files, and a 17-frame 64x64 4-step job takes seconds on a
-CPU.
+For tests and CPU farms. A t2v directory has the same layout and classes as
+``Wan2.1-T2V-1.3B-Diffusers`` (``model_index.json``, ``tokenizer/``,
+``text_encoder/``, ``transformer/``, ``vae/``, ``scheduler/``); an i2v one
+those of ``Wan2.1-I2V-14B-480P-Diffusers`` (the same plus ``image_encoder/``, a
+CLIP vision tower, and ``image_processor/``, its preprocessing config, with a
+36-channel DiT that cross-attends to image features). The loaders in
+`workers.models.loading` and diffusers' ``WanPipeline`` /
+``WanImageToVideoPipeline.from_pretrained`` open them unchanged. The tokenizer
+is built here from a word list; nothing is downloaded. The same seed always
+gives byte-identical weight files, and a 17-frame 64x64 4-step job takes
+seconds on a CPU.
 
-A marker file, ``reelfarm_tiny.json``, says the directory was written here (and
-with which seed), so that building into it again is a no-op and building into
-any other non-empty directory is refused.
+A marker file, ``reelfarm_tiny.json``, says the directory was written here (with
+which seed, and for i2v the task), so that building into it again is a no-op
+and building into any other non-empty directory is refused.
 """
 
 from __future__ import annotations
@@ -23,22 +27,51 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import transformers
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
-from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+from transformers import (
+    BaseImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
-from workers.models.loading import Component, ModelDirError, check_model_dir, quiet_transformers_progress
+from workers.models.loading import (
+    MODEL_INDEX_FILE,
+    TASK_COMPONENTS,
+    Component,
+    ModelDirError,
+    ModelTask,
+    check_model_dir,
+    quiet_transformers_progress,
+)
 
 ModelT = TypeVar("ModelT")
 
 MARKER_FILE = "reelfarm_tiny.json"
 MARKER_FORMAT = 1
-COMPONENTS: tuple[Component, ...] = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+COMPONENTS: tuple[Component, ...] = TASK_COMPONENTS["t2v"]
+I2V_COMPONENTS: tuple[Component, ...] = TASK_COMPONENTS["i2v"]
 
 TEXT_DIM = 32
 CROSS_ATTENTION_GAIN = 4.0
+LATENT_CHANNELS = 16  # the Wan2.1 VAE's z_dim
+# An i2v DiT's input per step: the noisy latents, then the image condition
+# (4 first-frame mask channels + the VAE latents of the conditioning video).
+I2V_IN_CHANNELS = LATENT_CHANNELS + 4 + LATENT_CHANNELS
+# The tiny CLIP tower: 32x32 crops cut into 8x8 patches give 16 patch tokens
+# plus the class token, 17 image tokens (the real ViT-H/14 at 224 gives 257).
+IMAGE_SIZE = 32
+IMAGE_PATCH_SIZE = 8
+IMAGE_DIM = 32
 
 # Words get whole pieces so ordinary prompts tokenize to a few ids; single
 # characters are the fallback for any other word (as in a sentencepiece vocab).
@@ -55,22 +88,22 @@ _CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()"
 
 
 def build_tiny_model(model_dir: Path, *, seed: int = 0, i2v: bool = False) -> Path:
-    """Write a tiny Wan2.1 t2v model into ``model_dir`` (new or empty) and return it.
+    """Write a tiny Wan2.1 t2v (or, with ``i2v``, image-to-video) model into ``model_dir`` (new or empty).
 
-    A no-op when ``model_dir`` already holds a complete tiny model built with
-    ``seed``; `ModelDirError` when it holds anything else. The directory appears
-    complete or not at all: the model is written beside it and renamed into place.
+    Returns ``model_dir``. A no-op when it already holds a complete tiny model
+    for the same task built with ``seed``; `ModelDirError` when it holds
+    anything else. The directory appears complete or not at all: the model is
+    written beside it and renamed into place.
     """
-    if i2v:
-        raise NotImplementedError("tiny image-to-video models are not built yet; build the t2v model (i2v=False)")
     model_dir = Path(model_dir)
-    if holds_tiny_model(model_dir, seed=seed):
+    task: ModelTask = "i2v" if i2v else "t2v"
+    if holds_tiny_model(model_dir, seed=seed, task=task):
         return model_dir
-    _refuse_foreign_contents(model_dir, seed)
+    _refuse_foreign_contents(model_dir, seed, task)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.building-", dir=model_dir.parent))
     try:
-        _write_model(staging, seed)
+        _write_model(staging, seed, task)
         if model_dir.exists():
             model_dir.rmdir()  # empty, checked above
         staging.rename(model_dir)
@@ -79,24 +112,31 @@ def build_tiny_model(model_dir: Path, *, seed: int = 0, i2v: bool = False) -> Pa
     return model_dir
 
 
-def holds_tiny_model(model_dir: Path, *, seed: int | None = None) -> bool:
-    """Whether ``model_dir`` is a complete tiny model written here (built with ``seed``, if given)."""
+def holds_tiny_model(model_dir: Path, *, seed: int | None = None, task: ModelTask | None = None) -> bool:
+    """Whether ``model_dir`` is a complete tiny model written here (built with ``seed``, for ``task``, if given)."""
     marker = _read_marker(Path(model_dir))
     if marker is None or (seed is not None and marker.get("seed") != seed):
         return False
+    marker_task = _marker_task(marker)
+    if task is not None and marker_task != task:
+        return False
     try:
-        check_model_dir(Path(model_dir), COMPONENTS)
+        check_model_dir(Path(model_dir), TASK_COMPONENTS[marker_task])
     except ModelDirError:
         return False
     return True
 
 
-def _refuse_foreign_contents(model_dir: Path, seed: int) -> None:
+def _refuse_foreign_contents(model_dir: Path, seed: int, task: ModelTask) -> None:
     if model_dir.exists() and not model_dir.is_dir():
         raise ModelDirError(f"{model_dir} is a file, not a directory; choose a new or empty directory")
     if not model_dir.exists() or not any(model_dir.iterdir()):
         return
     marker = _read_marker(model_dir)
+    if marker is not None and _marker_task(marker) != task:
+        raise ModelDirError(
+            f"{model_dir} holds a tiny {_marker_task(marker)} model, not {task}; choose a new directory for the {task} model"
+        )
     if marker is not None and marker.get("seed") != seed:
         raise ModelDirError(
             f"{model_dir} holds a tiny model built with seed {marker.get('seed')}, not {seed}; "
@@ -116,21 +156,57 @@ def _read_marker(model_dir: Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _write_model(model_dir: Path, seed: int) -> None:
+def _marker_task(marker: dict[str, Any]) -> ModelTask:
+    # t2v markers carry no task (they predate i2v and stay byte-identical).
+    return "i2v" if marker.get("task") == "i2v" else "t2v"
+
+
+def _write_model(model_dir: Path, seed: int, task: ModelTask) -> None:
     tokenizer = tiny_tokenizer()
-    # Each component draws from its own seed, so resizing one leaves the others' weights unchanged.
-    # WanPipeline's annotations name AutoTokenizer and FlowMatchEulerDiscreteScheduler; Wan2.1 ships these.
-    pipeline = WanPipeline(
-        tokenizer=tokenizer,  # type: ignore[arg-type]
-        text_encoder=_seeded(seed, 0, lambda: tiny_text_encoder(vocab_size=len(tokenizer))),
-        transformer=_seeded(seed, 1, tiny_transformer),
-        vae=_seeded(seed, 2, tiny_vae),
-        scheduler=wan21_scheduler(),  # type: ignore[arg-type]
-    )
+    # Each component draws from its own seed, so resizing one leaves the others' weights unchanged
+    # (and a t2v and an i2v model with one seed share their text encoder and VAE, as Wan2.1's do).
+    # The pipelines' annotations name AutoTokenizer and FlowMatchEulerDiscreteScheduler; Wan2.1 ships these.
+    text_encoder = _seeded(seed, 0, lambda: tiny_text_encoder(vocab_size=len(tokenizer)))
+    vae = _seeded(seed, 2, tiny_vae)
+    pipeline: DiffusionPipeline
+    if task == "t2v":
+        pipeline = WanPipeline(
+            tokenizer=tokenizer,  # type: ignore[arg-type]
+            text_encoder=text_encoder,
+            transformer=_seeded(seed, 1, tiny_transformer),
+            vae=vae,
+            scheduler=wan21_scheduler(),  # type: ignore[arg-type]
+        )
+        marker: dict[str, Any] = {"format": MARKER_FORMAT, "kind": "wan2.1-t2v-tiny", "seed": seed}
+    else:
+        pipeline = WanImageToVideoPipeline(
+            tokenizer=tokenizer,  # type: ignore[arg-type]
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=wan21_scheduler(),  # type: ignore[arg-type]
+            image_processor=tiny_image_processor(),  # type: ignore[arg-type]
+            image_encoder=_seeded(seed, 3, tiny_image_encoder),
+            transformer=_seeded(seed, 1, lambda: tiny_transformer(image_dim=IMAGE_DIM)),
+        )
+        marker = {"format": MARKER_FORMAT, "kind": "wan2.1-i2v-tiny", "seed": seed, "task": "i2v"}
     with quiet_transformers_progress():  # the CLI's output is one line
         pipeline.save_pretrained(model_dir, safe_serialization=True)
-    marker = {"format": MARKER_FORMAT, "kind": "wan2.1-t2v-tiny", "seed": seed}
+    if task == "i2v":
+        _name_image_processor_as_wan21(model_dir)
     (model_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _name_image_processor_as_wan21(model_dir: Path) -> None:
+    # save_pretrained records the image processor's class as transformers 5
+    # resolved it: "CLIPImageProcessorPil" where torchvision is missing. The
+    # real checkpoint (and so the loaders) name "CLIPImageProcessor", which
+    # each install resolves to its own backend; name that, so the directory's
+    # bytes do not depend on whether torchvision was installed when it was built.
+    index_path = model_dir / MODEL_INDEX_FILE
+    index = json.loads(index_path.read_text())
+    index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+    # diffusers' own config format: sorted keys, 2-space indent, final newline.
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _seeded(seed: int, component_index: int, build: Callable[[], ModelT]) -> ModelT:
@@ -169,14 +245,21 @@ def tiny_text_encoder(vocab_size: int) -> UMT5EncoderModel:
     return UMT5EncoderModel(config).eval()
 
 
-def tiny_transformer() -> WanTransformer3DModel:
-    """A 2-layer Wan DiT: 2 heads x 12 dims (4 per 3D-RoPE axis), patch (1, 2, 2), 16 latent channels."""
+def tiny_transformer(*, image_dim: int | None = None) -> WanTransformer3DModel:
+    """A 2-layer Wan DiT: 2 heads x 12 dims (4 per 3D-RoPE axis), patch (1, 2, 2), 16 latent channels.
+
+    With ``image_dim`` it is an i2v DiT, as in Wan2.1-I2V: 36 input channels
+    (latents + image condition) and, in every cross-attention, extra key/value
+    projections over the CLIP image features (``image_dim`` wide, embedded to
+    the model width first, which is why ``added_kv_proj_dim`` is that width).
+    """
+    num_attention_heads, attention_head_dim = 2, 12
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        in_channels=LATENT_CHANNELS if image_dim is None else I2V_IN_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         text_dim=TEXT_DIM,
         freq_dim=32,
         ffn_dim=48,
@@ -184,6 +267,8 @@ def tiny_transformer() -> WanTransformer3DModel:
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
+        image_dim=image_dim,
+        added_kv_proj_dim=None if image_dim is None else num_attention_heads * attention_head_dim,
         rope_max_seq_len=1024,
     ).eval()
     _sharpen_cross_attention(transformer, gain=CROSS_ATTENTION_GAIN)
@@ -201,6 +286,45 @@ def _sharpen_cross_attention(transformer: WanTransformer3DModel, gain: float) ->
         for name, parameter in transformer.named_parameters():
             if ".attn2.norm_q." in name or ".attn2.norm_k." in name:
                 parameter.fill_(gain)
+
+
+def tiny_image_encoder() -> CLIPVisionModel:
+    """A 2-layer CLIP vision tower (width 32, 32x32 input, 8x8 patches: 17 tokens) in Wan2.1-I2V's layout.
+
+    The pipeline takes the penultimate layer's hidden states, so two layers
+    are the fewest that make that differ from the embeddings.
+    """
+    config = CLIPVisionConfig(
+        hidden_size=IMAGE_DIM,
+        intermediate_size=64,
+        projection_dim=IMAGE_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=IMAGE_PATCH_SIZE,
+        hidden_act="gelu",  # Wan2.1-I2V's ViT-H/14 (open_clip) uses exact GELU, not OpenAI CLIP's quick_gelu
+        layer_norm_eps=1e-5,
+    )
+    return CLIPVisionModel(config).eval()
+
+
+def tiny_image_processor() -> BaseImageProcessor:
+    """Wan2.1-I2V's CLIP preprocessing (bicubic shortest-edge resize, center crop, OpenAI CLIP mean/std) at 32 px."""
+    # Looked up on the package (not imported) for the torchvision/PIL backend note in loading.load_image_encoder.
+    processor: BaseImageProcessor = transformers.CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": IMAGE_SIZE},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+    return processor
 
 
 def tiny_vae() -> AutoencoderKLWan:

@@ -1,0 +1,1 @@
+"""Benchmarks with their baselines (``python -m bench.handoff``); see bench/README.md."""

@@ -1,0 +1,191 @@
+"""Recovery: where a job restarts when a stage attempt is lost, and the attempt budget that bounds it.
+
+Every route back into the pipeline goes through ``restart_job``:
+
+* a worker died mid-stage (found by the reaper through its lapsed heartbeat),
+* a stage raised (retried with backoff),
+* a consumer found its input room lost (producer gone, lease expired, transfer
+  failed) -- lineage: the upstream stage is recomputed.
+
+The restart point is the failed stage itself when its input room can still be
+pulled, otherwise the nearest upstream stage whose input still exists (encode
+always can: its input is the spec). Each stage has an attempt budget; a job
+that exhausts it is quarantined -- FAILED with its whole failure history --
+instead of looping. The attempt counter is also the fence: a restart bumps
+``<stage>.attempt`` under WATCH, and a stale attempt that finishes later finds
+the counter moved and discards its output (see ``workers.stage_job``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from scheduler import jobs, keys, queues, worker_registry
+from scheduler.keys import Stage
+from scheduler.rooms import Rooms, RoomState
+
+log = logging.getLogger("reelfarm.recovery")
+
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class RestartPlan:
+    stage: Stage
+    upstream_attempt: int | None
+
+
+def input_room_available(conn: redis.Redis, job_id: str, stage: Stage, fields: dict[str, str]) -> int | None:
+    """The attempt of ``stage``'s input room if it can still be pulled, else None."""
+    upstream = stage.previous
+    if upstream is None:
+        return None
+    attempt = int(fields.get(f"{upstream.value}.attempt", "0"))
+    if attempt < 1 or fields.get(f"{upstream.value}.state") != "done":
+        return None
+    rooms = Rooms(conn)
+    key = keys.room_key(job_id, upstream, attempt)
+    room = rooms.read(key)
+    if not room or int(room.get("state", "0")) not in (RoomState.PUBLISHED, RoomState.CLAIMED, RoomState.TRANSFERRING):
+        return None
+    if worker_registry.get_worker(conn, room.get("producer_id", "")) is None:
+        return None
+    lease = json.loads(room["descriptor"]).get("lease_expires_at", 0)
+    return attempt if lease > time.time() else None
+
+
+def plan_restart(conn: redis.Redis, job_id: str, failed: Stage, fields: dict[str, str]) -> RestartPlan:
+    stage = failed
+    while stage.previous is not None:
+        attempt = input_room_available(conn, job_id, stage, fields)
+        if attempt is not None:
+            return RestartPlan(stage, attempt)
+        stage = stage.previous
+    return RestartPlan(stage, None)
+
+
+def restart_job(
+    conn: redis.Redis,
+    job_id: str,
+    failed: Stage,
+    failed_attempt: int,
+    reason: str,
+    *,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    delay_seconds: float = 0.0,
+    worker_id: str = "",
+) -> str:
+    """Record the failure and restart the job, or quarantine it; returns what happened, for logs.
+
+    Idempotent per failed attempt: if the stage's attempt counter already moved
+    past ``failed_attempt`` (another path recovered it), nothing is done.
+    """
+    key = keys.job_key(job_id)
+    member = keys.inflight_member(job_id, failed, failed_attempt)
+    while True:
+        with conn.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                raw: dict[bytes, bytes] = pipe.hgetall(key)  # type: ignore[assignment]
+                fields = {k.decode(): v.decode() for k, v in raw.items()}
+                if not fields or jobs.JobState(fields["state"]).finished:
+                    pipe.unwatch()
+                    conn.zrem(keys.inflight_key(), member)
+                    return "job already finished"
+                if int(fields.get(f"{failed.value}.attempt", "0")) != failed_attempt:
+                    pipe.unwatch()
+                    conn.zrem(keys.inflight_key(), member)
+                    return "already recovered"
+                plan = plan_restart(conn, job_id, failed, fields)
+                used = int(fields.get(f"{plan.stage.value}.attempt", "0"))
+                failure = {
+                    "stage": failed.value,
+                    "attempt": failed_attempt,
+                    "worker": worker_id or fields.get(f"{failed.value}.worker", ""),
+                    "reason": reason,
+                    "at": time.time(),
+                }
+                history = json.loads(fields.get("failures", "[]")) + [failure]
+                pipe.multi()
+                pipe.zrem(keys.inflight_key(), member)
+                pipe.hset(key, "failures", json.dumps(history))
+                if used >= max_attempts:
+                    summary = "; ".join(f"{f['stage']}#{f['attempt']}: {f['reason']}" for f in history[-max_attempts:])
+                    jobs.mark_failed(
+                        pipe,
+                        job_id,
+                        failed,
+                        f"quarantined after {used} attempts of {plan.stage.value} ({summary})",
+                    )
+                    outcome = "quarantined"
+                else:
+                    priority = json.loads(fields["spec"]).get("priority", "default")
+                    enqueue_later(
+                        conn, pipe, job_id, plan.stage, used + 1, plan.upstream_attempt, priority, delay_seconds
+                    )
+                    outcome = f"restarted at {plan.stage.value} attempt {used + 1}"
+                pipe.execute()
+            except redis.WatchError:
+                continue
+        log.warning("job %s: %s failed (%s); %s", job_id, failed.value, reason, outcome)
+        return outcome
+
+
+def enqueue_later(
+    conn: redis.Redis,
+    pipe: redis.client.Pipeline,
+    job_id: str,
+    stage: Stage,
+    attempt: int,
+    upstream_attempt: int | None,
+    priority: str,
+    delay_seconds: float,
+) -> None:
+    """Enqueue now, or park the enqueue in the delayed set for the reaper to release when due."""
+    jobs.mark_stage_queued(pipe, job_id, stage, attempt)
+    if delay_seconds <= 0:
+        queues.enqueue_stage(conn, job_id, stage, attempt, upstream_attempt, priority=priority, pipeline=pipe)
+        return
+    entry = {
+        "job_id": job_id,
+        "stage": stage.value,
+        "attempt": attempt,
+        "upstream_attempt": upstream_attempt,
+        "priority": priority,
+    }
+    pipe.zadd(keys.delayed_key(), {json.dumps(entry, sort_keys=True): time.time() + delay_seconds})
+
+
+def release_due(conn: redis.Redis, now: float | None = None) -> int:
+    """Move delayed enqueues whose backoff has passed onto their queues; safe to run from many processes."""
+    released = 0
+    due: list[bytes] = conn.zrangebyscore(keys.delayed_key(), "-inf", now or time.time())  # type: ignore[assignment]
+    for raw in due:
+        entry = json.loads(raw)
+        with conn.pipeline() as pipe:
+            try:
+                # Remove and enqueue in one transaction: a crash between them must not lose the retry.
+                pipe.watch(keys.delayed_key())
+                if pipe.zscore(keys.delayed_key(), raw) is None:
+                    continue
+                pipe.multi()
+                pipe.zrem(keys.delayed_key(), raw)
+                queues.enqueue_stage(
+                    conn,
+                    entry["job_id"],
+                    Stage(entry["stage"]),
+                    entry["attempt"],
+                    entry["upstream_attempt"],
+                    priority=entry["priority"],
+                    pipeline=pipe,
+                )
+                pipe.execute()
+                released += 1
+            except redis.WatchError:
+                continue
+    return released
