@@ -453,6 +453,17 @@ class PayloadSamples:
             bucket.setdefault(name, []).append(seconds)
 
 
+def _settle(conn: redis.Redis, timeout: float = 30.0) -> None:
+    """Wait until Valkey has no AOF rewrite or save running, so its child does not steal a core from the next phase."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info: dict[str, Any] = conn.info("persistence")  # type: ignore[assignment]
+        if not info.get("aof_rewrite_in_progress") and not info.get("rdb_bgsave_in_progress"):
+            break
+        time.sleep(0.05)
+    gc.collect()
+
+
 def bench_payload(
     name: str,
     rt: StageRuntime,
@@ -462,17 +473,20 @@ def bench_payload(
     warmup: int,
     progress: Callable[[str], None],
 ) -> PayloadSamples:
+    """One payload, in phases: farm (with its raw read and step breakdown), memcpy, then the rq path.
+
+    The rq path runs last because it leaves Valkey busy (AOF writes and rewrites of tens of MB)
+    and would otherwise steal CPU from the farm's next hand-off on a small machine.
+    """
     tensors = make_payload(name)
     nbytes = payload_bytes(tensors)
     samples = PayloadSamples(name=name, nbytes=nbytes)
-    src = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors.values()])
-    dst = torch.zeros_like(src)
-    for i in range(-warmup, repeats):
-        measured = i >= 0
-        gc.collect()
 
-        # 1. The farm hand-off, exactly as a worker runs it; the raw read of the same spans beside it,
-        #    alternately before the claim and after the ack so neither always finds warm caches.
+    # 1. The farm hand-off, exactly as a worker runs it, with the raw read of the same spans beside it --
+    #    alternately before the claim and after the ack, so neither always finds warm caches -- and the
+    #    same hand-off again step by step for the breakdown.
+    _settle(conn)
+    for i in range(-warmup, repeats):
         job_id = f"bench-{name}-{i + warmup}"
         produced = producer.produce(name, job_id)
         raw_first = i % 2 == 0
@@ -487,37 +501,42 @@ def bench_payload(
             _same(received, tensors, "farm hand-off")
         del received
 
-        # 2. The same hand-off again, step by step, for the breakdown.
-        job_id = f"bench-{name}-{i + warmup}-steps"
-        stepped = producer.produce(name, job_id)
-        received, laps = pull_input_by_step(rt, job_id)
+        stepped = producer.produce(name, f"{job_id}-steps")
+        received, laps = pull_input_by_step(rt, f"{job_id}-steps")
         del received
+        if i < 0:
+            continue
+        farm_s = produced.publish_s + consume_s
+        samples.farm.append(farm_s)
+        samples.farm_pack.append(produced.pack_s + farm_s)
+        samples.pack.append(produced.pack_s)
+        samples.publish.append(produced.publish_s)
+        samples.raw_read.append(raw_s)
+        samples.add_steps(samples.steps, {"publish (producer)": stepped.publish_s, **laps})
+        progress(f"  {name} farm {i + 1}/{repeats}: {farm_s * 1e3:.1f} ms (raw read {raw_s * 1e3:.1f} ms)")
 
-        # 3. The rq pickle path.
+    # 2. memcpy of the same bytes between preallocated buffers.
+    src = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors.values()])
+    dst = torch.zeros_like(src)
+    for i in range(-warmup, repeats):
+        memcpy_s = memcpy_once(dst, src)
+        if i >= 0:
+            samples.memcpy.append(memcpy_s)
+    del src, dst
+
+    # 3. The rq pickle path.
+    for i in range(-warmup, repeats):
         gc.collect()
         received, redis_laps = redis_once(conn, tensors)
         if i == -warmup:
             _same(received, tensors, "rq pickle path")
         del received
-
-        # 4. memcpy.
-        memcpy_s = memcpy_once(dst, src)
-
-        if measured:
-            farm_s = produced.publish_s + consume_s
-            samples.farm.append(farm_s)
-            samples.farm_pack.append(produced.pack_s + farm_s)
-            samples.pack.append(produced.pack_s)
-            samples.publish.append(produced.publish_s)
-            samples.raw_read.append(raw_s)
-            samples.redis.append(sum(redis_laps.values()))
-            samples.memcpy.append(memcpy_s)
-            samples.add_steps(samples.steps, {"publish (producer)": stepped.publish_s, **laps})
-            samples.add_steps(samples.redis_steps, redis_laps)
-            progress(
-                f"  {name} {i + 1}/{repeats}: farm {farm_s * 1e3:.1f} ms, raw read {raw_s * 1e3:.1f} ms, "
-                f"redis {samples.redis[-1] * 1e3:.1f} ms, memcpy {memcpy_s * 1e3:.2f} ms"
-            )
+        if i < 0:
+            continue
+        samples.redis.append(sum(redis_laps.values()))
+        samples.add_steps(samples.redis_steps, redis_laps)
+        progress(f"  {name} redis {i + 1}/{repeats}: {samples.redis[-1] * 1e3:.1f} ms")
+    _settle(conn)
     return samples
 
 

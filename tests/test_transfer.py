@@ -281,6 +281,17 @@ def test_read_over_a_dropped_idle_connection_is_retried(
     pull_and_check(producer, engine, pool, seed=13)  # fails once inside, succeeds on the retry
 
 
+def _wait_until_stopped(pid: int) -> None:
+    """SIGSTOP is delivered asynchronously: wait until the kernel reports the process stopped (state T)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_wedged_producer_times_out_once_and_dead_producer_fails_fast(
     consumer: tuple[MooncakeEngine, SlotPool],
 ) -> None:
@@ -296,6 +307,7 @@ def test_wedged_producer_times_out_once_and_dead_producer_fails_fast(
         slot = pool.acquire(timeout=1)
         assert slot is not None
         own.proc.send_signal(signal.SIGSTOP)
+        _wait_until_stopped(own.proc.pid)
         try:
             started = time.monotonic()
             with pytest.raises(TransferError, match="timed out"):

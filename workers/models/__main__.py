@@ -1,8 +1,9 @@
-"""Command line for model directories: ``python -m workers.models tiny DIR [--seed N]``.
+"""Command line for model directories: ``python -m workers.models tiny DIR [--seed N] [--i2v]``.
 
-``tiny`` writes a tiny Wan2.1 t2v model (see `workers.models.tiny`) and prints
-its path; it does nothing when DIR already holds that model and refuses (exit
-status 2, one line on stderr) a directory holding anything else.
+``tiny`` writes a tiny Wan2.1 t2v model (with ``--i2v``, an image-to-video
+model; see `workers.models.tiny`) and prints its path; it does nothing when
+DIR already holds that model and refuses (exit status 2, one line on stderr) a
+directory holding anything else.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ EXIT_USAGE = 2
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        model_dir = build_tiny_model(Path(args.dir), seed=args.seed)
+        model_dir = build_tiny_model(Path(args.dir), seed=args.seed, i2v=args.i2v)
     except ModelDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -32,9 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workers.models", description="Build model directories.")
     commands = parser.add_subparsers(dest="command", required=True)
-    tiny = commands.add_parser("tiny", help="write a tiny Wan2.1 t2v model with deterministic random weights")
+    tiny = commands.add_parser("tiny", help="write a tiny Wan2.1 t2v or i2v model with deterministic random weights")
     tiny.add_argument("dir", help="a new or empty directory (or one already holding this tiny model)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives identical files")
+    tiny.add_argument("--i2v", action="store_true", help="an image-to-video model (Wan2.1-I2V layout) instead of t2v")
     return parser
 
 

@@ -22,20 +22,20 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import transformers
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
-from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from transformers import (
     BaseImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     T5Tokenizer,
@@ -43,6 +43,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.utils import logging as transformers_logging
 
 from workers.models.loading import (
     MODEL_INDEX_FILE,
@@ -179,6 +180,10 @@ def _write_model(model_dir: Path, seed: int, task: ModelTask) -> None:
         )
         marker: dict[str, Any] = {"format": MARKER_FORMAT, "kind": "wan2.1-t2v-tiny", "seed": seed}
     else:
+        with _quiet_transformers_warnings():
+            # Imported here: importing it makes transformers resolve CLIPImageProcessor and, without
+            # torchvision, warn about its PIL fallback, which is noise for a t2v build and this CLI.
+            from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
         pipeline = WanImageToVideoPipeline(
             tokenizer=tokenizer,  # type: ignore[arg-type]
             text_encoder=text_encoder,
@@ -207,6 +212,16 @@ def _name_image_processor_as_wan21(model_dir: Path) -> None:
     index["image_processor"] = ["transformers", "CLIPImageProcessor"]
     # diffusers' own config format: sorted keys, 2-space indent, final newline.
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def _quiet_transformers_warnings() -> Iterator[None]:
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _seeded(seed: int, component_index: int, build: Callable[[], ModelT]) -> ModelT:
@@ -310,8 +325,9 @@ def tiny_image_encoder() -> CLIPVisionModel:
 
 def tiny_image_processor() -> BaseImageProcessor:
     """Wan2.1-I2V's CLIP preprocessing (bicubic shortest-edge resize, center crop, OpenAI CLIP mean/std) at 32 px."""
-    # Looked up on the package (not imported) for the torchvision/PIL backend note in loading.load_image_encoder.
-    processor: BaseImageProcessor = transformers.CLIPImageProcessor(
+    # Only its config is saved, so the PIL class (present on every install) writes the same
+    # preprocessor_config.json as the torchvision one would, without needing torchvision.
+    processor: BaseImageProcessor = CLIPImageProcessorPil(
         do_resize=True,
         size={"shortest_edge": IMAGE_SIZE},
         resample=PILImageResampling.BICUBIC,
