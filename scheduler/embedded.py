@@ -54,21 +54,19 @@ def _write_state(home: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def write_settings_file(settings: FarmSettings, path: Path) -> Path:
+    """Write the complete settings (secrets included, so mode 0600) as a config file a worker can load."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(settings.model_dump_json(indent=2))  # JSON is YAML: load_settings reads it as a config file
+    return path
+
+
 def worker_env(settings: FarmSettings) -> dict[str, str]:
-    """Environment that points a worker process at this farm (the same variables users set by hand)."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "REELFARM_REDIS_URL": settings.require_redis_url(),
-            "REELFARM_SECRET": settings.secret or "",
-            "REELFARM_MODEL_DIR": str(settings.model_dir),
-            "REELFARM_HOME": str(settings.home),
-            "REELFARM_S3_ENDPOINT": settings.s3.endpoint_url or "",
-            "REELFARM_S3_BUCKET": settings.s3.bucket,
-            "REELFARM_S3_ACCESS_KEY": settings.s3.access_key or "",
-            "REELFARM_S3_SECRET_KEY": settings.s3.secret_key or "",
-        }
-    )
+    """Environment that points a worker process at this farm: its whole settings, via one config file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REELFARM_")}
+    env["REELFARM_CONFIG"] = str(write_settings_file(settings, settings.home / "worker-settings.json"))
     return env
 
 

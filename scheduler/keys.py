@@ -110,3 +110,38 @@ def reaper_lock_key() -> str:
 def delayed_key() -> str:
     """Sorted set of stage enqueues waiting out a retry backoff, scored by due time."""
     return f"{PREFIX}:delayed"
+
+
+# Batch names appear in job ids (``b-<name>-<16 hex>``, at most 96 characters) and in object keys.
+BATCH_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_batch_name(value: str) -> str:
+    if not BATCH_NAME_PATTERN.match(value):
+        raise ValueError(f"invalid batch name {value!r}: use 1-64 characters from A-Z a-z 0-9 _ -")
+    return value
+
+
+def batch_key(name: str) -> str:
+    """Hash: a batch record (created/updated times, source, line and submission counts)."""
+    return f"{PREFIX}:batch:{check_batch_name(name)}"
+
+
+def batch_jobs_key(name: str) -> str:
+    """Sorted set of a batch's job ids scored by their line number in the batch file."""
+    return f"{PREFIX}:batch:{check_batch_name(name)}:jobs"
+
+
+def batches_index_key() -> str:
+    """Sorted set of batch names scored by creation time."""
+    return f"{PREFIX}:batches"
+
+
+def cron_tick_key(schedule: str, tick_epoch: int) -> str:
+    """String claimed with SET NX by the one cron process that enqueues this tick of this schedule."""
+    return f"{PREFIX}:cron:{check_id(schedule, 'schedule name')}:tick:{int(tick_epoch)}"
+
+
+def cron_history_key(schedule: str) -> str:
+    """Sorted set of the batch names a schedule enqueued, scored by tick time."""
+    return f"{PREFIX}:cron:{check_id(schedule, 'schedule name')}:batches"

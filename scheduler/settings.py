@@ -37,6 +37,8 @@ class S3Settings(BaseModel):
     region: str = "us-east-1"
     # Every object key starts with this; keys never contain raw user input.
     key_prefix: str = "renders"
+    # How long one upload call keeps retrying a down or throttling store before the stage fails.
+    retry_seconds: float = Field(default=30.0, ge=0)
 
 
 class TransferSettings(BaseModel):

@@ -1,6 +1,7 @@
-"""Shared fixtures for model directories: one tiny Wan2.1 t2v model, built once per test session.
+"""Shared fixtures for model directories: one tiny Wan2.1 t2v and one tiny i2v model, built once per test session.
 
-Wire into ``tests/conftest.py`` with ``from tests.conftest_models import tiny_model_dir  # noqa: F401``.
+Wire into ``tests/conftest.py`` with
+``from tests.conftest_models import tiny_i2v_model_dir, tiny_model_dir  # noqa: F401``.
 Workers code (torch, diffusers) is imported inside the fixture, so collecting
 scheduler-only tests does not need the GPU stack.
 """
@@ -24,3 +25,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "wan21-t2v-tiny", seed=TINY_MODEL_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny Wan2.1 image-to-video model directory in diffusers format (seed 0), shared by the session."""
+    from workers.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "wan21-i2v-tiny", seed=TINY_MODEL_SEED, i2v=True)

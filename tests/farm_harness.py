@@ -28,7 +28,13 @@ def farm_settings(redis_url: str, s3: Any, model_dir: Path, home: Path, **overri
             endpoint_url=s3.endpoint_url, bucket=s3.bucket, access_key=s3.access_key, secret_key=s3.secret_key
         ),
         transfer=TransferSettings(slots=2, slot_mb=4),
-        worker=WorkerSettings(heartbeat_seconds=0.5, worker_ttl_seconds=5, lease_seconds=60),
+        worker=WorkerSettings(
+            heartbeat_seconds=0.5,
+            worker_ttl_seconds=4,
+            lease_seconds=60,
+            reaper_interval_seconds=1.0,
+            retry_backoff_seconds=0.2,
+        ),
     )
     return base.model_copy(update=overrides)
 
@@ -68,3 +74,45 @@ def wait_finished(conn: redis.Redis, job_id: str, timeout: float = 180.0) -> dic
 def worker_logs(settings: FarmSettings) -> str:
     log_dir = settings.home / "logs"
     return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.log")))
+
+
+class WorkerFleet:
+    """Worker processes a test starts, kills and replaces one by one; all stopped at the end."""
+
+    def __init__(self, settings: FarmSettings, extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.extra_env = extra_env or {}
+        self.procs: list[tuple[Stage, subprocess.Popen[bytes]]] = []
+
+    def start(self, *stages: Stage) -> list[subprocess.Popen[bytes]]:
+        log_dir = self.settings.home / "logs"
+        started = [start_worker(stage, self.settings, log_dir, self.extra_env) for stage in stages]
+        self.procs.extend(zip(stages, started, strict=True))
+        wait_for_workers(self.settings, list(stages), started, log_dir)
+        return started
+
+    def worker_pid(self, stage: Stage) -> int:
+        live = [p for s, p in self.procs if s is stage and p.poll() is None]
+        assert len(live) == 1, f"expected one live {stage} worker, found {len(live)}"
+        return live[0].pid
+
+    def stop_all(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll until ``predicate()`` is truthy; returns the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -254,12 +254,6 @@ def test_build_leaves_no_staging_dirs(tiny_model_dir: Path) -> None:
     assert [path.name for path in tiny_model_dir.parent.iterdir()] == [tiny_model_dir.name]
 
 
-def test_i2v_tiny_model_is_not_built_yet(tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="image-to-video"):
-        build_tiny_model(tmp_path / "i2v", i2v=True)
-    assert not (tmp_path / "i2v").exists()
-
-
 def test_check_model_dir_names_a_missing_dir(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(ModelDirError, match=r"nowhere does not exist; .*python -m workers.models tiny") as raised:

@@ -61,7 +61,8 @@ def render_and_upload(rt: StageRuntime, job_id: str, spec: JobSpec, latents: tor
     frames_written = 0
     poster: np.ndarray | None = None
     raw_digest = hashlib.sha256()
-    with StreamingMultipartUpload(rt.s3, bucket, out.video, "video/mp4") as upload:
+    retry = rt.settings.s3.retry_seconds
+    with StreamingMultipartUpload(rt.s3, bucket, out.video, "video/mp4", retry_seconds=retry) as upload:
         with FfmpegStreamEncoder(spec.width, spec.height, spec.fps, codec, sink=upload.write) as encoder:
             for chunk in rt.compute.iter_frames(latents):
                 if poster is None:
@@ -72,7 +73,7 @@ def render_and_upload(rt: StageRuntime, job_id: str, spec: JobSpec, latents: tor
         uploaded = upload.complete()
     decode_seconds = time.monotonic() - started
     assert poster is not None, "the VAE produced no frames"
-    put_bytes(rt.s3, bucket, out.poster, encode_jpeg(poster), "image/jpeg")
+    put_bytes(rt.s3, bucket, out.poster, encode_jpeg(poster), "image/jpeg", retry_seconds=retry)
     status = jobs.read_status(rt.conn, job_id)
     timings = {name: float(stage["seconds"]) for name, stage in status["stages"].items() if "seconds" in stage}
     timings["decode"] = round(decode_seconds, 3)
@@ -101,5 +102,7 @@ def render_and_upload(rt: StageRuntime, job_id: str, spec: JobSpec, latents: tor
         "created_at": status["created_at"],
         "finished_at": time.time(),
     }
-    put_bytes(rt.s3, bucket, out.metadata, json.dumps(metadata, indent=2).encode(), "application/json")
+    put_bytes(
+        rt.s3, bucket, out.metadata, json.dumps(metadata, indent=2).encode(), "application/json", retry_seconds=retry
+    )
     return result

@@ -23,6 +23,7 @@ from scheduler import jobs, keys, queues, recovery, worker_registry
 from scheduler.keys import Stage
 from scheduler.spec import JobSpec
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
+from workers.fault_injection import crash_if_injected
 from workers.runtime import StageRuntime, current_runtime
 from workers.stages import StageCancelled
 
@@ -44,6 +45,7 @@ def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | Non
     outcome = "done"
     try:
         spec = jobs.load_spec(rt.conn, job_id)
+        crash_if_injected(rt.stage.value, spec.prompt)
         inputs: dict[str, torch.Tensor] = {}
         upstream = this_stage.previous
         if upstream is not None:
@@ -78,22 +80,31 @@ def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | Non
     return {"job_id": job_id, "stage": stage, "outcome": outcome, "seconds": round(time.monotonic() - started, 3)}
 
 
+REDIS_OUTAGE_PATIENCE_SECONDS = 300.0
+
+
 def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: str, delay: float) -> str:
-    try:
-        return recovery.restart_job(
-            rt.conn,
-            job_id,
-            stage,
-            attempt,
-            reason,
-            max_attempts=rt.settings.worker.max_attempts,
-            delay_seconds=delay,
-            worker_id=rt.worker_id,
-        )
-    except redis.RedisError as exc:
-        # The reaper will find the attempt still in flight once this worker is gone or restarts it.
-        log.error("job %s: could not record the failure (%s); leaving it to the reaper", job_id, exc)
-        return "left to the reaper"
+    # The failure may *be* a Redis outage: keep trying to record the restart until Redis is back,
+    # because while this worker lives the reaper will not take its in-flight attempt away.
+    deadline = time.monotonic() + REDIS_OUTAGE_PATIENCE_SECONDS
+    while True:
+        try:
+            return recovery.restart_job(
+                rt.conn,
+                job_id,
+                stage,
+                attempt,
+                reason,
+                max_attempts=rt.settings.worker.max_attempts,
+                delay_seconds=delay,
+                worker_id=rt.worker_id,
+            )
+        except redis.RedisError as exc:
+            if time.monotonic() > deadline:
+                log.error("job %s: could not record the failure (%s); exiting so the reaper recovers it", job_id, exc)
+                raise SystemExit(3) from None
+            log.warning("job %s: Redis unavailable while recording a failure (%s); retrying", job_id, exc)
+            time.sleep(1.0)
 
 
 def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, torch.Tensor]) -> Any:

@@ -4,7 +4,9 @@ Lifecycle: 1. load the tokenizer and text encoder once (``TextEncodeStage``)
 2. per job, ``encode`` the prompt and, when classifier-free guidance is on
 (guidance_scale > 1), the negative prompt. The outputs are the tensors the
 transform stage needs; which ones cross the boundary is declared in
-``output_names``.
+`workers.stages.payloads` (``output_names`` gives this stage's share). For
+image-to-video jobs the encode worker also runs
+`workers.stages.image_encode.ImageConditionStage`.
 """
 
 from __future__ import annotations
@@ -19,19 +21,14 @@ import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from workers.models.loading import load_text_encoder
+from workers.stages.payloads import NEGATIVE_PROMPT_EMBEDS, PROMPT_EMBEDS, transform_input_names, uses_cfg
 
-PROMPT_EMBEDS = "prompt_embeds"
-NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"
-
-
-def uses_cfg(guidance_scale: float) -> bool:
-    """Whether a job runs classifier-free guidance (WanPipeline: guidance_scale > 1)."""
-    return guidance_scale > 1.0
+__all__ = ["NEGATIVE_PROMPT_EMBEDS", "PROMPT_EMBEDS", "TextEncodeStage", "output_names", "uses_cfg"]
 
 
 def output_names(guidance_scale: float) -> tuple[str, ...]:
-    """The tensors the encode stage hands to the transform stage for a job with this guidance scale."""
-    return (PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS) if uses_cfg(guidance_scale) else (PROMPT_EMBEDS,)
+    """The tensors the text encoder hands to the transform stage for a job with this guidance scale."""
+    return transform_input_names("t2v", guidance_scale)
 
 
 class TextEncodeStage:

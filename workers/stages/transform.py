@@ -1,17 +1,25 @@
-"""The transform stage: text embeddings to denoised video latents with the Wan DiT, as ``WanPipeline.__call__`` does.
+"""The transform stage: encoded inputs to denoised video latents with the Wan DiT.
+
+It runs the denoising loop of ``WanPipeline.__call__`` (text-to-video) or of
+``WanImageToVideoPipeline.__call__`` (image-to-video, Wan2.1), whichever the
+loaded transformer is.
 
 Lifecycle: 1. load the transformer and the scheduler config once
-(``DenoiseStage``) 2. per job, ``denoise``: build a fresh scheduler, draw the
-initial noise from the job's seed exactly as WanPipeline does with
+(``DenoiseStage``) 2. per job, ``denoise``: check the inputs are the ones this
+transformer takes (`workers.stages.payloads`), build a fresh scheduler, draw
+the initial noise from the job's seed exactly as the pipelines do with
 ``generator=torch.Generator("cpu").manual_seed(seed)``, run the flow-matching
-loop with classifier-free guidance, reporting each step and stopping at a
-step boundary when asked 3. return float32 latents *before* the VAE's
+loop with classifier-free guidance -- for i2v, every step's DiT input is the
+latents with the image ``condition`` concatenated on the channels, and the DiT
+also cross-attends to ``image_embeds`` -- reporting each step and stopping at
+a step boundary when asked 3. return float32 latents *before* the VAE's
 latents_mean/latents_std denormalisation, which the decode stage applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,11 +27,21 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from workers.models.loading import check_model_dir, fresh_scheduler, load_scheduler, load_transformer
 from workers.stages import StageCancelled
-from workers.stages.encode import NEGATIVE_PROMPT_EMBEDS, PROMPT_EMBEDS, uses_cfg
+from workers.stages.payloads import (
+    CONDITION,
+    IMAGE_EMBEDS,
+    IMAGE_INPUT_NAMES,
+    NEGATIVE_PROMPT_EMBEDS,
+    PROMPT_EMBEDS,
+    uses_cfg,
+)
 
 # Wan2.1's VAE: 8x spatial and 4x temporal compression (1 + 4k frames -> 1 + k latent frames).
 VAE_SCALE_SPATIAL = 8
 VAE_SCALE_TEMPORAL = 4
+
+# diffusers' Wan attention splits image from text tokens by assuming 512 text tokens.
+I2V_TEXT_LENGTH = 512
 
 OnStep = Callable[[int, int], None]
 ShouldStop = Callable[[], bool]
@@ -43,8 +61,20 @@ def latent_shape(
     return (1, channels, latent_frames, height // VAE_SCALE_SPATIAL, width // VAE_SCALE_SPATIAL)
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """One job's inputs to every DiT call, on the stage's device."""
+
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    # i2v only: concatenated to the latents on the channel axis every step (float32, as the pipeline keeps it).
+    condition: torch.Tensor | None = None
+    # i2v only: CLIP features the DiT cross-attends to beside the text.
+    image_embeds: torch.Tensor | None = None
+
+
 class DenoiseStage:
-    """Keeps the Wan DiT resident and runs one job's denoising loop at a time."""
+    """Keeps the Wan DiT resident and runs one job's denoising loop at a time (t2v or i2v, as the DiT is)."""
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
@@ -58,6 +88,22 @@ class DenoiseStage:
     def dtype(self) -> torch.dtype:
         dtype: torch.dtype = self.transformer.dtype
         return dtype
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents being denoised (16): the DiT's output, not its input (36 for i2v)."""
+        return int(self.transformer.config["out_channels"])
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the i2v ``condition`` this DiT takes on top of the latents (20 for Wan2.1-I2V; 0 for t2v)."""
+        return int(self.transformer.config["in_channels"]) - self.latent_channels
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether this DiT is an image-to-video one (it needs ``image_embeds`` and ``condition``)."""
+        # Only Wan2.1-I2V DiTs take CLIP features; the pipeline keys on image_dim the same way.
+        return self.transformer.config["image_dim"] is not None and self.condition_channels > 0
 
     @torch.no_grad()
     def denoise(
@@ -76,13 +122,16 @@ class DenoiseStage:
     ) -> torch.Tensor:
         """Final latents [1, 16, 1 + (num_frames - 1) / 4, height / 8, width / 8], float32.
 
-        ``on_step(i, total)`` runs after step i (1-based); ``should_stop()`` is
-        asked before every step and raises `StageCancelled` when it says True.
+        ``embeds`` holds the encode stage's tensors (`workers.stages.payloads`):
+        the text embeddings, and for an i2v DiT ``image_embeds`` and
+        ``condition`` too. ``on_step(i, total)`` runs after step i (1-based);
+        ``should_stop()`` is asked before every step and raises
+        `StageCancelled` when it says True.
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1 (got {num_inference_steps})")
         cfg = uses_cfg(guidance_scale)
-        prompt_embeds, negative_embeds = self._conditioning(embeds, cfg)
+        conditioning = self._conditioning(embeds, cfg)
 
         scheduler = fresh_scheduler(self.scheduler_template, flow_shift)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -91,20 +140,26 @@ class DenoiseStage:
         scheduler.set_begin_index(0)
 
         latents = self.initial_latents(height=height, width=width, num_frames=num_frames, seed=seed)
+        self._check_condition_shape(conditioning, latents)
         total = len(timesteps)
         for step_index, t in enumerate(timesteps):
             if should_stop is not None and should_stop():
                 raise StageCancelled(f"stopped before denoising step {step_index + 1} of {total}")
-            noise_pred = self._predict_noise(latents, t, prompt_embeds, negative_embeds, guidance_scale)
+            noise_pred = self._predict_noise(latents, t, conditioning, guidance_scale)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(step_index + 1, total)
         return latents.float()
 
     def initial_latents(self, *, height: int, width: int, num_frames: int, seed: int) -> torch.Tensor:
-        """The job's starting noise: float32, drawn on the CPU so every device gets the same numbers."""
+        """The job's starting noise: float32, drawn on the CPU so every device gets the same numbers.
+
+        For i2v too this is the pipelines' first draw from the job's generator:
+        WanImageToVideoPipeline draws it before encoding the image condition,
+        which takes the VAE posterior's mode and so draws nothing.
+        """
         shape = latent_shape(
-            channels=self.transformer.config["in_channels"],
+            channels=self.latent_channels,
             height=height,
             width=width,
             num_frames=num_frames,
@@ -114,38 +169,76 @@ class DenoiseStage:
         latents: torch.Tensor = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         return latents
 
-    def _conditioning(
-        self, embeds: Mapping[str, torch.Tensor], cfg: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _conditioning(self, embeds: Mapping[str, torch.Tensor], cfg: bool) -> Conditioning:
         required = (PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS) if cfg else (PROMPT_EMBEDS,)
         missing = [name for name in required if name not in embeds]
         if missing:
             raise ValueError(f"denoise needs {', '.join(missing)} from the encode stage (guidance on: {cfg})")
         prompt_embeds = embeds[PROMPT_EMBEDS].to(self.device, self.dtype)
         negative_embeds = embeds[NEGATIVE_PROMPT_EMBEDS].to(self.device, self.dtype) if cfg else None
-        return prompt_embeds, negative_embeds
+        given_image_inputs = [name for name in IMAGE_INPUT_NAMES if name in embeds]
+        if not self.takes_image:
+            if given_image_inputs:
+                raise ValueError(
+                    f"this transformer is a text-to-video model but the job carries {', '.join(given_image_inputs)}; "
+                    "run image-to-video jobs on workers serving a Wan2.1-I2V model"
+                )
+            return Conditioning(prompt_embeds, negative_embeds)
+        missing = [name for name in IMAGE_INPUT_NAMES if name not in embeds]
+        if missing:
+            raise ValueError(
+                f"this transformer is an image-to-video model and needs {', '.join(missing)} from the encode stage; "
+                "submit an image-to-video job (with an image) or serve a t2v model"
+            )
+        for name, tensor in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_embeds)):
+            if tensor is not None and tensor.shape[1] != I2V_TEXT_LENGTH:
+                raise ValueError(
+                    f"{name} has {tensor.shape[1]} tokens; image-to-video needs them padded to {I2V_TEXT_LENGTH} "
+                    "(encode with max_sequence_length=512)"
+                )
+        return Conditioning(
+            prompt_embeds,
+            negative_embeds,
+            # The pipeline keeps the condition in float32 and casts only the concatenated DiT input.
+            condition=embeds[CONDITION].to(self.device, torch.float32),
+            image_embeds=embeds[IMAGE_EMBEDS].to(self.device, self.dtype),
+        )
+
+    def _check_condition_shape(self, conditioning: Conditioning, latents: torch.Tensor) -> None:
+        if conditioning.condition is None:
+            return
+        expected = (latents.shape[0], self.condition_channels, *latents.shape[2:])
+        if tuple(conditioning.condition.shape) != expected:
+            raise ValueError(
+                f"condition is shaped {list(conditioning.condition.shape)} but this job's latents need "
+                f"{list(expected)}; encode the image with the job's height, width and num_frames"
+            )
 
     def _predict_noise(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None,
-        guidance_scale: float,
+        self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, guidance_scale: float
     ) -> torch.Tensor:
-        model_input = latents.to(self.dtype)
+        if conditioning.condition is None:
+            model_input = latents.to(self.dtype)
+        else:
+            model_input = torch.cat([latents, conditioning.condition], dim=1).to(self.dtype)
         timestep = t.expand(latents.shape[0])
         # Conditional and unconditional passes run separately, not as one batch
-        # of two: that is what WanPipeline does, and batching changes the
-        # floating-point results.
-        cond = self._forward(model_input, timestep, prompt_embeds)
-        if negative_embeds is None:
+        # of two: that is what the Wan pipelines do, and batching changes the
+        # floating-point results. Both passes see the same image inputs.
+        cond = self._forward(model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds)
+        if conditioning.negative_embeds is None:
             return cond
-        uncond = self._forward(model_input, timestep, negative_embeds)
+        uncond = self._forward(model_input, timestep, conditioning.negative_embeds, conditioning.image_embeds)
         return uncond + guidance_scale * (cond - uncond)
 
-    def _forward(self, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
+    ) -> torch.Tensor:
         output: torch.Tensor = self.transformer(
-            hidden_states=model_input, timestep=timestep, encoder_hidden_states=text, return_dict=False
+            hidden_states=model_input,
+            timestep=timestep,
+            encoder_hidden_states=text,
+            encoder_hidden_states_image=image,
+            return_dict=False,
         )[0]
         return output

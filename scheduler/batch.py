@@ -1,0 +1,408 @@
+"""Batches: many job specs from one JSONL file, validated together and submitted in pipelined chunks.
+
+A batch file has one JSON object per line (a job spec). Blank lines and lines
+starting with ``#`` are skipped; an optional first line ``{"batch": {...}}``
+holds defaults for every line (and may name the batch with ``"name"``).
+
+Lifecycle of ``reelfarm batch FILE``:
+
+1. ``parse_batch``: parse and validate EVERY line before anything is written;
+   bad lines are collected with their line numbers and one-line reasons, and
+   are never submitted. Defaults layer as: farm ``spec_defaults`` < file
+   header < ``--default key=value`` < the line itself.
+2. Each valid line gets a deterministic job id, ``b-<batch>-<sha256[:16]>`` of
+   its canonical spec, so running the same file again finds the same ids.
+3. ``submit_batch``, per chunk of ``CHUNK_SIZE`` lines: WATCH the chunk's job
+   keys, read which exist in one pipelined round trip, then in one MULTI write
+   the new job records, enqueue their encode stage and add them to the batch
+   record. A concurrent run of the same file trips the WATCH and the chunk is
+   read again, so no job is ever enqueued twice.
+4. With ``resume``, existing failed/cancelled jobs are re-submitted as retries
+   (a fresh, higher attempt); succeeded and in-flight jobs are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from scheduler import job_admin, jobs, keys, queues
+from scheduler.keys import Stage
+from scheduler.settings import FarmSettings
+from scheduler.spec import JobSpec, SpecError, parse_spec
+
+CHUNK_SIZE = 500
+# Priority only orders the queue; it does not change the video, so it is not part of a job's identity.
+_NOT_IDENTITY = frozenset({"priority"})
+
+
+class BatchError(ValueError):
+    """A batch that cannot be read or submitted at all; the message is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class LineError:
+    line_no: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line_no}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    line_no: int
+    job_id: str
+    spec: JobSpec
+
+
+@dataclass
+class ParsedBatch:
+    name: str
+    entries: list[BatchEntry]
+    errors: list[LineError]
+    # (line, first line with the same spec): identical lines render identical videos, so they share a job.
+    duplicates: list[tuple[int, int]] = field(default_factory=list)
+    lines: int = 0
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [e.job_id for e in self.entries]
+
+
+@dataclass
+class SubmitOutcome:
+    created: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)  # present already and left alone
+    retried: list[str] = field(default_factory=list)  # failed/cancelled, re-submitted (resume)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- names and ids
+
+
+def batch_name_from_path(path: str) -> str:
+    """A batch name from a file name: ``prompts/Nightly Run.jsonl`` -> ``Nightly_Run``."""
+    stem = Path(path.rstrip("/").rsplit("/", 1)[-1]).name.split(".", 1)[0]
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:64]
+    return cleaned or "batch"
+
+
+def job_id_for(batch_name: str, spec: JobSpec) -> str:
+    """The job id of ``spec`` in ``batch_name``: the same spec in the same batch always gets the same id."""
+    identity = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_IDENTITY}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return keys.check_id(f"b-{keys.check_batch_name(batch_name)}-{digest[:16]}", "job id")
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def parse_default_options(options: Iterable[str]) -> dict[str, Any]:
+    """``["width=64", "codec.name=lossless", "prompt=a cat"]`` -> spec defaults.
+
+    Values are JSON when they parse as JSON (numbers, booleans, objects), else plain strings.
+    """
+    out: dict[str, Any] = {}
+    for option in options:
+        name, sep, text = option.partition("=")
+        if not sep or not name.strip():
+            raise BatchError(f"--default {option!r} must look like key=value, e.g. --default width=64")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        path = name.strip().split(".")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise BatchError(f"--default {option!r} sets a field inside {part!r}, which is not an object")
+        node[path[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _check_default_fields(defaults: dict[str, Any], where: str) -> None:
+    # An unknown field in the defaults would fail every line with the same message: say it once.
+    unknown = sorted(set(defaults) - set(JobSpec.model_fields))
+    if unknown:
+        raise BatchError(f"{where} has unknown spec field(s) {', '.join(map(repr, unknown))}: check the spelling")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _numbered_lines(text: str) -> Iterable[tuple[int, str]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            yield number, stripped
+
+
+def parse_batch(
+    text: str,
+    settings: FarmSettings,
+    *,
+    name: str | None = None,
+    source: str = "batch",
+    defaults: dict[str, Any] | None = None,
+    spec_overrides: dict[str, Any] | None = None,
+) -> ParsedBatch:
+    """Parse and validate every line of a batch file; nothing is written anywhere.
+
+    ``defaults`` are ``--default`` options (below each line); ``spec_overrides``
+    are forced onto every line (cron's priority and output prefix).
+    """
+    lines = list(_numbered_lines(text))
+    header: dict[str, Any] = {}
+    if lines:
+        first_no, first = lines[0]
+        try:
+            first_obj = json.loads(first)
+        except ValueError:
+            first_obj = None
+        if isinstance(first_obj, dict) and set(first_obj) == {"batch"}:
+            if not isinstance(first_obj["batch"], dict):
+                raise BatchError(f"line {first_no}: the batch header must be {{\"batch\": {{...defaults}}}}")
+            header = dict(first_obj["batch"])
+            lines = lines[1:]
+    header_name = header.pop("name", None)
+    batch_name = name or (str(header_name) if header_name else batch_name_from_path(source))
+    try:
+        keys.check_batch_name(batch_name)
+    except ValueError as exc:
+        raise BatchError(f"{exc} (choose one with --name)") from None
+    _check_default_fields(header, "the batch header")
+    _check_default_fields(defaults or {}, "--default")
+    layered = _deep_merge(_deep_merge(dict(settings.spec_defaults), header), defaults or {})
+
+    parsed = ParsedBatch(name=batch_name, entries=[], errors=[], lines=len(lines))
+    first_line_of: dict[str, int] = {}
+    for line_no, line in lines:
+        try:
+            raw = json.loads(line)
+        except ValueError as exc:
+            parsed.errors.append(LineError(line_no, f"not valid JSON ({_json_reason(exc)})"))
+            continue
+        if not isinstance(raw, dict):
+            parsed.errors.append(LineError(line_no, f"must be a JSON object (a job spec), not {type(raw).__name__}"))
+            continue
+        if spec_overrides:
+            raw = {**raw, **spec_overrides}
+        try:
+            spec = parse_spec(raw, settings.limits, layered)
+        except SpecError as exc:
+            parsed.errors.append(LineError(line_no, str(exc).removeprefix("invalid job spec: ")))
+            continue
+        job_id = job_id_for(batch_name, spec)
+        if job_id in first_line_of:
+            parsed.duplicates.append((line_no, first_line_of[job_id]))
+            continue
+        first_line_of[job_id] = line_no
+        parsed.entries.append(BatchEntry(line_no, job_id, spec))
+    return parsed
+
+
+def _json_reason(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return str(exc).splitlines()[0]
+
+
+def specs_to_text(specs: list[dict[str, Any]]) -> str:
+    """Inline specs (cron.yaml) as batch-file text, so they take the same validation path as a file."""
+    return "\n".join(json.dumps(spec) for spec in specs)
+
+
+def read_source(settings: FarmSettings, source: str) -> str:
+    """The text of a batch file at a local path or an ``s3://bucket/key`` URI."""
+    if source.startswith("s3://"):
+        from scheduler.object_store import ObjectStoreError, get_bytes
+
+        bucket, _, key = source.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise BatchError(f"{source!r} is not an s3://bucket/key URI")
+        try:
+            data = get_bytes(store_client(settings), bucket, key)
+        except ObjectStoreError as exc:
+            raise BatchError(f"cannot read batch file {source}: {exc}") from None
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise BatchError(f"cannot read batch file {source}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BatchError(f"batch file {source} is not UTF-8 text (expected JSON lines)") from None
+
+
+def store_client(settings: FarmSettings) -> Any:
+    from scheduler.object_store import S3Config, make_s3_client
+
+    s3 = settings.s3
+    return make_s3_client(S3Config(s3.endpoint_url, s3.bucket, s3.access_key, s3.secret_key, s3.region))
+
+
+# --------------------------------------------------------------------------- submission
+
+
+_STATE_FIELDS = ("state", "spec", *(f"{stage.value}.attempt" for stage in Stage))
+
+
+def submit_batch(
+    conn: redis.Redis,
+    parsed: ParsedBatch,
+    *,
+    resume: bool = False,
+    source: str = "",
+    chunk_size: int = CHUNK_SIZE,
+) -> SubmitOutcome:
+    """Submit the valid entries of ``parsed``; existing jobs are skipped (or retried with ``resume``)."""
+    started = time.perf_counter()
+    outcome = SubmitOutcome()
+    name = parsed.name
+    _write_batch_record(conn, parsed, source)
+    for offset in range(0, len(parsed.entries), chunk_size):
+        _submit_chunk(conn, name, parsed.entries[offset : offset + chunk_size], resume, outcome)
+    conn.hset(
+        keys.batch_key(name),
+        mapping={
+            "updated_at": repr(time.time()),
+            "jobs": str(conn.zcard(keys.batch_jobs_key(name))),
+            "last_created": str(len(outcome.created)),
+            "last_retried": str(len(outcome.retried)),
+        },
+    )
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _write_batch_record(conn: redis.Redis, parsed: ParsedBatch, source: str) -> None:
+    now = time.time()
+    key = keys.batch_key(parsed.name)
+    pipe = conn.pipeline(transaction=True)
+    pipe.hsetnx(key, "created_at", repr(now))
+    pipe.hset(
+        key,
+        mapping={
+            "name": parsed.name,
+            "source": source,
+            "updated_at": repr(now),
+            "lines": str(parsed.lines),
+            "valid": str(len(parsed.entries)),
+            "invalid": str(len(parsed.errors)),
+        },
+    )
+    pipe.expire(key, jobs.JOB_RETENTION_SECONDS)
+    pipe.zadd(keys.batches_index_key(), {parsed.name: now}, nx=True)
+    pipe.execute()
+
+
+def _submit_chunk(
+    conn: redis.Redis, name: str, chunk: list[BatchEntry], resume: bool, outcome: SubmitOutcome
+) -> None:
+    job_keys = [keys.job_key(e.job_id) for e in chunk]
+    with conn.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                # WATCH first, then read: a concurrent run of the same batch that creates any of
+                # these jobs in between makes EXEC fail, and the chunk is read again.
+                pipe.watch(*job_keys)
+                reader = conn.pipeline(transaction=False)
+                for key in job_keys:
+                    reader.hmget(key, _STATE_FIELDS)
+                current = [dict(zip(_STATE_FIELDS, _decode_all(row), strict=True)) for row in reader.execute()]
+                created, existing, retried = [], [], []
+                pipe.multi()
+                for entry, fields in zip(chunk, current, strict=True):
+                    if fields["state"] is None:
+                        jobs.create_job(pipe, entry.job_id, entry.spec)
+                        queues.enqueue_stage(
+                            conn,
+                            entry.job_id,
+                            Stage.ENCODE,
+                            attempt=1,
+                            upstream_attempt=None,
+                            priority=entry.spec.priority,
+                            pipeline=pipe,
+                        )
+                        created.append(entry.job_id)
+                    elif resume and fields["state"] in job_admin.RETRYABLE_STATES:
+                        job_admin.queue_retry(pipe, conn, entry.job_id, fields)
+                        retried.append(entry.job_id)
+                    else:
+                        existing.append(entry.job_id)
+                batch_jobs = keys.batch_jobs_key(name)
+                pipe.zadd(batch_jobs, {e.job_id: e.line_no for e in chunk})
+                pipe.expire(batch_jobs, jobs.JOB_RETENTION_SECONDS)
+                pipe.execute()
+            except redis.WatchError:
+                continue
+            break
+    outcome.created.extend(created)
+    outcome.existing.extend(existing)
+    outcome.retried.extend(retried)
+
+
+def _decode_all(row: list[bytes | None]) -> list[str | None]:
+    return [v.decode() if v is not None else None for v in row]
+
+
+# --------------------------------------------------------------------------- reading batches back
+
+
+class BatchNotFound(LookupError):
+    pass
+
+
+def batch_job_ids(conn: redis.Redis, name: str) -> list[str]:
+    """A batch's job ids in line order; raises ``BatchNotFound`` for an unknown batch."""
+    ids = [m.decode() for m in conn.zrange(keys.batch_jobs_key(name), 0, -1)]  # type: ignore[union-attr]
+    if not ids and not conn.exists(keys.batch_key(name)):
+        raise BatchNotFound(f"batch {name!r} not found (list batches with `reelfarm ls --batches`)")
+    return ids
+
+
+def batch_lines(conn: redis.Redis, name: str) -> dict[str, int]:
+    """Job id -> line number in the batch file."""
+    rows: list[tuple[bytes, float]] = conn.zrange(keys.batch_jobs_key(name), 0, -1, withscores=True)  # type: ignore[assignment]
+    return {member.decode(): int(score) for member, score in rows}
+
+
+def read_batch(conn: redis.Redis, name: str) -> dict[str, Any]:
+    """The batch record plus live job counts by state."""
+    raw: dict[bytes, bytes] = conn.hgetall(keys.batch_key(name))  # type: ignore[assignment]
+    if not raw:
+        raise BatchNotFound(f"batch {name!r} not found (list batches with `reelfarm ls --batches`)")
+    record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+    ids = batch_job_ids(conn, name)
+    record["states"] = job_admin.count_states(conn, ids)
+    return record
+
+
+def list_batches(conn: redis.Redis, limit: int = 100) -> list[dict[str, Any]]:
+    names = [m.decode() for m in conn.zrevrange(keys.batches_index_key(), 0, limit - 1)]  # type: ignore[union-attr]
+    out = []
+    for name in names:
+        try:
+            out.append(read_batch(conn, name))
+        except BatchNotFound:
+            # Expired with its jobs: forget it so the index does not grow without bound.
+            conn.zrem(keys.batches_index_key(), name)
+    return out

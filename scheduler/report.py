@@ -1,0 +1,414 @@
+"""What a batch produced and how the farm spent its time: the results manifest and the timeline report.
+
+* ``write_manifest`` -- one row per job (id, line, prompt, state, S3 URIs of
+  video/poster/metadata, per-stage timings, attempts, failure reason) as JSONL
+  and CSV, written locally and uploaded beside the renders under
+  ``<key_prefix>/batches/<name>/manifest.{jsonl,csv}``.
+* ``batch_report`` -- a PNG timeline (one row per job, a bar per stage from the
+  record's ``<stage>.started_at``/``<stage>.finished_at``, with the queue wait
+  drawn thin and grey) above a plot of busy workers per stage, plus each
+  stage's utilisation: busy seconds over (batch wall time x that stage's
+  workers). matplotlib is imported only here, only when a PNG is drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from scheduler import batch, keys
+from scheduler.keys import Stage
+from scheduler.settings import FarmSettings
+
+STAGE_COLOURS = {"encode": "#4C72B0", "transform": "#DD8452", "decode": "#55A868"}
+CSV_COLUMNS = [
+    "job_id",
+    "line",
+    "state",
+    "prompt",
+    "seed",
+    "width",
+    "height",
+    "frames",
+    "steps",
+    "video",
+    "poster",
+    "metadata",
+    "video_bytes",
+    "queued_seconds",
+    "encode_seconds",
+    "transform_seconds",
+    "decode_seconds",
+    "total_seconds",
+    "attempts",
+    "retries",
+    "error",
+]
+_READ_CHUNK = 500
+
+
+# --------------------------------------------------------------------------- reading the batch
+
+
+@dataclass(frozen=True)
+class StageSpan:
+    stage: str
+    start: float
+    end: float | None  # None while running or when the stage failed mid-way
+    worker: str
+    attempt: int
+
+
+@dataclass
+class JobTimeline:
+    job_id: str
+    line: int
+    fields: dict[str, str]
+    spans: list[StageSpan] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        return self.fields.get("state", "expired")
+
+    @property
+    def created_at(self) -> float:
+        return float(self.fields.get("created_at", "0") or 0)
+
+    @property
+    def finished_at(self) -> float | None:
+        ends = [s.end for s in self.spans if s.end is not None]
+        return max(ends) if ends else None
+
+
+def _spans(fields: dict[str, str]) -> list[StageSpan]:
+    spans = []
+    for stage in Stage:
+        start = fields.get(f"{stage.value}.started_at")
+        if start is None:
+            continue
+        end = fields.get(f"{stage.value}.finished_at")
+        spans.append(
+            StageSpan(
+                stage=stage.value,
+                start=float(start),
+                end=float(end) if end is not None else None,
+                worker=fields.get(f"{stage.value}.worker", ""),
+                attempt=int(fields.get(f"{stage.value}.attempt", "1") or 1),
+            )
+        )
+    return spans
+
+
+def load_timelines(conn: redis.Redis, name: str) -> list[JobTimeline]:
+    """Every job of batch ``name`` in line order, with its full record (one pipelined read per chunk)."""
+    lines = batch.batch_lines(conn, name)
+    if not lines:
+        batch.batch_job_ids(conn, name)  # raises BatchNotFound for an unknown batch
+    ids = sorted(lines, key=lambda j: lines[j])
+    timelines = []
+    for offset in range(0, len(ids), _READ_CHUNK):
+        chunk = ids[offset : offset + _READ_CHUNK]
+        pipe = conn.pipeline(transaction=False)
+        for job_id in chunk:
+            pipe.hgetall(keys.job_key(job_id))
+        for job_id, raw in zip(chunk, pipe.execute(), strict=True):
+            fields = {k.decode(): v.decode() for k, v in raw.items()}
+            timelines.append(JobTimeline(job_id, lines[job_id], fields, _spans(fields)))
+    return timelines
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def manifest_row(job: JobTimeline) -> dict[str, Any]:
+    """One job as a manifest row: the CSV columns, plus nested per-stage detail for the JSONL."""
+    fields = job.fields
+    spec = json.loads(fields.get("spec", "{}"))
+    result = json.loads(fields["result"]) if "result" in fields else {}
+    seconds = {
+        stage.value: float(fields[f"{stage.value}.seconds"]) for stage in Stage if f"{stage.value}.seconds" in fields
+    }
+    first_start = min((s.start for s in job.spans), default=None)
+    finished = job.finished_at if job.state == "succeeded" else None
+    attempts = {stage.value: int(fields[f"{stage.value}.attempt"]) for stage in Stage if f"{stage.value}.attempt" in fields}
+    row: dict[str, Any] = {
+        "job_id": job.job_id,
+        "line": job.line,
+        "state": job.state,
+        "prompt": spec.get("prompt", ""),
+        "seed": spec.get("seed"),
+        "width": spec.get("width"),
+        "height": spec.get("height"),
+        "frames": spec.get("frames"),
+        "steps": spec.get("steps"),
+        "video": result.get("video", ""),
+        "poster": result.get("poster", ""),
+        "metadata": result.get("metadata", ""),
+        "video_bytes": result.get("bytes"),
+        "queued_seconds": round(first_start - job.created_at, 3) if first_start is not None else None,
+        **{f"{stage.value}_seconds": seconds.get(stage.value) for stage in Stage},
+        "total_seconds": round(finished - job.created_at, 3) if finished is not None else None,
+        "attempts": max(attempts.values(), default=0),
+        "retries": int(fields.get("retries", "0") or 0),
+        "error": fields.get("error", ""),
+    }
+    row["stages"] = {
+        span.stage: {
+            "started_at": span.start,
+            "finished_at": span.end,
+            "seconds": seconds.get(span.stage),
+            "worker": span.worker,
+            "attempt": span.attempt,
+        }
+        for span in job.spans
+    }
+    row["attempts_by_stage"] = attempts
+    row["failures"] = json.loads(fields.get("failures", "[]"))
+    return row
+
+
+def manifest_jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, sort_keys=False) + "\n" for row in rows).encode()
+
+
+def manifest_csv(rows: list[dict[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    return buffer.getvalue().encode()
+
+
+def manifest_keys(key_prefix: str, name: str) -> tuple[str, str]:
+    """Object keys of a batch's manifests; derived from the farm prefix and the validated batch name only."""
+    base = "/".join(p for p in (key_prefix.strip("/"), "batches", keys.check_batch_name(name)) if p)
+    return f"{base}/manifest.jsonl", f"{base}/manifest.csv"
+
+
+@dataclass(frozen=True)
+class ManifestFiles:
+    jsonl: Path
+    csv: Path
+    uris: tuple[str, ...]
+    rows: int
+    states: dict[str, int]
+
+
+def write_manifest(
+    conn: redis.Redis,
+    settings: FarmSettings,
+    name: str,
+    out_dir: Path,
+    *,
+    upload: bool = True,
+    client: Any = None,
+) -> ManifestFiles:
+    """Write ``manifest.jsonl`` and ``manifest.csv`` for batch ``name`` into ``out_dir`` and (by default) S3."""
+    rows = [manifest_row(job) for job in load_timelines(conn, name)]
+    jsonl, table = manifest_jsonl(rows), manifest_csv(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    local_jsonl, local_csv = out_dir / "manifest.jsonl", out_dir / "manifest.csv"
+    for path, data in ((local_jsonl, jsonl), (local_csv, table)):
+        # Beside, then renamed: a reader never sees half a manifest.
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    uris: tuple[str, ...] = ()
+    if upload:
+        from scheduler.object_store import put_bytes, s3_uri
+
+        client = client if client is not None else batch.store_client(settings)
+        bucket = settings.s3.bucket
+        jsonl_key, csv_key = manifest_keys(settings.s3.key_prefix, name)
+        put_bytes(client, bucket, jsonl_key, jsonl, "application/x-ndjson", retry_seconds=settings.s3.retry_seconds)
+        put_bytes(client, bucket, csv_key, table, "text/csv", retry_seconds=settings.s3.retry_seconds)
+        uris = (s3_uri(bucket, jsonl_key), s3_uri(bucket, csv_key))
+    states: dict[str, int] = {}
+    for row in rows:
+        states[row["state"]] = states.get(row["state"], 0) + 1
+    return ManifestFiles(local_jsonl, local_csv, uris, len(rows), states)
+
+
+# --------------------------------------------------------------------------- utilisation
+
+
+@dataclass(frozen=True)
+class StageUtilisation:
+    stage: str
+    busy_seconds: float
+    workers: int
+    wall_seconds: float
+
+    @property
+    def fraction(self) -> float:
+        """Busy share of the stage's capacity (its workers x the batch's wall time)."""
+        capacity = self.wall_seconds * max(1, self.workers)
+        return self.busy_seconds / capacity if capacity > 0 else 0.0
+
+    def describe(self) -> str:
+        plural = "s" if self.workers != 1 else ""
+        return (
+            f"{self.stage:<9} {100 * self.fraction:5.1f}% busy "
+            f"({self.busy_seconds:.1f}s of {self.wall_seconds:.1f}s wall on {self.workers} worker{plural})"
+        )
+
+
+def batch_window(timelines: list[JobTimeline]) -> tuple[float, float]:
+    """The batch's wall time: first job created to last stage finished (or last stage started)."""
+    starts = [j.created_at for j in timelines if j.created_at]
+    ends = [s.end if s.end is not None else s.start for j in timelines for s in j.spans]
+    if not starts:
+        return 0.0, 0.0
+    return min(starts), max(ends, default=min(starts))
+
+
+def utilisation(timelines: list[JobTimeline]) -> dict[str, StageUtilisation]:
+    t0, t1 = batch_window(timelines)
+    wall = max(0.0, t1 - t0)
+    out = {}
+    for stage in Stage:
+        spans = [s for j in timelines for s in j.spans if s.stage == stage.value and s.end is not None]
+        out[stage.value] = StageUtilisation(
+            stage=stage.value,
+            busy_seconds=sum(s.end - s.start for s in spans if s.end is not None),
+            workers=len({s.worker for s in spans if s.worker}),
+            wall_seconds=wall,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- the PNG
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    png: Path | None
+    jobs: int
+    wall_seconds: float
+    states: dict[str, int]
+    stages: dict[str, StageUtilisation]
+
+    def describe(self) -> str:
+        finished = sum(n for s, n in self.states.items() if s in ("succeeded", "failed", "cancelled"))
+        rate = 60.0 * finished / self.wall_seconds if self.wall_seconds > 0 else 0.0
+        states = ", ".join(f"{n} {s}" for s, n in sorted(self.states.items()))
+        lines = [f"{self.jobs} jobs ({states}) in {self.wall_seconds:.1f}s wall, {rate:.1f} jobs/min"]
+        lines += [u.describe() for u in self.stages.values()]
+        return "\n".join(lines)
+
+
+def batch_report(conn: redis.Redis, name: str, out_png: Path | None) -> BatchReport:
+    timelines = load_timelines(conn, name)
+    t0, t1 = batch_window(timelines)
+    stages = utilisation(timelines)
+    states: dict[str, int] = {}
+    for job in timelines:
+        states[job.state] = states.get(job.state, 0) + 1
+    report = BatchReport(out_png, len(timelines), max(0.0, t1 - t0), states, stages)
+    if out_png is not None:
+        render_timeline(timelines, report, name, out_png)
+    return report
+
+
+def _busy_curve(timelines: list[JobTimeline], stage: str, t0: float) -> tuple[list[float], list[int]]:
+    """Step curve of how many workers of ``stage`` were busy over time."""
+    events: list[tuple[float, int]] = []
+    for job in timelines:
+        for span in job.spans:
+            if span.stage == stage and span.end is not None:
+                events += [(span.start - t0, 1), (span.end - t0, -1)]
+    events.sort()
+    xs, ys, level = [0.0], [0], 0
+    for when, delta in events:
+        level += delta
+        xs.append(when)
+        ys.append(level)
+    return xs, ys
+
+
+def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str, out_png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never try to open a window
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    t0, t1 = batch_window(timelines)
+    rows = len(timelines)
+    # Readable rows up to a few hundred jobs; past that each row is a hairline but the shape still shows.
+    height = min(40.0, 2.8 + 0.22 * max(rows, 4))
+    fig, (ax, busy_ax) = plt.subplots(
+        2, 1, figsize=(12, height + 2.2), sharex=True, gridspec_kw={"height_ratios": [height, 2.2]}
+    )
+    bar_height = 0.7
+    for row, job in enumerate(timelines):
+        first = min((s.start for s in job.spans), default=None)
+        if first is not None and job.created_at:
+            # Time in the queue before the first stage ran.
+            ax.plot([job.created_at - t0, first - t0], [row, row], color="#BBBBBB", linewidth=1, zorder=1)
+        previous_end = None
+        for span in job.spans:
+            if previous_end is not None and span.start > previous_end:
+                ax.plot([previous_end - t0, span.start - t0], [row, row], color="#BBBBBB", linewidth=1, zorder=1)
+            end = span.end if span.end is not None else t1
+            ax.barh(
+                row,
+                max(end - span.start, (t1 - t0) / 2000),  # a zero-length stage still shows as a sliver
+                left=span.start - t0,
+                height=bar_height,
+                color=STAGE_COLOURS[span.stage],
+                hatch="//" if span.end is None else None,
+                edgecolor="none",
+                zorder=2,
+            )
+            previous_end = end
+        if job.state in ("failed", "cancelled"):
+            where = (job.finished_at or previous_end or t1) - t0
+            ax.plot([where], [row], marker="x", color="#C44E52", markersize=7, mew=2, zorder=3)
+    labels = [f"line {j.line}" if j.line else j.job_id[-10:] for j in timelines]
+    step = max(1, rows // 60)
+    ax.set_yticks(range(0, rows, step))
+    ax.set_yticklabels(labels[::step], fontsize=8)
+    for tick, job in zip(ax.get_yticklabels(), timelines[::step], strict=False):
+        if job.state in ("failed", "cancelled"):
+            tick.set_color("#C44E52")
+    ax.set_ylim(rows - 0.5, -0.5)
+    ax.set_ylabel("job (batch file line)")
+    ax.grid(axis="x", color="#EEEEEE", zorder=0)
+    legend: list[Any] = [Patch(color=c, label=s) for s, c in STAGE_COLOURS.items()]
+    legend.append(Patch(color="#BBBBBB", label="waiting in queue"))
+    if any(j.state in ("failed", "cancelled") for j in timelines):
+        legend.append(
+            plt.Line2D([], [], marker="x", color="#C44E52", linestyle="none", mew=2, label="failed / cancelled")
+        )
+    ax.legend(handles=legend, loc="lower right", fontsize=8, framealpha=0.9)
+
+    for stage, colour in STAGE_COLOURS.items():
+        xs, ys = _busy_curve(timelines, stage, t0)
+        util = report.stages[stage]
+        busy_ax.step(xs, ys, where="post", color=colour, label=f"{stage} ({100 * util.fraction:.0f}% busy)")
+    busy_ax.set_ylabel("busy workers")
+    busy_ax.set_xlabel("seconds since the batch was submitted")
+    busy_ax.yaxis.get_major_locator().set_params(integer=True)
+    busy_ax.legend(loc="upper right", fontsize=8)
+    busy_ax.grid(color="#EEEEEE")
+    busy_ax.set_xlim(0, max(1e-3, (t1 - t0) * 1.01))
+
+    utils = " · ".join(f"{u.stage} {100 * u.fraction:.0f}%" for u in report.stages.values())
+    states = ", ".join(f"{n} {s}" for s, n in sorted(report.states.items()))
+    fig.suptitle(
+        f"batch {name}: {report.jobs} jobs ({states}), wall {report.wall_seconds:.1f}s\nstage utilisation: {utils}",
+        fontsize=12,
+    )
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,26 @@
+"""Deliberate worker crashes for the fault-injection suite, off unless an env var asks for them.
+
+``REELFARM_FAULT_CRASH=STAGE:MARKER`` makes a worker of STAGE hard-exit (as an OOM
+kill or a segfault would: no cleanup, no Python unwinding) when it starts a job
+whose prompt contains MARKER. It exists so tests can show that a job which keeps
+killing workers is quarantined instead of looping; operators never set it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("reelfarm.fault")
+
+CRASH_EXIT_CODE = 86
+
+
+def crash_if_injected(stage: str, prompt: str) -> None:
+    spec = os.environ.get("REELFARM_FAULT_CRASH", "")
+    if not spec:
+        return
+    crash_stage, _, marker = spec.partition(":")
+    if crash_stage == stage and marker and marker in prompt:
+        log.error("fault injection: crashing the %s worker on purpose", stage)
+        os._exit(CRASH_EXIT_CODE)
