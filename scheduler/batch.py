@@ -178,7 +178,7 @@ def parse_batch(
             first_obj = None
         if isinstance(first_obj, dict) and set(first_obj) == {"batch"}:
             if not isinstance(first_obj["batch"], dict):
-                raise BatchError(f"line {first_no}: the batch header must be {{\"batch\": {{...defaults}}}}")
+                raise BatchError(f'line {first_no}: the batch header must be {{"batch": {{...defaults}}}}')
             header = dict(first_obj["batch"])
             lines = lines[1:]
     header_name = header.pop("name", None)
@@ -314,9 +314,7 @@ def _write_batch_record(conn: redis.Redis, parsed: ParsedBatch, source: str) -> 
     pipe.execute()
 
 
-def _submit_chunk(
-    conn: redis.Redis, name: str, chunk: list[BatchEntry], resume: bool, outcome: SubmitOutcome
-) -> None:
+def _submit_chunk(conn: redis.Redis, name: str, chunk: list[BatchEntry], resume: bool, outcome: SubmitOutcome) -> None:
     job_keys = [keys.job_key(e.job_id) for e in chunk]
     with conn.pipeline(transaction=True) as pipe:
         while True:

@@ -260,3 +260,9 @@ def progress_line(record: dict[str, Any]) -> str:
             text = f"transform step {stage['progress']}"
         parts.append(text)
     return f"[{record['state']}] " + " | ".join(parts)
+
+
+# Operator commands (batch, ls, cancel, retry, info, report, manifest, cron, metrics) live in cli_ops.
+from scheduler import cli_ops  # noqa: E402
+
+cli_ops.register(main)

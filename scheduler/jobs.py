@@ -144,6 +144,14 @@ def load_spec(conn: redis.Redis, job_id: str) -> JobSpec:
     return JobSpec.model_validate_json(raw)  # type: ignore[arg-type]
 
 
+def _json_or_raw(text: str) -> Any:
+    # A record planted by hand may hold anything: show it rather than crash the status view.
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"unreadable": text[:200]}
+
+
 def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
     """The job as users see it: state, per-stage story, result or error."""
     raw: dict[bytes, bytes] = conn.hgetall(keys.job_key(job_id))  # type: ignore[assignment]
@@ -159,13 +167,13 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
         "job_id": job_id,
         "state": fields.get("state"),
         "stage": fields.get("stage"),
-        "created_at": float(fields["created_at"]),
-        "updated_at": float(fields["updated_at"]),
+        "created_at": float(fields.get("created_at", 0)),
+        "updated_at": float(fields.get("updated_at", 0)),
         "stages": stages,
         "error": fields.get("error"),
-        "result": json.loads(fields["result"]) if "result" in fields else None,
-        "failures": json.loads(fields.get("failures", "[]")),
-        "spec": json.loads(fields["spec"]),
+        "result": _json_or_raw(fields["result"]) if "result" in fields else None,
+        "failures": _json_or_raw(fields.get("failures", "[]")),
+        "spec": _json_or_raw(fields.get("spec", "null")),
     }
 
 

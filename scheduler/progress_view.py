@@ -123,7 +123,12 @@ class ProgressView:
     """Shows a ``Snapshot`` stream as rich bars (TTY) or plain lines; ``close`` leaves the final picture."""
 
     def __init__(
-        self, title: str, total: int, stream: TextIO | None = None, live: bool | None = None, plain_interval: float = 5.0
+        self,
+        title: str,
+        total: int,
+        stream: TextIO | None = None,
+        live: bool | None = None,
+        plain_interval: float = 5.0,
     ) -> None:
         self.title = title
         self.total = total
@@ -135,6 +140,8 @@ class ProgressView:
         self._last_line = ""
         self._last_line_at = 0.0
         self._progress: Any = None
+        self._live: Any = None
+        self._summary_text: Any = None
         self._tasks: dict[str, Any] = {}
         if self.live:
             self._start_rich()
@@ -158,24 +165,31 @@ class ProgressView:
     # -- rendering -----------------------------------------------------------------
 
     def _start_rich(self) -> None:
-        from rich.console import Console
+        from rich.console import Console, Group
+        from rich.live import Live
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.text import Text
 
         console = Console(file=self.stream)
         self._progress = Progress(
-            TextColumn("{task.description:<12}"),
-            BarColumn(bar_width=None),
+            TextColumn("{task.description:<10}"),
+            BarColumn(bar_width=40),
             MofNCompleteColumn(),
             TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(),
             console=console,
-            refresh_per_second=4,
-            transient=False,
         )
         for stage in Stage:
             self._tasks[stage.value] = self._progress.add_task(stage.value, total=self.total, note="")
-        self._tasks["overall"] = self._progress.add_task(f"[bold]{self.title}", total=self.total, note="")
-        self._progress.start()
+        self._tasks["overall"] = self._progress.add_task("[bold]overall", total=self.total, note="")
+        # The summary gets its own line: beside the bars it would squeeze them on a narrow terminal.
+        self._summary_text = Text("")
+        self._live = Live(
+            Group(Text(self.title, style="bold"), self._progress, self._summary_text),
+            console=console,
+            refresh_per_second=4,
+        )
+        self._live.start()
 
     def update(self, snap: Snapshot) -> None:
         rate = self.rate_per_minute(snap)
@@ -197,8 +211,12 @@ class ProgressView:
             if stage is Stage.TRANSFORM and snap.step:
                 note = f"step {snap.step}"
             self._progress.update(self._tasks[stage.value], completed=snap.stage_done[stage.value], note=note)
-        note = f"{self._summary(snap)} | {rate:.1f} jobs/min | ETA {_format_duration(eta)}"
-        self._progress.update(self._tasks["overall"], completed=snap.finished, note=note)
+        self._progress.update(self._tasks["overall"], completed=snap.finished, note="")
+        self._summary_text.plain = (
+            f"{self._summary(snap)} | {rate:.1f} jobs/min | ETA {_format_duration(eta)}"
+            if snap.total > 1
+            else self._summary(snap)
+        )
 
     def _update_plain(self, snap: Snapshot, rate: float, eta: float | None) -> None:
         stages = " ".join(f"{s.value} {int(snap.stage_done[s.value])}/{snap.total}" for s in Stage)
@@ -218,9 +236,10 @@ class ProgressView:
         if snap is not None and not self.live:
             self._last_line_at = 0.0
             self._update_plain(snap, self.rate_per_minute(snap), 0.0)
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        if self._live is not None:
+            self._live.refresh()
+            self._live.stop()
+            self._live = None
 
 
 def watch_jobs(

@@ -60,9 +60,12 @@ _READ_CHUNK = 500
 class StageSpan:
     stage: str
     start: float
-    end: float | None  # None while running or when the stage failed mid-way
+    end: float | None  # None while the stage is still running
     worker: str
     attempt: int
+    # An attempt that stopped without finishing (the job failed or was cancelled there) ends at the
+    # job's last update; its worker was busy all the same, so utilisation counts it.
+    interrupted: bool = False
 
 
 @dataclass
@@ -87,12 +90,16 @@ class JobTimeline:
 
 
 def _spans(fields: dict[str, str]) -> list[StageSpan]:
+    stopped = fields.get("state") in ("failed", "cancelled")
     spans = []
     for stage in Stage:
         start = fields.get(f"{stage.value}.started_at")
         if start is None:
             continue
         end = fields.get(f"{stage.value}.finished_at")
+        interrupted = end is None and stopped
+        if interrupted:
+            end = fields.get("updated_at", start)
         spans.append(
             StageSpan(
                 stage=stage.value,
@@ -100,6 +107,7 @@ def _spans(fields: dict[str, str]) -> list[StageSpan]:
                 end=float(end) if end is not None else None,
                 worker=fields.get(f"{stage.value}.worker", ""),
                 attempt=int(fields.get(f"{stage.value}.attempt", "1") or 1),
+                interrupted=interrupted,
             )
         )
     return spans
@@ -136,7 +144,9 @@ def manifest_row(job: JobTimeline) -> dict[str, Any]:
     }
     first_start = min((s.start for s in job.spans), default=None)
     finished = job.finished_at if job.state == "succeeded" else None
-    attempts = {stage.value: int(fields[f"{stage.value}.attempt"]) for stage in Stage if f"{stage.value}.attempt" in fields}
+    attempts = {
+        stage.value: int(fields[f"{stage.value}.attempt"]) for stage in Stage if f"{stage.value}.attempt" in fields
+    }
     row: dict[str, Any] = {
         "job_id": job.job_id,
         "line": job.line,
@@ -317,20 +327,18 @@ def batch_report(conn: redis.Redis, name: str, out_png: Path | None) -> BatchRep
     return report
 
 
-def _busy_curve(timelines: list[JobTimeline], stage: str, t0: float) -> tuple[list[float], list[int]]:
-    """Step curve of how many workers of ``stage`` were busy over time."""
-    events: list[tuple[float, int]] = []
+def _worker_lanes(timelines: list[JobTimeline]) -> list[tuple[str, str, list[StageSpan]]]:
+    """(stage, worker, its finished spans) per worker, in stage order: one lane each in the PNG."""
+    lanes: dict[tuple[str, str], list[StageSpan]] = {}
     for job in timelines:
         for span in job.spans:
-            if span.stage == stage and span.end is not None:
-                events += [(span.start - t0, 1), (span.end - t0, -1)]
-    events.sort()
-    xs, ys, level = [0.0], [0], 0
-    for when, delta in events:
-        level += delta
-        xs.append(when)
-        ys.append(level)
-    return xs, ys
+            if span.end is not None:
+                lanes.setdefault((span.stage, span.worker or "?"), []).append(span)
+    order = {stage.value: i for i, stage in enumerate(Stage)}
+    return [
+        (stage, worker, spans)
+        for (stage, worker), spans in sorted(lanes.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
+    ]
 
 
 def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str, out_png: Path) -> Path:
@@ -344,8 +352,9 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
     rows = len(timelines)
     # Readable rows up to a few hundred jobs; past that each row is a hairline but the shape still shows.
     height = min(40.0, 2.8 + 0.22 * max(rows, 4))
+    lanes_height = 0.9 + 0.3 * max(3, len({(s.stage, s.worker) for j in timelines for s in j.spans}))
     fig, (ax, busy_ax) = plt.subplots(
-        2, 1, figsize=(12, height + 2.2), sharex=True, gridspec_kw={"height_ratios": [height, 2.2]}
+        2, 1, figsize=(12, height + lanes_height), sharex=True, gridspec_kw={"height_ratios": [height, lanes_height]}
     )
     bar_height = 0.7
     for row, job in enumerate(timelines):
@@ -364,8 +373,11 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
                 left=span.start - t0,
                 height=bar_height,
                 color=STAGE_COLOURS[span.stage],
-                hatch="//" if span.end is None else None,
-                edgecolor="none",
+                # Hatched: still running (//) or stopped there by a failure or a cancel (xx).
+                hatch="//" if span.end is None else ("xx" if span.interrupted else None),
+                alpha=0.55 if span.interrupted else 1.0,
+                edgecolor="white" if span.end is None or span.interrupted else "none",
+                linewidth=0,
                 zorder=2,
             )
             previous_end = end
@@ -388,17 +400,29 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
         legend.append(
             plt.Line2D([], [], marker="x", color="#C44E52", linestyle="none", mew=2, label="failed / cancelled")
         )
-    ax.legend(handles=legend, loc="lower right", fontsize=8, framealpha=0.9)
+    # Jobs run top-left to bottom-right, so the upper right corner is where the legend hides nothing.
+    ax.legend(handles=legend, loc="upper right", fontsize=8, framealpha=0.9)
 
-    for stage, colour in STAGE_COLOURS.items():
-        xs, ys = _busy_curve(timelines, stage, t0)
-        util = report.stages[stage]
-        busy_ax.step(xs, ys, where="post", color=colour, label=f"{stage} ({100 * util.fraction:.0f}% busy)")
-    busy_ax.set_ylabel("busy workers")
+    # One lane per worker: gaps in a lane are that worker idle, so a bottleneck stage is the solid lane.
+    lanes = _worker_lanes(timelines)
+    wall = max(1e-9, t1 - t0)
+    lane_labels = []
+    for lane, (stage, worker, spans) in enumerate(lanes):
+        busy_ax.broken_barh(
+            [(s.start - t0, max((s.end or s.start) - s.start, wall / 2000)) for s in spans],
+            (lane - 0.35, 0.7),
+            facecolors=STAGE_COLOURS[stage],
+            edgecolors="white",  # back-to-back jobs stay distinguishable
+            linewidth=0.5,
+        )
+        busy = sum((s.end or s.start) - s.start for s in spans)
+        lane_labels.append(f"{stage} {worker.rsplit('-', 1)[-1]} ({100 * busy / wall:.0f}%)")
+    busy_ax.set_yticks(range(len(lanes)))
+    busy_ax.set_yticklabels(lane_labels, fontsize=8)
+    busy_ax.set_ylim(len(lanes) - 0.5, -0.5)
+    busy_ax.set_title("workers: busy spans (busy share of the wall time)", fontsize=9, loc="left")
     busy_ax.set_xlabel("seconds since the batch was submitted")
-    busy_ax.yaxis.get_major_locator().set_params(integer=True)
-    busy_ax.legend(loc="upper right", fontsize=8)
-    busy_ax.grid(color="#EEEEEE")
+    busy_ax.grid(axis="x", color="#EEEEEE")
     busy_ax.set_xlim(0, max(1e-3, (t1 - t0) * 1.01))
 
     utils = " · ".join(f"{u.stage} {100 * u.fraction:.0f}%" for u in report.stages.values())

@@ -65,6 +65,8 @@ class WorkerSettings(BaseModel):
     # Backoff before retrying a stage that raised: base * 2^(attempt-1).
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
+    # On SIGTERM a producer stays up this long for consumers to pull what it still holds.
+    shutdown_grace_seconds: float = Field(default=60.0, ge=0)
     device: str = "cpu"
     dtype: str = "float32"
 

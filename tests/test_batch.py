@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from click.testing import CliRunner
 
 from scheduler import batch, jobs, keys, queues
 from scheduler.batch import BatchError, parse_batch, parse_default_options, submit_batch
+from scheduler.cli import main
+from scheduler.embedded import write_settings_file
 from scheduler.keys import Stage
+from scheduler.metrics import serve_farm_metrics
+from scheduler.object_store import get_bytes, make_s3_client, object_exists
 from scheduler.settings import FarmSettings
+from tests.farm_harness import farm_settings, running_workers, wait_finished, worker_logs
+from tests.test_metrics import scrape
 
 TINY = {"width": 64, "height": 48, "frames": 17, "steps": 2}
 
@@ -25,7 +34,9 @@ def make_settings(redis_url: str, **overrides: object) -> FarmSettings:
 
 def fifty_line_batch() -> tuple[str, dict[int, str]]:
     """50 spec lines (plus a header, a comment and a blank line); 5 are invalid. Returns text and bad line -> reason."""
-    lines = ['{"batch": {"width": 64, "height": 48, "frames": 17, "steps": 2}}', "# fifty prompts", ""]
+    # ultrafast: the tiny model's decode stage is mostly ffmpeg, and these tests check the farm, not x264.
+    header = {"batch": {**TINY, "codec": {"preset": "ultrafast"}}}
+    lines = [json.dumps(header), "# fifty prompts", ""]
     bad: dict[int, str] = {}
     for i in range(50):
         line_no = len(lines) + 1
@@ -169,3 +180,76 @@ def test_ten_thousand_specs_submit_in_seconds(redis_url: str, tmp_path: Path) ->
     assert queues.stage_queue(conn, Stage.ENCODE).count == 10_000
     # Seconds on a 2-core CI box with a busy neighbour; the bench measures it properly.
     assert elapsed < 20, f"10,000 specs took {elapsed:.1f}s"
+
+
+@pytest.mark.slow
+def test_fifty_line_batch_on_a_real_farm(redis_url: str, s3_config: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The whole operator path on real workers: batch, cancel, --wait, retry, manifest, report, metrics."""
+    settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path / "farm")
+    config = write_settings_file(settings, tmp_path / "farm.json")
+    conn = redis.Redis.from_url(redis_url)
+    text, bad = fifty_line_batch()
+    source = tmp_path / "dusk.jsonl"
+    source.write_text(text)
+    out_dir = tmp_path / "outputs"
+
+    def reelfarm(*args: str) -> Any:
+        return CliRunner().invoke(main, [args[0], "--config", str(config), *args[1:]], catch_exceptions=False)
+
+    # 1. Submit with no workers running: exactly the 5 bad lines are reported, the 45 good ones queued.
+    first = reelfarm("batch", str(source))
+    assert first.exit_code == 1
+    reported = [line for line in first.stderr.splitlines() if line.startswith(f"{source}: line ")]
+    assert sorted(int(line.split("line ")[1].split(":")[0]) for line in reported) == sorted(bad)
+    assert "5 of 50 lines were invalid" in first.stderr and "45 submitted" in first.stdout
+    ids = batch.batch_job_ids(conn, "dusk")
+    assert len(ids) == 45 and queues.stage_queue(conn, Stage.ENCODE).count == 45
+
+    # 2. Cancel one while it is still queued: it leaves the queue.
+    cancelled = ids[10]
+    assert reelfarm("cancel", cancelled).exit_code == 0
+    assert queues.stage_queue(conn, Stage.ENCODE).count == 44
+
+    with running_workers(settings):
+        # 3. The same file again, waiting: nothing new is created; 44 render, the cancelled one stays so.
+        again = reelfarm("batch", str(source), "--wait", "--manifest-dir", str(out_dir), "--no-upload")
+        assert "0 submitted, 45 already there" in again.stdout, again.output
+        assert again.exit_code == 1  # invalid lines and a job that did not succeed
+        assert "44/45 finished" not in again.stderr and "45/45 finished (44 succeeded, 1 cancelled)" in again.stderr
+        assert conn.zcard(keys.jobs_index_key()) == 45
+
+        # 4. Retry the cancelled job: a fresh, higher attempt, rendered by the same workers.
+        retry = reelfarm("retry", cancelled)
+        assert "attempt 2" in retry.stdout, retry.output
+        record = wait_finished(conn, cancelled, timeout=120)
+        assert record["state"] == "succeeded", worker_logs(settings)
+        assert record["stages"]["encode"]["attempt"] == "2"
+
+        # 5. The farm's metrics endpoint after real jobs.
+        samples = scrape(serve_farm_metrics(conn, 0))
+        assert samples[("reelfarm_jobs", (("state", "succeeded"),))] == 45
+        for stage in Stage:
+            assert samples[("reelfarm_workers_live", (("stage", stage.value),))] == 1
+            assert samples[("reelfarm_queue_depth", (("priority", "default"), ("stage", stage.value)))] == 0
+
+    # 6. The manifest: one row per job, matching the job records and the bucket.
+    manifest = reelfarm("manifest", "--batch", "dusk", "--manifest-dir", str(out_dir))
+    assert manifest.exit_code == 0 and "45 jobs (45 succeeded)" in manifest.stdout, manifest.output
+    rows = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines()]
+    assert [r["job_id"] for r in rows] == ids
+    client = make_s3_client(s3_config)
+    for row in rows:
+        status = jobs.read_status(conn, row["job_id"])
+        assert row["state"] == "succeeded" and row["video"] == status["result"]["video"]
+        assert row["decode_seconds"] == float(status["stages"]["decode"]["seconds"])
+        assert row["prompt"] == status["spec"]["prompt"]
+    key = rows[0]["video"].split("/", 3)[3]
+    assert object_exists(client, s3_config.bucket, key)
+    uploaded = get_bytes(client, s3_config.bucket, f"{settings.s3.key_prefix}/batches/dusk/manifest.csv")
+    assert uploaded == (out_dir / "manifest.csv").read_bytes()
+
+    # 7. The report: a PNG timeline and utilisation figures.
+    png = Path(os.environ.get("REELFARM_TEST_PNG_DIR", str(tmp_path))) / "dusk-timeline.png"
+    report = reelfarm("report", "--batch", "dusk", "--out", str(png))
+    assert report.exit_code == 0 and "% busy" in report.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from scheduler.keys import Stage
 
@@ -42,10 +44,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         worker.runtime = runtime
         print(f"reelfarm worker {stage.value} {runtime.worker_id} ready at {runtime.engine.endpoint}", flush=True)
-        worker.work(burst=args.burst, logging_level=args.log_level, with_scheduler=False)
+        serve(worker, burst=args.burst, log_level=args.log_level)
+        runtime.drain()
     finally:
         runtime.close()
     return 0
+
+
+def serve(worker: Any, burst: bool, log_level: str) -> None:
+    """Run rq's work loop, riding out Redis outages instead of exiting (rq quits on errors outside dequeue)."""
+    import redis
+
+    while True:
+        try:
+            worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
+            return
+        except redis.ConnectionError as exc:
+            logging.getLogger("reelfarm.worker").warning("Redis unavailable (%s); resuming in 2s", exc)
+            time.sleep(2.0)
 
 
 if __name__ == "__main__":

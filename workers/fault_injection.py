@@ -1,8 +1,10 @@
-"""Deliberate worker crashes for the fault-injection suite, off unless an env var asks for them.
+"""Deliberate worker crashes and slow stages for the fault-injection suite, off unless env vars ask.
 
 ``REELFARM_FAULT_CRASH=STAGE:MARKER`` makes a worker of STAGE hard-exit (as an OOM
 kill or a segfault would: no cleanup, no Python unwinding) when it starts a job
-whose prompt contains MARKER. It exists so tests can show that a job which keeps
+whose prompt contains MARKER. ``REELFARM_FAULT_SLOW=STAGE:SECONDS`` makes STAGE
+pause mid-job (after its input was pulled and acknowledged), widening the window
+in which a test can kill it. It exists so tests can show that a job which keeps
 killing workers is quarantined instead of looping; operators never set it.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger("reelfarm.fault")
 
@@ -24,3 +27,9 @@ def crash_if_injected(stage: str, prompt: str) -> None:
     if crash_stage == stage and marker and marker in prompt:
         log.error("fault injection: crashing the %s worker on purpose", stage)
         os._exit(CRASH_EXIT_CODE)
+
+
+def pause_if_injected(stage: str) -> None:
+    crash_stage, _, seconds = os.environ.get("REELFARM_FAULT_SLOW", "").partition(":")
+    if crash_stage == stage and seconds:
+        time.sleep(float(seconds))

@@ -11,27 +11,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import Any
 
 import numpy as np
 import torch
+
+from scheduler import jobs
 from scheduler.object_store import (
+    ObjectStoreError,
     S3Config,
     StreamingMultipartUpload,
+    abort_incomplete_uploads,
     check_reachable,
     ensure_bucket,
     make_s3_client,
     put_bytes,
     s3_uri,
 )
-
-from scheduler import jobs
 from scheduler.output_keys import output_keys
 from scheduler.settings import FarmSettings
 from scheduler.spec import JobSpec
 from workers.runtime import StageRuntime
 from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encode_jpeg
+
+log = logging.getLogger("reelfarm.decode")
 
 
 def s3_config(settings: FarmSettings) -> S3Config:
@@ -62,6 +67,12 @@ def render_and_upload(rt: StageRuntime, job_id: str, spec: JobSpec, latents: tor
     poster: np.ndarray | None = None
     raw_digest = hashlib.sha256()
     retry = rt.settings.s3.retry_seconds
+    # An earlier attempt that died mid-upload left parts behind: the key is deterministic, so clear them.
+    # Best effort: with the store down there is nothing to list; the upload below retries on its own.
+    try:
+        abort_incomplete_uploads(rt.s3, bucket, out.video)
+    except ObjectStoreError as exc:
+        log.warning("could not clear earlier uploads of %s: %s", out.video, exc)
     with StreamingMultipartUpload(rt.s3, bucket, out.video, "video/mp4", retry_seconds=retry) as upload:
         with FfmpegStreamEncoder(spec.width, spec.height, spec.fps, codec, sink=upload.write) as encoder:
             for chunk in rt.compute.iter_frames(latents):

@@ -195,6 +195,14 @@ class StageRuntime:
 
     # -- shutdown ------------------------------------------------------------------
 
+    def drain(self) -> None:
+        """Before exiting, keep serving held slots until their consumers ack (or the grace period ends)."""
+        deadline = time.monotonic() + self.settings.worker.shutdown_grace_seconds
+        while self.held and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.held:
+            log.warning("exiting with %d unacknowledged outputs; consumers will recompute them", len(self.held))
+
     def close(self) -> None:
         self._stop.set()
         if self._reaper is not None:

@@ -22,12 +22,16 @@ import torch
 from scheduler import jobs, keys, queues, recovery, worker_registry
 from scheduler.keys import Stage
 from scheduler.spec import JobSpec
+from workers.fault_injection import crash_if_injected, pause_if_injected
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
-from workers.fault_injection import crash_if_injected
 from workers.runtime import StageRuntime, current_runtime
 from workers.stages import StageCancelled
 
 log = logging.getLogger("reelfarm.stage")
+
+
+class MalformedJob(ValueError):
+    """A job record no retry can fix (e.g. written into Redis by something other than the farm)."""
 
 
 def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | None) -> dict[str, Any]:
@@ -44,20 +48,26 @@ def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | Non
     worker_registry.update_worker(rt.conn, rt.worker_id, {"state": "busy", "current_job": job_id})
     outcome = "done"
     try:
-        spec = jobs.load_spec(rt.conn, job_id)
+        try:
+            spec = jobs.load_spec(rt.conn, job_id)
+        except ValueError as exc:
+            raise MalformedJob(f"job record has an unreadable spec: {str(exc).splitlines()[0]}") from None
         crash_if_injected(rt.stage.value, spec.prompt)
         inputs: dict[str, torch.Tensor] = {}
         upstream = this_stage.previous
         if upstream is not None:
             inputs = pull_input(rt, job_id, upstream, upstream_attempt or 1)
+        pause_if_injected(rt.stage.value)
         outputs = _compute(rt, job_id, spec, inputs)
         if not _finish(rt, job_id, spec, attempt, outputs, started):
             outcome = "superseded"
-    except InputRefused as exc:
+    except (InputRefused, MalformedJob) as exc:
         outcome = f"failed: {exc}"
         pipe = rt.conn.pipeline(transaction=True)
         jobs.clear_inflight(pipe, job_id, this_stage, attempt)
-        jobs.mark_failed(pipe, job_id, this_stage, f"input refused: {exc}")
+        jobs.mark_failed(
+            pipe, job_id, this_stage, f"input refused: {exc}" if isinstance(exc, InputRefused) else str(exc)
+        )
         pipe.execute()
     except InputLost as exc:
         outcome = _restart(rt, job_id, this_stage, attempt, f"input lost: {exc}", delay=0.0)

@@ -42,7 +42,9 @@ TASK_COMPONENTS: dict[ModelTask, tuple[Component, ...]] = {
 _PIPELINE_TASKS: dict[str, ModelTask] = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
 MODEL_INDEX_FILE = "model_index.json"
 
-TINY_MODEL_HINT = "point it at a Wan2.1 diffusers checkout, or build a tiny test model with `python -m workers.models tiny DIR`"
+TINY_MODEL_HINT = (
+    "point it at a Wan2.1 diffusers checkout, or build a tiny test model with `python -m workers.models tiny DIR`"
+)
 
 # What must exist in each component folder before a loader is worth starting:
 # a config, and (for models) at least one weights file or a shard index.
@@ -79,7 +81,9 @@ class DenoisingScheduler(Protocol):
 
     def set_begin_index(self, begin_index: int = 0) -> None: ...
 
-    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True) -> Any: ...
+    def step(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True
+    ) -> Any: ...
 
 
 class ModelDirError(ValueError):
@@ -161,7 +165,9 @@ def load_image_encoder(
     # Looked up by name on the transformers package, as WanImageToVideoPipeline.from_pretrained does
     # with model_index.json's "CLIPImageProcessor": transformers 5 resolves that name to the torchvision
     # backend, or to the PIL one when torchvision is missing, and the two round pixels differently.
-    image_processor = transformers.CLIPImageProcessor.from_pretrained(model_dir / "image_processor", local_files_only=True)
+    image_processor = transformers.CLIPImageProcessor.from_pretrained(
+        model_dir / "image_processor", local_files_only=True
+    )
     with quiet_transformers_progress():
         image_encoder = CLIPVisionModel.from_pretrained(model_dir / "image_encoder", dtype=dtype, local_files_only=True)
     return image_processor, image_encoder.to(device).eval()  # type: ignore[call-arg,arg-type]

@@ -64,6 +64,7 @@ I2V_COMPONENTS: tuple[Component, ...] = TASK_COMPONENTS["i2v"]
 
 TEXT_DIM = 32
 CROSS_ATTENTION_GAIN = 4.0
+CONDITION_GAIN = 16.0
 LATENT_CHANNELS = 16  # the Wan2.1 VAE's z_dim
 # An i2v DiT's input per step: the noisy latents, then the image condition
 # (4 first-frame mask channels + the VAE latents of the conditioning video).
@@ -191,7 +192,7 @@ def _write_model(model_dir: Path, seed: int, task: ModelTask) -> None:
             scheduler=wan21_scheduler(),  # type: ignore[arg-type]
             image_processor=tiny_image_processor(),  # type: ignore[arg-type]
             image_encoder=_seeded(seed, 3, tiny_image_encoder),
-            transformer=_seeded(seed, 1, lambda: tiny_transformer(image_dim=IMAGE_DIM)),
+            transformer=_seeded(seed, 1, lambda: tiny_i2v_transformer(vae)),
         )
         marker = {"format": MARKER_FORMAT, "kind": "wan2.1-i2v-tiny", "seed": seed, "task": "i2v"}
     with quiet_transformers_progress():  # the CLI's output is one line
@@ -288,6 +289,37 @@ def tiny_transformer(*, image_dim: int | None = None) -> WanTransformer3DModel:
     ).eval()
     _sharpen_cross_attention(transformer, gain=CROSS_ATTENTION_GAIN)
     return transformer
+
+
+def tiny_i2v_transformer(vae: AutoencoderKLWan) -> WanTransformer3DModel:
+    """The tiny DiT as a Wan2.1-I2V one (36 input channels, image cross-attention), condition-sensitive for ``vae``."""
+    transformer = tiny_transformer(image_dim=IMAGE_DIM)
+    _amplify_image_condition(transformer, vae, gain=CONDITION_GAIN)
+    return transformer
+
+
+def _amplify_image_condition(transformer: WanTransformer3DModel, vae: AutoencoderKLWan, gain: float) -> None:
+    # A random VAE encoder barely responds to its input: after the latents
+    # mean/std normalisation, the image-dependent part of the condition's
+    # latent channels varies by ~0.04 around a fixed per-channel value, against
+    # noise latents of std 1. Swapping the condition image then moved the
+    # frames by ~0.6/255 on average: too close to rounding for a lost or
+    # swapped condition to show reliably. (A trained I2V DiT follows its first
+    # frame closely.) So the patch embedding's weights on those channels are
+    # multiplied by ``gain`` about the normalised value of an all-zero raw
+    # latent (the bias absorbs the offset), so only the image-dependent part is
+    # amplified; swapping the image then moves frames by ~5/255.
+    config = vae.config
+    zero_latent = -torch.tensor(config["latents_mean"]) / torch.tensor(config["latents_std"])
+    condition_latents = slice(I2V_IN_CHANNELS - LATENT_CHANNELS, I2V_IN_CHANNELS)
+    weight, bias = transformer.patch_embedding.weight, transformer.patch_embedding.bias
+    if bias is None:
+        raise RuntimeError("the Wan DiT's patch embedding has no bias to absorb the condition offset")
+    with torch.no_grad():
+        condition_weight = weight[:, condition_latents]  # [out, 16, *patch], a view
+        offset = torch.einsum("oc,c->o", condition_weight.sum(dim=(2, 3, 4)), zero_latent)
+        condition_weight.mul_(gain)
+        bias.sub_((gain - 1.0) * offset)
 
 
 def _sharpen_cross_attention(transformer: WanTransformer3DModel, gain: float) -> None:

@@ -47,7 +47,9 @@ class StreamingVaeDecoder:
         self.latents_mean = torch.tensor(config["latents_mean"]).view(stats_shape).to(self.device, self.vae.dtype)
         # WanPipeline divides by the reciprocal of the std rather than multiplying
         # by the std; kept so the rounding is the same.
-        self.latents_inv_std = 1.0 / torch.tensor(config["latents_std"]).view(stats_shape).to(self.device, self.vae.dtype)
+        self.latents_inv_std = 1.0 / torch.tensor(config["latents_std"]).view(stats_shape).to(
+            self.device, self.vae.dtype
+        )
         # One cache slot per causal convolution in the decoder, as AutoencoderKLWan.clear_cache sizes it.
         self.cache_slots = sum(isinstance(module, WanCausalConv3d) for module in self.vae.decoder.modules())
         self.video_processor = VideoProcessor(vae_scale_factor=int(config["scale_factor_spatial"]))

@@ -96,9 +96,7 @@ def prepare_condition_image(
     """
     if height <= 0 or width <= 0 or height % VAE_SCALE_SPATIAL or width % VAE_SCALE_SPATIAL:
         # The processor would silently round such sizes down.
-        raise ValueError(
-            f"height and width must be positive multiples of {VAE_SCALE_SPATIAL} (got {height}x{width})"
-        )
+        raise ValueError(f"height and width must be positive multiples of {VAE_SCALE_SPATIAL} (got {height}x{width})")
     source = policy_image(image, height, width, policy)
     pixels: torch.Tensor = _VIDEO_PROCESSOR.preprocess(source, height=height, width=width)
     return pixels.to(dtype=torch.float32)

@@ -61,6 +61,4 @@ def uses_cfg(guidance_scale: float) -> bool:
 def transform_input_names(task: ModelTask, guidance_scale: float) -> tuple[str, ...]:
     """The tensors a ``task`` job with this guidance scale hands from the encode to the transform stage."""
     cfg = uses_cfg(guidance_scale)
-    return tuple(
-        spec.name for spec in TRANSFORM_INPUTS if task in spec.tasks and (cfg or not spec.only_with_guidance)
-    )
+    return tuple(spec.name for spec in TRANSFORM_INPUTS if task in spec.tasks and (cfg or not spec.only_with_guidance))

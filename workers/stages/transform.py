@@ -54,7 +54,9 @@ def latent_shape(
     multiple_h = VAE_SCALE_SPATIAL * patch_size[1]
     multiple_w = VAE_SCALE_SPATIAL * patch_size[2]
     if height <= 0 or width <= 0 or height % multiple_h or width % multiple_w:
-        raise ValueError(f"height and width must be positive multiples of {multiple_h}x{multiple_w} (got {height}x{width})")
+        raise ValueError(
+            f"height and width must be positive multiples of {multiple_h}x{multiple_w} (got {height}x{width})"
+        )
     if num_frames < 1 or (num_frames - 1) % VAE_SCALE_TEMPORAL:
         raise ValueError(f"num_frames must be 1 + {VAE_SCALE_TEMPORAL}k, e.g. 17, 33, 81 (got {num_frames})")
     latent_frames = (num_frames - 1) // VAE_SCALE_TEMPORAL + 1

@@ -1,0 +1,198 @@
+"""Prometheus metrics: what the farm looks like (read from Redis at scrape time) and what workers measured.
+
+Two sides, one vocabulary (every name starts ``reelfarm_``):
+
+* Farm side -- ``FarmCollector`` reads Redis when Prometheus scrapes, so the
+  numbers are never stale and nothing has to keep them up to date:
+  ``reelfarm_queue_depth{stage,priority}``, ``reelfarm_jobs{state}``,
+  ``reelfarm_workers_live{stage}``, ``reelfarm_workers_busy{stage}``,
+  ``reelfarm_worker_busy_ratio{stage}``,
+  ``reelfarm_worker_heartbeat_age_seconds{worker,stage}``,
+  ``reelfarm_inflight{stage}``, ``reelfarm_delayed_retries`` and
+  ``reelfarm_up`` (0 when Redis did not answer). ``reelfarm metrics --port P``
+  serves them.
+* Worker side -- process-local counters and histograms a worker feeds as it
+  works: ``observe_stage`` (``reelfarm_stage_seconds{stage,outcome}``),
+  ``observe_handoff`` (``reelfarm_handoff_bytes_total{stage}``,
+  ``reelfarm_handoff_seconds{stage}``), ``observe_upload``
+  (``reelfarm_upload_bytes_total``), ``count_retry``
+  (``reelfarm_retries_total{stage}``). Each worker process serves its own
+  ``/metrics`` with ``start_metrics_server(port)``; Prometheus aggregates
+  across workers, which is what it is for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from scheduler import keys, queues, worker_registry
+from scheduler.keys import Stage
+
+# --------------------------------------------------------------------------- worker side
+
+# From a tiny CPU model's fraction of a second to a 720p DiT run of tens of minutes.
+_STAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 2400, 3600)
+_HANDOFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+STAGE_SECONDS = Histogram(
+    "reelfarm_stage_seconds",
+    "Wall time of one stage attempt on a worker, by outcome (done, failed, cancelled, superseded, ...)",
+    ["stage", "outcome"],
+    buckets=_STAGE_BUCKETS,
+)
+HANDOFF_BYTES = Counter("reelfarm_handoff_bytes", "Payload bytes pulled from the upstream worker", ["stage"])
+HANDOFF_SECONDS = Histogram(
+    "reelfarm_handoff_seconds", "Time to pull one payload from the upstream worker", ["stage"], buckets=_HANDOFF_BUCKETS
+)
+UPLOAD_BYTES = Counter("reelfarm_upload_bytes", "Bytes uploaded to object storage (video, poster, metadata)")
+RETRIES = Counter(
+    "reelfarm_retries", "Stage attempts restarted (backoff retry, lineage recompute, dead worker)", ["stage"]
+)
+
+
+def observe_stage(stage: Stage | str, seconds: float, outcome: str = "done") -> None:
+    # Outcomes such as "failed: <reason>" would explode label cardinality: keep the word only.
+    STAGE_SECONDS.labels(stage=str(stage), outcome=outcome.split(":", 1)[0].split(" ", 1)[0]).observe(seconds)
+
+
+def observe_handoff(stage: Stage | str, nbytes: int, seconds: float) -> None:
+    """Called by the consuming stage after a pull (``stage`` is the consumer)."""
+    HANDOFF_BYTES.labels(stage=str(stage)).inc(nbytes)
+    HANDOFF_SECONDS.labels(stage=str(stage)).observe(seconds)
+
+
+def observe_upload(nbytes: int) -> None:
+    UPLOAD_BYTES.inc(nbytes)
+
+
+def count_retry(stage: Stage | str) -> None:
+    RETRIES.labels(stage=str(stage)).inc()
+
+
+def start_metrics_server(port: int = 0, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> int:
+    """Serve ``registry`` at ``http://addr:port/metrics`` from a daemon thread; returns the bound port.
+
+    ``port=0`` picks a free one (several workers on one host); record it where
+    Prometheus service discovery can find it. Loopback by default: metrics
+    name jobs and workers, so exposing them is a deliberate ``addr``.
+    """
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return int(server.server_port)
+
+
+# --------------------------------------------------------------------------- farm side
+
+
+class FarmCollector(Collector):
+    """Reads the farm's state from Redis at every scrape.
+
+    ``reelfarm_jobs`` counts the newest ``max_jobs_scanned`` jobs (one
+    pipelined HGET per job): enough for a dashboard without making a scrape of
+    a farm with months of history expensive.
+    """
+
+    def __init__(self, conn: redis.Redis, max_jobs_scanned: int = 100_000) -> None:
+        self.conn = conn
+        self.max_jobs_scanned = max_jobs_scanned
+
+    def describe(self) -> list[Metric]:
+        # Describing by collecting would hit Redis at registration time; an empty description is allowed.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("reelfarm_up", "1 when Redis answered this scrape")
+        try:
+            families = list(self._collect())
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "reelfarm_queue_depth", "Stage jobs waiting in each rq queue", labels=["stage", "priority"]
+        )
+        for stage in Stage:
+            for priority in keys.PRIORITIES:
+                depth.add_metric([stage.value, priority], queues.stage_queue(self.conn, stage, priority).count)
+        yield depth
+
+        states = GaugeMetricFamily(
+            "reelfarm_jobs", "Jobs by state (newest jobs, see max_jobs_scanned)", labels=["state"]
+        )
+        for state, count in sorted(self._job_states().items()):
+            states.add_metric([state], count)
+        yield states
+
+        now = time.time()
+        live = worker_registry.live_workers(self.conn)
+        live_by_stage = Tally(w.get("stage", "?") for w in live)
+        busy_by_stage = Tally(w.get("stage", "?") for w in live if w.get("state") == "busy")
+        live_g = GaugeMetricFamily("reelfarm_workers_live", "Workers with an unexpired heartbeat", labels=["stage"])
+        busy_g = GaugeMetricFamily("reelfarm_workers_busy", "Live workers running a stage job now", labels=["stage"])
+        ratio_g = GaugeMetricFamily(
+            "reelfarm_worker_busy_ratio", "Busy share of a stage's live workers at scrape time", labels=["stage"]
+        )
+        for stage in Stage:
+            n_live, n_busy = live_by_stage.get(stage.value, 0), busy_by_stage.get(stage.value, 0)
+            live_g.add_metric([stage.value], n_live)
+            busy_g.add_metric([stage.value], n_busy)
+            ratio_g.add_metric([stage.value], n_busy / n_live if n_live else 0.0)
+        yield live_g
+        yield busy_g
+        yield ratio_g
+
+        age = GaugeMetricFamily(
+            "reelfarm_worker_heartbeat_age_seconds",
+            "Seconds since a live worker's last heartbeat",
+            labels=["worker", "stage"],
+        )
+        for worker in live:
+            last = float(worker.get("last_heartbeat", now) or now)
+            age.add_metric([worker.get("worker_id", "?"), worker.get("stage", "?")], max(0.0, now - last))
+        yield age
+
+        inflight = GaugeMetricFamily(
+            "reelfarm_inflight", "Stage executions in flight (watched by the reaper)", labels=["stage"]
+        )
+        members: list[bytes] = self.conn.zrange(keys.inflight_key(), 0, -1)  # type: ignore[assignment]
+        by_stage = Tally(keys.parse_inflight_member(m.decode())[1].value for m in members)
+        for stage in Stage:
+            inflight.add_metric([stage.value], by_stage.get(stage.value, 0))
+        yield inflight
+
+        delayed = GaugeMetricFamily("reelfarm_delayed_retries", "Stage retries waiting out their backoff")
+        delayed.add_metric([], int(self.conn.zcard(keys.delayed_key())))  # type: ignore[arg-type]
+        yield delayed
+
+    def _job_states(self) -> dict[str, int]:
+        ids: list[bytes] = self.conn.zrevrange(keys.jobs_index_key(), 0, self.max_jobs_scanned - 1)  # type: ignore[assignment]
+        counts: Tally[str] = Tally()
+        for offset in range(0, len(ids), 1000):
+            pipe = self.conn.pipeline(transaction=False)
+            for raw in ids[offset : offset + 1000]:
+                pipe.hget(keys.job_key(raw.decode()), "state")
+            counts.update(v.decode() for v in pipe.execute() if v is not None)
+        return dict(counts)
+
+
+def farm_registry(conn: redis.Redis, **options: Any) -> CollectorRegistry:
+    """A registry holding only the farm collector (the scheduler process's own metrics stay out of it)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FarmCollector(conn, **options))
+    return registry
+
+
+def serve_farm_metrics(conn: redis.Redis, port: int, addr: str = "127.0.0.1") -> int:
+    return start_metrics_server(port, addr, farm_registry(conn))
