@@ -36,6 +36,9 @@ SPEC_OPTIONS: list[tuple[str, Any, str]] = [
     ("fps", int, "frames per second of the MP4"),
     ("priority", click.Choice(["high", "default", "low"]), "queue priority"),
     ("output_prefix", str, "extra key prefix, e.g. nightly/2026-11-23"),
+    ("image", str, "image-to-video: conditioning image (path, s3://bucket/key or http(s) URL)"),
+    ("resize", click.Choice(["resize", "center_crop"]), "how the image is fitted to width x height"),
+    ("model", str, "which of the farm's models renders it (default: one that does the task)"),
 ]
 
 
@@ -202,13 +205,11 @@ def run(prompt: str, settings: FarmSettings, outputs: Path, keep_up: bool, **opt
 
 
 def download_result(settings: FarmSettings, record: dict[str, Any], outputs: Path) -> Path:
-    from scheduler.object_store import S3Config, download_to, make_s3_client
+    from scheduler.object_store import download_to
 
-    s3 = settings.s3
-    client = make_s3_client(S3Config(s3.endpoint_url, s3.bucket, s3.access_key, s3.secret_key, s3.region))
     outputs.mkdir(parents=True, exist_ok=True)
     local = outputs / f"{record['job_id']}.mp4"
-    download_to(client, s3.bucket, record["result"]["video_key"], local)
+    download_to(settings.s3.client(), settings.s3.bucket, record["result"]["video_key"], local)
     return local
 
 
@@ -225,6 +226,8 @@ def describe_status(record: dict[str, Any]) -> str:
         if "seconds" in stage:
             bits.append(f"{float(stage['seconds']):.1f}s")
         lines.append(f"  {name:<9} " + ", ".join(bits))
+    if record.get("note"):
+        lines.append(f"  {record['note']}")
     if record.get("error"):
         lines.append(f"  error: {record['error']}")
     if record.get("result"):

@@ -70,11 +70,10 @@ def worker_env(settings: FarmSettings) -> dict[str, str]:
     return env
 
 
-def build_tiny_model(model_dir: Path, log_path: Path) -> None:
+def build_tiny_model(model_dir: Path, log_path: Path, i2v: bool = False) -> None:
+    command = [sys.executable, "-m", "workers.models", "tiny", str(model_dir), *(["--i2v"] if i2v else [])]
     with log_path.open("ab") as log:
-        done = subprocess.run(
-            [sys.executable, "-m", "workers.models", "tiny", str(model_dir)], stdout=log, stderr=subprocess.STDOUT
-        )
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise EmbeddedFarmError(f"building the tiny model in {model_dir} failed; see {log_path}")
 
@@ -127,12 +126,17 @@ def farm_up(settings: FarmSettings) -> FarmSettings:
         s3 = start_s3_server(home / "s3", free_port(), access_key, secret_key)
         started.append(s3.pid)
         model_dir = settings.model_dir if settings.model_dir.is_absolute() else (Path.cwd() / settings.model_dir)
+        models = dict(settings.models)
+        if settings.model_dir == FarmSettings().model_dir and not models:
+            # Nothing configured: serve both tiny models, so `reelfarm run --image` works out of the box.
+            models["i2v"] = model_dir.parent / "tiny-wan-i2v"
         farm = settings.model_copy(
             update={
                 "redis_url": f"redis://:{password}@127.0.0.1:{valkey.port}/0",
                 "secret": settings.secret or secrets.token_hex(32),
                 "home": home,
                 "model_dir": model_dir,
+                "models": models,
                 "s3": settings.s3.model_copy(
                     update={
                         "endpoint_url": f"http://127.0.0.1:{s3.port}",
@@ -145,6 +149,8 @@ def farm_up(settings: FarmSettings) -> FarmSettings:
         )
         if not (model_dir / "model_index.json").exists():
             build_tiny_model(model_dir, log_dir / "model.log")
+        if "i2v" in models and not (models["i2v"] / "model_index.json").exists():
+            build_tiny_model(models["i2v"], log_dir / "model.log", i2v=True)
         procs = [start_worker(stage, farm, log_dir) for stage in Stage]
         started.extend(p.pid for p in procs)
         wait_for_workers(farm, list(Stage), procs, log_dir)

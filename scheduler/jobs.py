@@ -163,9 +163,11 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
         entry = {name.split(".", 1)[1]: value for name, value in fields.items() if name.startswith(stage.value + ".")}
         if entry:
             stages[stage.value] = entry
+    spec = _json_or_raw(fields.get("spec", "null"))
     return {
         "job_id": job_id,
         "state": fields.get("state"),
+        "note": waiting_note(conn, fields, spec),
         "stage": fields.get("stage"),
         "created_at": float(fields.get("created_at", 0)),
         "updated_at": float(fields.get("updated_at", 0)),
@@ -173,7 +175,7 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
         "error": fields.get("error"),
         "result": _json_or_raw(fields["result"]) if "result" in fields else None,
         "failures": _json_or_raw(fields.get("failures", "[]")),
-        "spec": _json_or_raw(fields.get("spec", "null")),
+        "spec": spec,
     }
 
 
@@ -206,3 +208,17 @@ def mark_cancelled(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
 def cancel_requested(conn: redis.Redis, job_id: str) -> bool:
     """Set by ``reelfarm cancel`` on a running job; stages check it at step boundaries."""
     return conn.hget(keys.job_key(job_id), "cancel_requested") is not None
+
+
+def waiting_note(conn: redis.Redis, fields: dict[str, str], spec: Any) -> str | None:
+    """Why a queued stage is not moving, when the reason is that no live worker can take it."""
+    from scheduler.worker_registry import live_workers
+
+    stage = fields.get("stage", "")
+    if fields.get("state") not in (JobState.QUEUED, JobState.RUNNING) or fields.get(f"{stage}.state") != "queued":
+        return None
+    model = spec.get("model", keys.DEFAULT_MODEL) if isinstance(spec, dict) else keys.DEFAULT_MODEL
+    for worker in live_workers(conn):
+        if worker.get("stage") == stage and model in worker.get("models", keys.DEFAULT_MODEL).split(","):
+            return None
+    return f"waiting: no live {stage} worker serves model {model!r}; start one with `reelfarm worker {stage} --models {model}`"

@@ -76,11 +76,21 @@ def acks_key(worker_id: str) -> str:
 PRIORITIES = ("high", "default", "low")
 
 
-def queue_name(stage: Stage, priority: str = "default") -> str:
-    """rq queue name of a stage at a priority (rq adds its own ``rq:queue:`` key prefix)."""
+DEFAULT_MODEL = "default"
+
+
+def queue_name(stage: Stage, priority: str = "default", model: str = DEFAULT_MODEL) -> str:
+    """rq queue of a stage, for one model, at one priority (rq adds its own ``rq:queue:`` key prefix).
+
+    Routing by model is routing by queue: a worker listens only on the queues of
+    the models it loaded, so a job never reaches a worker that cannot run it.
+    """
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
-    return f"{PREFIX}-{stage.value}" if priority == "default" else f"{PREFIX}-{stage.value}-{priority}"
+    name = f"{PREFIX}-{stage.value}"
+    if model != DEFAULT_MODEL:
+        name += f"@{check_id(model, 'model name')}"
+    return name if priority == "default" else f"{name}-{priority}"
 
 
 def stage_job_id(job_id: str, stage: Stage, attempt: int) -> str:

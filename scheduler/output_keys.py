@@ -17,9 +17,16 @@ class OutputKeys:
     video: str
     poster: str
     metadata: str
+    # Where submission stores an image-to-video job's conditioning image (whatever its source).
+    input_image: str
 
 
 def output_keys(farm_prefix: str, job_prefix: str | None, job_id: str) -> OutputKeys:
     parts = [p for p in (farm_prefix.strip("/"), job_prefix) if p]
     base = "/".join([*parts, keys.check_id(job_id, "job id")])
-    return OutputKeys(video=f"{base}/video.mp4", poster=f"{base}/poster.jpg", metadata=f"{base}/metadata.json")
+    return OutputKeys(
+        video=f"{base}/video.mp4",
+        poster=f"{base}/poster.jpg",
+        metadata=f"{base}/metadata.json",
+        input_image=f"{base}/input-image",
+    )

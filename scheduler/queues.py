@@ -32,13 +32,15 @@ def transaction(conn: redis.Redis) -> Any:
     return pipe
 
 
-def stage_queue(conn: redis.Redis, stage: Stage, priority: str = "default") -> Queue:
-    return Queue(keys.queue_name(stage, priority), connection=conn, serializer=JSONSerializer)
+def stage_queue(conn: redis.Redis, stage: Stage, priority: str = "default", model: str = keys.DEFAULT_MODEL) -> Queue:
+    return Queue(keys.queue_name(stage, priority, model), connection=conn, serializer=JSONSerializer)
 
 
-def stage_queues_by_priority(conn: redis.Redis, stage: Stage) -> list[Queue]:
-    """A stage's queues, highest priority first: rq workers drain them in this order."""
-    return [stage_queue(conn, stage, priority) for priority in keys.PRIORITIES]
+def stage_queues_by_priority(
+    conn: redis.Redis, stage: Stage, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)
+) -> list[Queue]:
+    """A stage's queues for the given models, highest priority first: rq workers drain them in this order."""
+    return [stage_queue(conn, stage, priority, model) for priority in keys.PRIORITIES for model in models]
 
 
 def enqueue_stage(
@@ -49,10 +51,11 @@ def enqueue_stage(
     upstream_attempt: int | None,
     priority: str = "default",
     pipeline: Any | None = None,
+    model: str = keys.DEFAULT_MODEL,
 ) -> str:
     """Put one attempt of one stage of a job on its queue; joins the caller's pipeline."""
     rq_id = keys.stage_job_id(job_id, stage, attempt)
-    stage_queue(conn, stage, priority).enqueue_call(
+    stage_queue(conn, stage, priority, model).enqueue_call(
         STAGE_ENTRYPOINT,
         kwargs={"job_id": job_id, "stage": stage.value, "attempt": attempt, "upstream_attempt": upstream_attempt},
         job_id=rq_id,
@@ -66,5 +69,5 @@ def enqueue_stage(
     return rq_id
 
 
-def queue_depths(conn: redis.Redis) -> dict[str, int]:
-    return {stage.value: sum(q.count for q in stage_queues_by_priority(conn, stage)) for stage in Stage}
+def queue_depths(conn: redis.Redis, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)) -> dict[str, int]:
+    return {stage.value: sum(q.count for q in stage_queues_by_priority(conn, stage, models)) for stage in Stage}

@@ -124,9 +124,20 @@ def restart_job(
                     )
                     outcome = "quarantined"
                 else:
-                    priority = json.loads(fields["spec"]).get("priority", "default")
+                    try:
+                        spec = json.loads(fields["spec"])
+                    except ValueError:
+                        spec = {}  # unreadable record: the restarted stage will fail it with the reason
                     enqueue_later(
-                        conn, pipe, job_id, plan.stage, used + 1, plan.upstream_attempt, priority, delay_seconds
+                        conn,
+                        pipe,
+                        job_id,
+                        plan.stage,
+                        used + 1,
+                        plan.upstream_attempt,
+                        spec.get("priority", "default"),
+                        spec.get("model", keys.DEFAULT_MODEL),
+                        delay_seconds,
                     )
                     outcome = f"restarted at {plan.stage.value} attempt {used + 1}"
                 pipe.execute()
@@ -144,12 +155,15 @@ def enqueue_later(
     attempt: int,
     upstream_attempt: int | None,
     priority: str,
+    model: str,
     delay_seconds: float,
 ) -> None:
     """Enqueue now, or park the enqueue in the delayed set for the reaper to release when due."""
     jobs.mark_stage_queued(pipe, job_id, stage, attempt)
     if delay_seconds <= 0:
-        queues.enqueue_stage(conn, job_id, stage, attempt, upstream_attempt, priority=priority, pipeline=pipe)
+        queues.enqueue_stage(
+            conn, job_id, stage, attempt, upstream_attempt, priority=priority, pipeline=pipe, model=model
+        )
         return
     entry = {
         "job_id": job_id,
@@ -157,6 +171,7 @@ def enqueue_later(
         "attempt": attempt,
         "upstream_attempt": upstream_attempt,
         "priority": priority,
+        "model": model,
     }
     pipe.zadd(keys.delayed_key(), {json.dumps(entry, sort_keys=True): time.time() + delay_seconds})
 
@@ -183,6 +198,7 @@ def release_due(conn: redis.Redis, now: float | None = None) -> int:
                     entry["upstream_attempt"],
                     priority=entry["priority"],
                     pipeline=pipe,
+                    model=entry.get("model", keys.DEFAULT_MODEL),
                 )
                 pipe.execute()
                 released += 1

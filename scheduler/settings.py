@@ -40,6 +40,12 @@ class S3Settings(BaseModel):
     # How long one upload call keeps retrying a down or throttling store before the stage fails.
     retry_seconds: float = Field(default=30.0, ge=0)
 
+    def client(self) -> Any:
+        """A boto3 client for this store (boto3 is imported only by scheduler.object_store, and only here)."""
+        from scheduler.object_store import S3Config, make_s3_client
+
+        return make_s3_client(S3Config(self.endpoint_url, self.bucket, self.access_key, self.secret_key, self.region))
+
 
 class TransferSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -69,6 +75,8 @@ class WorkerSettings(BaseModel):
     shutdown_grace_seconds: float = Field(default=60.0, ge=0)
     device: str = "cpu"
     dtype: str = "float32"
+    # Models (by name) this worker loads and serves; empty = every model in the farm's settings.
+    models: list[str] = Field(default_factory=list)
 
 
 class FarmSettings(BaseModel):
@@ -76,6 +84,8 @@ class FarmSettings(BaseModel):
 
     redis_url: str | None = None
     model_dir: Path = DEFAULT_HOME / "models" / "tiny-wan-t2v"
+    # More models this farm serves, by name (jobs pick one with their `model` field).
+    models: dict[str, Path] = Field(default_factory=dict)
     secret: str | None = None
     home: Path = DEFAULT_HOME
     s3: S3Settings = S3Settings()
@@ -84,6 +94,17 @@ class FarmSettings(BaseModel):
     limits: SpecLimits = SpecLimits()
     # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
     spec_defaults: dict[str, Any] = Field(default_factory=dict)
+
+    def model_dirs(self) -> dict[str, Path]:
+        return {"default": self.model_dir, **self.models}
+
+    def served_models(self) -> dict[str, Path]:
+        """The models a worker started with these settings loads."""
+        every = self.model_dirs()
+        unknown = [m for m in self.worker.models if m not in every]
+        if unknown:
+            raise SettingsError(f"worker models {', '.join(unknown)} are not configured (known: {', '.join(every)})")
+        return {m: every[m] for m in self.worker.models} if self.worker.models else every
 
     @property
     def state_file(self) -> Path:
@@ -118,6 +139,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "REELFARM_TRANSFER_PROTOCOL": ("transfer", "protocol"),
     "REELFARM_TRANSFER_DEVICE": ("transfer", "device_name"),
     "REELFARM_DEVICE": ("worker", "device"),
+    "REELFARM_WORKER_MODELS": ("worker", "models"),
 }
 
 
@@ -158,7 +180,10 @@ def load_settings(config: Path | None = None, env: dict[str, str] | None = None)
     from_env: dict[str, Any] = {}
     for var, path in ENV_VARS.items():
         if env.get(var):
-            _set_path(from_env, path, env[var])
+            value: Any = env[var]
+            if var == "REELFARM_WORKER_MODELS":
+                value = [m.strip() for m in value.split(",") if m.strip()]
+            _set_path(from_env, path, value)
     tree = _deep_merge(tree, from_env)
     home = Path(tree.get("home", DEFAULT_HOME))
     state_file = home / STATE_FILE_NAME

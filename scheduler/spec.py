@@ -40,6 +40,8 @@ class SpecLimits(BaseModel):
     max_frames: int = Field(default=81, ge=1)
     max_steps: int = Field(default=100, ge=1)
     max_prompt_chars: int = Field(default=2000, ge=1)
+    max_image_bytes: int = Field(default=20 * 2**20, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
 
 
 class JobSpec(BaseModel):
@@ -60,6 +62,12 @@ class JobSpec(BaseModel):
     codec: CodecOptions = CodecOptions()
     priority: Literal["high", "default", "low"] = "default"
     output_prefix: str | None = None
+    # Which of the farm's models renders this job ("default" = settings.model_dir).
+    model: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Image-to-video: the conditioning image (a local path, s3://bucket/key or http(s) URL at submit;
+    # rewritten to the job's input object in the bucket before anything is enqueued).
+    image: str | None = Field(default=None, min_length=1, max_length=2048)
+    resize: Literal["resize", "center_crop"] = "resize"
 
     @field_validator("prompt")
     @classmethod
@@ -90,6 +98,10 @@ class JobSpec(BaseModel):
         if value is not None and not PREFIX_PATTERN.match(value):
             raise ValueError("must be path segments of A-Z a-z 0-9 _ - separated by '/'")
         return value
+
+    @property
+    def task(self) -> Literal["t2v", "i2v"]:
+        return "i2v" if self.image is not None else "t2v"
 
     @property
     def do_cfg(self) -> bool:

@@ -14,6 +14,7 @@ import redis
 
 from scheduler import jobs, keys, queues
 from scheduler.keys import Stage
+from scheduler.model_catalog import check_job_model, model_for_task
 from scheduler.settings import FarmSettings
 from scheduler.spec import JobSpec, parse_spec
 
@@ -29,13 +30,30 @@ def submit(
     if isinstance(raw_spec, JobSpec):
         raw_spec = raw_spec.model_dump()
     spec = parse_spec(raw_spec, settings.limits, settings.spec_defaults)
+    if "model" not in raw_spec:
+        # A job that names no model goes to one that does its task (an image job to an i2v model).
+        chosen = model_for_task(settings, spec.task)
+        if chosen is not None:
+            spec = spec.model_copy(update={"model": chosen})
+    check_job_model(settings, spec)
     job_id = keys.check_id(job_id or new_job_id(), "job id")
     if jobs.job_exists(conn, job_id):
         return job_id
+    if spec.image is not None:
+        from scheduler.input_images import stage_input_image
+
+        spec = stage_input_image(settings, spec, job_id, settings.s3.client())
     pipe = queues.transaction(conn)
     jobs.create_job(pipe, job_id, spec)
     queues.enqueue_stage(
-        conn, job_id, Stage.ENCODE, attempt=1, upstream_attempt=None, priority=spec.priority, pipeline=pipe
+        conn,
+        job_id,
+        Stage.ENCODE,
+        attempt=1,
+        upstream_attempt=None,
+        priority=spec.priority,
+        pipeline=pipe,
+        model=spec.model,
     )
     pipe.execute()
     return job_id

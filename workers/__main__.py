@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", type=Path, default=None, help="farm settings YAML (default: env vars / embedded farm)"
     )
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--models", default=None, help="comma-separated model names to serve (default: all configured)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -31,13 +32,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings(args.config)
+        if args.models:
+            chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+            settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"models": chosen})})
         runtime = start_runtime(stage, settings)
     except Exception as exc:  # noqa: BLE001 - start-up errors are reported in one line, not a traceback
         print(f"reelfarm worker {stage.value}: cannot start: {exc}", file=sys.stderr)
         return 2
     try:
         worker = StageWorker(
-            stage_queues_by_priority(runtime.conn, stage),
+            stage_queues_by_priority(runtime.conn, stage, list(runtime.computes)),
             connection=runtime.conn,
             serializer=JSONSerializer,
             name=runtime.worker_id,

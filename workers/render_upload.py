@@ -21,12 +21,10 @@ import torch
 from scheduler import jobs
 from scheduler.object_store import (
     ObjectStoreError,
-    S3Config,
     StreamingMultipartUpload,
     abort_incomplete_uploads,
     check_reachable,
     ensure_bucket,
-    make_s3_client,
     put_bytes,
     s3_uri,
 )
@@ -39,26 +37,16 @@ from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encod
 log = logging.getLogger("reelfarm.decode")
 
 
-def s3_config(settings: FarmSettings) -> S3Config:
-    s3 = settings.s3
-    return S3Config(
-        endpoint_url=s3.endpoint_url,
-        bucket=s3.bucket,
-        access_key=s3.access_key,
-        secret_key=s3.secret_key,
-        region=s3.region,
-    )
-
-
 def connect_store(settings: FarmSettings) -> Any:
-    cfg = s3_config(settings)
-    client = make_s3_client(cfg)
-    ensure_bucket(client, cfg.bucket)
-    check_reachable(client, cfg.bucket)
+    client = settings.s3.client()
+    ensure_bucket(client, settings.s3.bucket)
+    check_reachable(client, settings.s3.bucket)
     return client
 
 
-def render_and_upload(rt: StageRuntime, job_id: str, spec: JobSpec, latents: torch.Tensor) -> dict[str, Any]:
+def render_and_upload(
+    rt: StageRuntime, decoder: Any, job_id: str, spec: JobSpec, latents: torch.Tensor
+) -> dict[str, Any]:
     bucket = rt.settings.s3.bucket
     out = output_keys(rt.settings.s3.key_prefix, spec.output_prefix, job_id)
     codec = codec_from_options(spec.codec.name, spec.codec.crf, spec.codec.preset)
@@ -75,7 +63,7 @@ def render_and_upload(rt: StageRuntime, job_id: str, spec: JobSpec, latents: tor
         log.warning("could not clear earlier uploads of %s: %s", out.video, exc)
     with StreamingMultipartUpload(rt.s3, bucket, out.video, "video/mp4", retry_seconds=retry) as upload:
         with FfmpegStreamEncoder(spec.width, spec.height, spec.fps, codec, sink=upload.write) as encoder:
-            for chunk in rt.compute.iter_frames(latents):
+            for chunk in decoder.iter_frames(latents):
                 if poster is None:
                     poster = chunk[0].copy()
                 raw_digest.update(np.ascontiguousarray(chunk).tobytes())
@@ -109,7 +97,8 @@ def render_and_upload(rt: StageRuntime, job_id: str, spec: JobSpec, latents: tor
         "timings_seconds": timings,
         "workers": {name: stage.get("worker") for name, stage in status["stages"].items()},
         "attempts": {name: int(stage.get("attempt", 1)) for name, stage in status["stages"].items()},
-        "model_dir": rt.settings.model_dir.name,
+        "model": spec.model,
+        "model_dir": rt.settings.model_dirs()[spec.model].name,
         "created_at": status["created_at"],
         "finished_at": time.time(),
     }

@@ -65,7 +65,8 @@ class StageRuntime:
     stage: Stage
     settings: FarmSettings
     conn: redis.Redis
-    compute: Any
+    computes: dict[str, Any]
+    tasks: dict[str, str]
     engine: MooncakeEngine
     pool: SlotPool
     worker_id: str
@@ -99,6 +100,8 @@ class StageRuntime:
             "endpoint": self.engine.endpoint,
             "pid": str(os.getpid()),
             "host": socket.gethostname(),
+            "models": ",".join(self.computes),
+            "tasks": ",".join(f"{name}:{task}" for name, task in self.tasks.items()),
             "model_dir": str(self.settings.model_dir),
             "device": self.settings.worker.device,
             "model_loads": str(self.model_loads),
@@ -219,13 +222,14 @@ class StageRuntime:
 def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     """Steps 1-4 of the lifecycle; raises ``WorkerStartupError`` with a one-line reason."""
     global _CURRENT
-    from workers.stage_compute import load_stage_compute
+    from workers.stage_compute import load_all
 
     conn = connect_redis(settings)
     secret = settings.require_secret()
-    compute = load_stage_compute(stage, settings)
+    computes, tasks = load_all(stage, settings)
     s3 = None
-    if stage is Stage.DECODE:
+    # Decode uploads results; an i2v encoder reads each job's conditioning image from the bucket.
+    if stage is Stage.DECODE or (stage is Stage.ENCODE and "i2v" in tasks.values()):
         from workers.render_upload import connect_store
 
         s3 = connect_store(settings)
@@ -239,7 +243,8 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
         stage=stage,
         settings=settings,
         conn=conn,
-        compute=compute,
+        computes=computes,
+        tasks=tasks,
         engine=engine,
         pool=pool,
         worker_id=make_worker_id(stage),

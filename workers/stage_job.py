@@ -118,9 +118,26 @@ def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: 
 
 
 def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, torch.Tensor]) -> Any:
-    # 1. Encode: text embeddings (and the negative ones when CFG is on).
+    compute = rt.computes.get(spec.model)
+    if compute is None:
+        raise MalformedJob(
+            f"model {spec.model!r} reached a worker that does not serve it (serves {', '.join(rt.computes)})"
+        )
+    if (spec.image is not None) != (rt.tasks[spec.model] == "i2v"):
+        raise MalformedJob(f"model {spec.model!r} is a {rt.tasks[spec.model]} model; the job is {spec.task}")
+
+    # 1. Encode: text embeddings (and the negative ones when CFG is on); for i2v also the image
+    #    features and the VAE-encoded first-frame condition.
     if rt.stage is Stage.ENCODE:
-        return rt.compute.encode(spec.prompt, spec.negative_prompt, spec.guidance_scale)
+        tensors: dict[str, torch.Tensor] = compute.text.encode(spec.prompt, spec.negative_prompt, spec.guidance_scale)
+        if spec.image is not None:
+            image = load_job_image(rt, spec.image)
+            tensors.update(
+                compute.image.encode(
+                    image, height=spec.height, width=spec.width, num_frames=spec.frames, policy=spec.resize
+                )
+            )
+        return tensors
 
     # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries.
     if rt.stage is Stage.TRANSFORM:
@@ -131,7 +148,7 @@ def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, tor
         def should_stop() -> bool:
             return jobs.cancel_requested(rt.conn, job_id)
 
-        latents = rt.compute.denoise(
+        latents = compute.denoise(
             inputs,
             height=spec.height,
             width=spec.width,
@@ -148,7 +165,22 @@ def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, tor
     # 3. Decode: streaming VAE decode -> ffmpeg -> multipart upload.
     from workers.render_upload import render_and_upload
 
-    return render_and_upload(rt, job_id, spec, inputs["latents"])
+    return render_and_upload(rt, compute, job_id, spec, inputs["latents"])
+
+
+def load_job_image(rt: StageRuntime, uri: str) -> Any:
+    """The conditioning image submission stored in the bucket (checked again: the bucket is not trusted more)."""
+    from scheduler.image_input import ImageInputError, load_and_check_image
+    from scheduler.object_store import get_bytes
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    limits = rt.settings.limits
+    try:
+        return load_and_check_image(
+            get_bytes(rt.s3, bucket, key), max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+        )
+    except ImageInputError as exc:
+        raise MalformedJob(f"conditioning image {uri}: {exc}") from None
 
 
 def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: Any, started: float) -> bool:
@@ -179,7 +211,14 @@ def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs:
                     rt.rooms.publish(desc, signature, pipeline=pipe)
                     jobs.mark_stage_queued(pipe, job_id, next_stage, next_attempt)
                     queues.enqueue_stage(
-                        rt.conn, job_id, next_stage, next_attempt, attempt, priority=spec.priority, pipeline=pipe
+                        rt.conn,
+                        job_id,
+                        next_stage,
+                        next_attempt,
+                        attempt,
+                        priority=spec.priority,
+                        pipeline=pipe,
+                        model=spec.model,
                     )
                 else:
                     jobs.mark_succeeded(pipe, job_id, outputs)

@@ -1,0 +1,49 @@
+"""Which models a farm serves and what task each does, read without torch.
+
+The scheduler checks a job against its model before enqueueing: an image job
+for a text-to-video model (or the reverse) is refused at submit, not at the
+worker. The task comes from the model dir's ``model_index.json`` when the
+scheduler can see the dir; otherwise workers check it when they load it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from scheduler.settings import FarmSettings
+from scheduler.spec import JobSpec, SpecError
+
+PIPELINE_TASKS: dict[str, Literal["t2v", "i2v"]] = {
+    "WanPipeline": "t2v",
+    "WanImageToVideoPipeline": "i2v",
+}
+
+
+def read_model_task(model_dir: Path) -> Literal["t2v", "i2v"] | None:
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return PIPELINE_TASKS.get(index.get("_class_name", ""))
+
+
+def check_job_model(settings: FarmSettings, spec: JobSpec) -> None:
+    models = settings.model_dirs()
+    if spec.model not in models:
+        raise SpecError(
+            f"invalid job spec: model: {spec.model!r} is not served by this farm (it serves: {', '.join(models)})"
+        )
+    task = read_model_task(models[spec.model])
+    if task is not None and task != spec.task:
+        need = "an image (--image)" if task == "i2v" else "no image"
+        raise SpecError(f"invalid job spec: model {spec.model!r} is a {task} model and needs {need}")
+
+
+def model_for_task(settings: FarmSettings, task: Literal["t2v", "i2v"]) -> str | None:
+    """The first configured model that does ``task`` (for a job that named no model)."""
+    for name, model_dir in settings.model_dirs().items():
+        if read_model_task(model_dir) == task:
+            return name
+    return None
