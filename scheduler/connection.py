@@ -37,3 +37,17 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+def eviction_warning(conn: redis.Redis) -> str | None:
+    """A warning when Redis may evict keys: an evicted job record or room is a lost job."""
+    try:
+        policy = conn.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.ResponseError:
+        return None  # CONFIG is often disabled on managed Redis; nothing to check then
+    if policy and policy != "noeviction":
+        return (
+            f"Redis maxmemory-policy is {policy!r}: it may evict job records and queues under memory pressure; "
+            "set maxmemory-policy noeviction for a farm"
+        )
+    return None

@@ -116,3 +116,16 @@ def test_states_never_go_backwards(redis_url: str, ops: list[tuple[str, str]]) -
             assert after is RoomState.ACKED
         elif after is not RoomState.FAILED:
             assert after >= before
+
+
+def test_eviction_policy_is_checked(redis_url: str) -> None:
+    from scheduler.connection import eviction_warning
+
+    conn = redis.Redis.from_url(redis_url)
+    assert eviction_warning(conn) is None, "the embedded/test server runs with noeviction"
+    conn.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        warning = eviction_warning(conn)
+        assert warning is not None and "allkeys-lru" in warning
+    finally:
+        conn.config_set("maxmemory-policy", "noeviction")

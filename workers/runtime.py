@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from scheduler import worker_registry
-from scheduler.connection import connect_redis
+from scheduler.connection import connect_redis, eviction_warning
 from scheduler.descriptors import DescriptorLimits
 from scheduler.keys import Stage, acks_key
 from scheduler.reaper import ReaperThread
@@ -225,6 +225,9 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     from workers.stage_compute import load_all
 
     conn = connect_redis(settings)
+    warning = eviction_warning(conn)
+    if warning:
+        log.warning(warning)
     secret = settings.require_secret()
     computes, tasks = load_all(stage, settings)
     s3 = None
