@@ -226,6 +226,10 @@ def describe_status(record: dict[str, Any]) -> str:
         if "seconds" in stage:
             bits.append(f"{float(stage['seconds']):.1f}s")
         lines.append(f"  {name:<9} " + ", ".join(bits))
+    for failure in record.get("failures") or []:
+        lines.append(
+            f"  failed {failure['stage']} attempt {failure['attempt']} on {failure['worker'] or '?'}: {failure['reason']}"
+        )
     if record.get("note"):
         lines.append(f"  {record['note']}")
     if record.get("error"):

@@ -84,6 +84,11 @@ class JobTimeline:
         return float(self.fields.get("created_at", "0") or 0)
 
     @property
+    def queued_at(self) -> float:
+        """When the current run entered the queue: the last retry, else submission."""
+        return float(self.fields.get("retried_at") or self.created_at)
+
+    @property
     def finished_at(self) -> float | None:
         ends = [s.end for s in self.spans if s.end is not None]
         return max(ends) if ends else None
@@ -161,7 +166,7 @@ def manifest_row(job: JobTimeline) -> dict[str, Any]:
         "poster": result.get("poster", ""),
         "metadata": result.get("metadata", ""),
         "video_bytes": result.get("bytes"),
-        "queued_seconds": round(first_start - job.created_at, 3) if first_start is not None else None,
+        "queued_seconds": round(first_start - job.queued_at, 3) if first_start is not None else None,
         **{f"{stage.value}_seconds": seconds.get(stage.value) for stage in Stage},
         "total_seconds": round(finished - job.created_at, 3) if finished is not None else None,
         "attempts": max(attempts.values(), default=0),
@@ -360,8 +365,8 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
     for row, job in enumerate(timelines):
         first = min((s.start for s in job.spans), default=None)
         if first is not None and job.created_at:
-            # Time in the queue before the first stage ran.
-            ax.plot([job.created_at - t0, first - t0], [row, row], color="#BBBBBB", linewidth=1, zorder=1)
+            # Time in the queue before the first stage ran (of the last retry, for a retried job).
+            ax.plot([job.queued_at - t0, first - t0], [row, row], color="#BBBBBB", linewidth=1, zorder=1)
         previous_end = None
         for span in job.spans:
             if previous_end is not None and span.start > previous_end:

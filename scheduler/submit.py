@@ -43,17 +43,25 @@ def submit(
         from scheduler.input_images import stage_input_image
 
         spec = stage_input_image(settings, spec, job_id, settings.s3.client())
-    pipe = queues.transaction(conn)
-    jobs.create_job(pipe, job_id, spec)
-    queues.enqueue_stage(
-        conn,
-        job_id,
-        Stage.ENCODE,
-        attempt=1,
-        upstream_attempt=None,
-        priority=spec.priority,
-        pipeline=pipe,
-        model=spec.model,
-    )
-    pipe.execute()
+    with conn.pipeline() as pipe:
+        # WATCH makes "create unless it exists" atomic: two submitters of one id enqueue it once.
+        pipe.watch(keys.job_key(job_id))
+        if pipe.exists(keys.job_key(job_id)):
+            return job_id
+        pipe.multi()
+        jobs.create_job(pipe, job_id, spec)
+        queues.enqueue_stage(
+            conn,
+            job_id,
+            Stage.ENCODE,
+            attempt=1,
+            upstream_attempt=None,
+            priority=spec.priority,
+            pipeline=pipe,
+            model=spec.model,
+        )
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            pass  # another submitter created it first: same id, same job
     return job_id
