@@ -54,8 +54,11 @@ class TransferSettings(BaseModel):
     protocol: str = "tcp"
     device_name: str = ""
     slots: int = Field(default=2, ge=1)
-    # Upper bound on one payload; the pool registers slots x slot_bytes once at start.
-    slot_mb: int = Field(default=64, ge=1)
+    # Bytes per slot; the pool registers slots x slot size once at start. None: sized from the
+    # model configs and the resolution limits (the largest payload the farm can accept).
+    slot_mb: int | None = Field(default=None, ge=1)
+    # Mooncake: a read that takes longer fails (and the hand-off recomputes); None = engine default (30 s).
+    transfer_timeout_seconds: int | None = Field(default=None, ge=5)
 
 
 class WorkerSettings(BaseModel):

@@ -35,6 +35,7 @@ from scheduler.keys import Stage, acks_key
 from scheduler.reaper import ReaperThread
 from scheduler.rooms import Rooms
 from scheduler.settings import FarmSettings
+from workers.slot_sizing import slot_bytes_for
 from workers.transfer.mooncake_engine import MooncakeEngine
 from workers.transfer.slot_pool import SlotPool
 
@@ -240,8 +241,15 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
         hostname=settings.transfer.hostname,
         protocol=settings.transfer.protocol,
         device_name=settings.transfer.device_name,
+        transfer_timeout_s=settings.transfer.transfer_timeout_seconds,
     )
-    pool = SlotPool(engine, slot_bytes=settings.transfer.slot_mb * 2**20, num_slots=settings.transfer.slots)
+    slot_bytes = (
+        settings.transfer.slot_mb * 2**20
+        if settings.transfer.slot_mb
+        else slot_bytes_for(stage, list(settings.served_models().values()), settings.limits)
+    )
+    log.info("transfer pool: %d slots of %.1f MiB", settings.transfer.slots, slot_bytes / 2**20)
+    pool = SlotPool(engine, slot_bytes=slot_bytes, num_slots=settings.transfer.slots)
     runtime = StageRuntime(
         stage=stage,
         settings=settings,

@@ -1,0 +1,57 @@
+"""How big a transfer slot must be, from the model configs and the farm's resolution limits.
+
+The pool is registered once at start-up, so it must fit the largest payload the
+farm accepts: sizing it from configs (not a guess) means a 720p job never finds
+its slot too small and a 480p-only farm does not pin memory it cannot use.
+Bounds assume float32 (the widest dtype a payload uses) plus alignment slack.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scheduler.keys import Stage
+from scheduler.spec import SpecLimits
+
+TEXT_TOKENS = 512  # Wan pads every prompt's embeddings to 512 tokens
+FLOAT32 = 4
+SLACK_PER_TENSOR = 256  # packing aligns each tensor to 256 bytes
+
+
+def _config(model_dir: Path, component: str) -> dict[str, object]:
+    path = model_dir / component / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _int(config: dict[str, object], key: str, default: int) -> int:
+    value = config.get(key, default)
+    return int(value) if isinstance(value, int | float) else default
+
+
+def latent_bytes(model_dir: Path, limits: SpecLimits, channels: int | None = None) -> int:
+    z_dim = _int(_config(model_dir, "vae"), "z_dim", 16)
+    frames = (limits.max_frames - 1) // 4 + 1
+    return (channels or z_dim) * frames * (limits.max_height // 8) * (limits.max_width // 8) * FLOAT32
+
+
+def encode_output_bytes(model_dir: Path, limits: SpecLimits) -> int:
+    d_model = _int(_config(model_dir, "text_encoder"), "d_model", 4096)
+    total = 2 * TEXT_TOKENS * d_model * FLOAT32 + 2 * SLACK_PER_TENSOR
+    image = _config(model_dir, "image_encoder")
+    if image:
+        tokens = (_int(image, "image_size", 224) // _int(image, "patch_size", 14)) ** 2 + 1
+        total += tokens * _int(image, "hidden_size", 1280) * FLOAT32 + SLACK_PER_TENSOR
+        z_dim = _int(_config(model_dir, "vae"), "z_dim", 16)
+        total += latent_bytes(model_dir, limits, channels=4 + z_dim) + SLACK_PER_TENSOR
+    return total
+
+
+def slot_bytes_for(stage: Stage, model_dirs: list[Path], limits: SpecLimits) -> int:
+    """Largest payload this stage sends or receives, over every model it serves."""
+    need = 0
+    for model_dir in model_dirs:
+        encoded = encode_output_bytes(model_dir, limits)
+        latents = latent_bytes(model_dir, limits) + SLACK_PER_TENSOR
+        need = max(need, {Stage.ENCODE: encoded, Stage.TRANSFORM: max(encoded, latents), Stage.DECODE: latents}[stage])
+    return need
