@@ -36,12 +36,13 @@ import redis
 
 from scheduler import job_admin, jobs, keys, queues
 from scheduler.keys import Stage
+from scheduler.model_catalog import check_job_model, model_for_task
 from scheduler.settings import FarmSettings
 from scheduler.spec import JobSpec, SpecError, parse_spec
 
 CHUNK_SIZE = 500
 # Priority only orders the queue; it does not change the video, so it is not part of a job's identity.
-_NOT_IDENTITY = frozenset({"priority"})
+_NOT_IDENTITY: set[str] = {"priority"}
 
 
 class BatchError(ValueError):
@@ -81,6 +82,8 @@ class ParsedBatch:
 @dataclass
 class SubmitOutcome:
     created: list[str] = field(default_factory=list)
+    # Lines refused at submission: an i2v line whose image could not be read, checked or stored.
+    errors: list[LineError] = field(default_factory=list)
     existing: list[str] = field(default_factory=list)  # present already and left alone
     retried: list[str] = field(default_factory=list)  # failed/cancelled, re-submitted (resume)
     seconds: float = 0.0
@@ -98,8 +101,9 @@ def batch_name_from_path(path: str) -> str:
 
 def job_id_for(batch_name: str, spec: JobSpec) -> str:
     """The job id of ``spec`` in ``batch_name``: the same spec in the same batch always gets the same id."""
-    identity = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_IDENTITY}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    # pydantic writes fields in declaration order with defaults filled in, so equal specs give equal bytes
+    # however the line spelled them (key order, defaults written out or left implicit).
+    digest = hashlib.sha256(spec.model_dump_json(exclude=_NOT_IDENTITY).encode()).hexdigest()
     return keys.check_id(f"b-{keys.check_batch_name(batch_name)}-{digest[:16]}", "job id")
 
 
@@ -192,6 +196,7 @@ def parse_batch(
     layered = _deep_merge(_deep_merge(dict(settings.spec_defaults), header), defaults or {})
 
     parsed = ParsedBatch(name=batch_name, entries=[], errors=[], lines=len(lines))
+    models = _ModelChooser(settings)
     first_line_of: dict[str, int] = {}
     for line_no, line in lines:
         try:
@@ -205,7 +210,7 @@ def parse_batch(
         if spec_overrides:
             raw = {**raw, **spec_overrides}
         try:
-            spec = parse_spec(raw, settings.limits, layered)
+            spec = models.resolve(parse_spec(raw, settings.limits, layered), named="model" in raw or "model" in layered)
         except SpecError as exc:
             parsed.errors.append(LineError(line_no, str(exc).removeprefix("invalid job spec: ")))
             continue
@@ -216,6 +221,35 @@ def parse_batch(
         first_line_of[job_id] = line_no
         parsed.entries.append(BatchEntry(line_no, job_id, spec))
     return parsed
+
+
+class _ModelChooser:
+    """``submit``'s model rules (a job naming no model gets one that does its task; the model must be
+    served and do the job's task), answered once per model and task: they read model dirs from disk."""
+
+    def __init__(self, settings: FarmSettings) -> None:
+        self.settings = settings
+        self._for_task: dict[str, str | None] = {}
+        self._refusals: dict[tuple[str, str], str | None] = {}
+
+    def resolve(self, spec: JobSpec, named: bool) -> JobSpec:
+        if not named:
+            if spec.task not in self._for_task:
+                self._for_task[spec.task] = model_for_task(self.settings, spec.task)
+            chosen = self._for_task[spec.task]
+            if chosen is not None:
+                spec = spec.model_copy(update={"model": chosen})
+        key = (spec.model, spec.task)
+        if key not in self._refusals:
+            try:
+                check_job_model(self.settings, spec)
+                self._refusals[key] = None
+            except SpecError as exc:
+                self._refusals[key] = str(exc)
+        refusal = self._refusals[key]
+        if refusal is not None:
+            raise SpecError(refusal)
+        return spec
 
 
 def _json_reason(exc: ValueError) -> str:
@@ -263,10 +297,13 @@ def store_client(settings: FarmSettings) -> Any:
 
 
 _STATE_FIELDS = ("state", "spec", *(f"{stage.value}.attempt" for stage in Stage))
+# One command for a whole chunk: the state of each job key, or false where there is no job.
+_STATES = "local out = {} for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, 'state') end return out"
 
 
 def submit_batch(
     conn: redis.Redis,
+    settings: FarmSettings,
     parsed: ParsedBatch,
     *,
     resume: bool = False,
@@ -278,8 +315,9 @@ def submit_batch(
     outcome = SubmitOutcome()
     name = parsed.name
     _write_batch_record(conn, parsed, source)
+    images = _ImageStager(settings)
     for offset in range(0, len(parsed.entries), chunk_size):
-        _submit_chunk(conn, name, parsed.entries[offset : offset + chunk_size], resume, outcome)
+        _submit_chunk(conn, name, parsed.entries[offset : offset + chunk_size], resume, outcome, images)
     conn.hset(
         keys.batch_key(name),
         mapping={
@@ -314,7 +352,14 @@ def _write_batch_record(conn: redis.Redis, parsed: ParsedBatch, source: str) -> 
     pipe.execute()
 
 
-def _submit_chunk(conn: redis.Redis, name: str, chunk: list[BatchEntry], resume: bool, outcome: SubmitOutcome) -> None:
+def _submit_chunk(
+    conn: redis.Redis,
+    name: str,
+    chunk: list[BatchEntry],
+    resume: bool,
+    outcome: SubmitOutcome,
+    images: _ImageStager,
+) -> None:
     job_keys = [keys.job_key(e.job_id) for e in chunk]
     with conn.pipeline(transaction=True) as pipe:
         while True:
@@ -322,23 +367,31 @@ def _submit_chunk(conn: redis.Redis, name: str, chunk: list[BatchEntry], resume:
                 # WATCH first, then read: a concurrent run of the same batch that creates any of
                 # these jobs in between makes EXEC fail, and the chunk is read again.
                 pipe.watch(*job_keys)
-                reader = conn.pipeline(transaction=False)
-                for key in job_keys:
-                    reader.hmget(key, _STATE_FIELDS)
-                current = [dict(zip(_STATE_FIELDS, _decode_all(row), strict=True)) for row in reader.execute()]
+                states = conn.eval(_STATES, len(job_keys), *job_keys)
+                current: list[dict[str, str | None]] = [{"state": _text(state)} for state in states]  # type: ignore[union-attr]
+                if resume:
+                    _read_retry_fields(conn, job_keys, current)
+                # New i2v jobs: their images are checked and stored before anything is enqueued
+                # (object storage only, so the WATCH stays valid; a retried chunk reuses the result).
+                new = [e for e, f in zip(chunk, current, strict=True) if f["state"] is None]
+                images.stage([e for e in new if e.spec.image is not None])
                 created, existing, retried = [], [], []
                 pipe.multi()
                 for entry, fields in zip(chunk, current, strict=True):
                     if fields["state"] is None:
-                        jobs.create_job(pipe, entry.job_id, entry.spec)
+                        spec = images.staged_spec(entry)
+                        if spec is None:
+                            continue  # its image was refused: reported in outcome.errors
+                        jobs.create_job(pipe, entry.job_id, spec)
                         queues.enqueue_stage(
                             conn,
                             entry.job_id,
                             Stage.ENCODE,
                             attempt=1,
                             upstream_attempt=None,
-                            priority=entry.spec.priority,
+                            priority=spec.priority,
                             pipeline=pipe,
+                            model=spec.model,
                         )
                         created.append(entry.job_id)
                     elif resume and fields["state"] in job_admin.RETRYABLE_STATES:
@@ -347,7 +400,9 @@ def _submit_chunk(conn: redis.Redis, name: str, chunk: list[BatchEntry], resume:
                     else:
                         existing.append(entry.job_id)
                 batch_jobs = keys.batch_jobs_key(name)
-                pipe.zadd(batch_jobs, {e.job_id: e.line_no for e in chunk})
+                members = {e.job_id: e.line_no for e in chunk if e.job_id not in images.refused}
+                if members:
+                    pipe.zadd(batch_jobs, members)
                 pipe.expire(batch_jobs, jobs.JOB_RETENTION_SECONDS)
                 pipe.execute()
             except redis.WatchError:
@@ -356,10 +411,55 @@ def _submit_chunk(conn: redis.Redis, name: str, chunk: list[BatchEntry], resume:
     outcome.created.extend(created)
     outcome.existing.extend(existing)
     outcome.retried.extend(retried)
+    outcome.errors.extend(images.take_new_errors())
 
 
-def _decode_all(row: list[bytes | None]) -> list[str | None]:
-    return [v.decode() if v is not None else None for v in row]
+class _ImageStager:
+    """Stores each new i2v job's conditioning image once (``input_images.stage_input_image``)."""
+
+    def __init__(self, settings: FarmSettings) -> None:
+        self.settings = settings
+        self._client: Any = None
+        self._staged: dict[str, JobSpec] = {}
+        self.refused: dict[str, LineError] = {}
+        self._reported = 0
+
+    def stage(self, entries: list[BatchEntry]) -> None:
+        for entry in entries:
+            if entry.job_id in self._staged or entry.job_id in self.refused:
+                continue
+            from scheduler.input_images import stage_input_image
+
+            if self._client is None:
+                self._client = self.settings.s3.client()
+            try:
+                self._staged[entry.job_id] = stage_input_image(self.settings, entry.spec, entry.job_id, self._client)
+            except SpecError as exc:
+                self.refused[entry.job_id] = LineError(entry.line_no, str(exc).removeprefix("invalid job spec: "))
+
+    def staged_spec(self, entry: BatchEntry) -> JobSpec | None:
+        if entry.spec.image is None:
+            return entry.spec
+        return self._staged.get(entry.job_id)
+
+    def take_new_errors(self) -> list[LineError]:
+        errors = list(self.refused.values())[self._reported :]
+        self._reported += len(errors)
+        return errors
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
+
+
+def _read_retry_fields(conn: redis.Redis, job_keys: list[str], current: list[dict[str, str | None]]) -> None:
+    """Fill in spec and attempts of the jobs ``resume`` will retry (few, so read only those)."""
+    wanted = [i for i, fields in enumerate(current) if fields["state"] in job_admin.RETRYABLE_STATES]
+    reader = conn.pipeline(transaction=False)
+    for i in wanted:
+        reader.hmget(job_keys[i], _STATE_FIELDS)
+    for i, row in zip(wanted, reader.execute(), strict=True):
+        current[i] = dict(zip(_STATE_FIELDS, [_text(v) for v in row], strict=True))
 
 
 # --------------------------------------------------------------------------- reading batches back

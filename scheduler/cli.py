@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -240,33 +239,14 @@ def describe_status(record: dict[str, Any]) -> str:
 
 
 def wait_for_job(settings: FarmSettings, job_id: str, timeout: float, quiet: bool) -> dict[str, Any]:
-    conn = connect_redis(settings)
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        record = jobs.read_status(conn, job_id)
-        line = progress_line(record)
-        if not quiet and line != last:
-            click.echo(line, err=True)
-            last = line
-        if jobs.JobState(record["state"]).finished:
-            return record
-        if time.monotonic() > deadline:
-            fail(
-                f"job {job_id} still {record['state']} after {timeout:.0f}s (it keeps running; `reelfarm status {job_id}`)",
-                code=3,
-            )
-        time.sleep(0.25)
+    from scheduler.progress_view import WaitTimedOut
+    from scheduler.progress_view import wait_for_job as watch_job
 
-
-def progress_line(record: dict[str, Any]) -> str:
-    parts = []
-    for name, stage in record["stages"].items():
-        text = f"{name} {stage.get('state', '?')}"
-        if name == "transform" and "progress" in stage and stage.get("state") == "running":
-            text = f"transform step {stage['progress']}"
-        parts.append(text)
-    return f"[{record['state']}] " + " | ".join(parts)
+    try:
+        return watch_job(connect_redis(settings), job_id, timeout, quiet=quiet)
+    except WaitTimedOut as exc:
+        fail(str(exc), code=3)
+        raise  # unreachable: fail exits
 
 
 # Operator commands (batch, ls, cancel, retry, info, report, manifest, cron, metrics) live in cli_ops.

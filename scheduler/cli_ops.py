@@ -40,15 +40,20 @@ def ops_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         from scheduler.job_admin import JobAdminError
         from scheduler.object_store import ObjectStoreError
         from scheduler.progress_view import WaitTimedOut
+        from scheduler.report import ReportError
 
         try:
             return func(*args, **kwargs)
         except WaitTimedOut as exc:
             fail(str(exc), code=3)
-        except (BatchError, BatchNotFound, CronConfigError, JobAdminError, ObjectStoreError) as exc:
+        except (BatchError, BatchNotFound, CronConfigError, JobAdminError, ObjectStoreError, ReportError) as exc:
             fail(str(exc).strip("'\""))
 
     return wrapper
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _age(seconds: float) -> str:
@@ -114,13 +119,18 @@ def batch_command(
     for error in parsed.errors:
         click.echo(f"{source}: {error}", err=True)
     conn = connect_redis(settings)
-    outcome = batch.submit_batch(conn, parsed, resume=resume, source=source)
+    outcome = batch.submit_batch(conn, settings, parsed, resume=resume, source=source)
+    for error in outcome.errors:
+        click.echo(f"{source}: {error}", err=True)
+    invalid = sorted(parsed.errors + outcome.errors, key=lambda e: e.line_no)
+    refused = {e.line_no for e in outcome.errors}
+    job_ids = [e.job_id for e in parsed.entries if e.line_no not in refused]
     summary = {
         "batch": parsed.name,
         "lines": parsed.lines,
-        "invalid": [{"line": e.line_no, "reason": e.reason} for e in parsed.errors],
+        "invalid": [{"line": e.line_no, "reason": e.reason} for e in invalid],
         "duplicates": [{"line": line, "same_as": first} for line, first in parsed.duplicates],
-        "jobs": len(parsed.entries),
+        "jobs": len(job_ids),
         "created": len(outcome.created),
         "existing": len(outcome.existing),
         "retried": len(outcome.retried),
@@ -128,19 +138,21 @@ def batch_command(
     }
     if not as_json:
         click.echo(
-            f"batch {parsed.name}: {len(parsed.entries)} jobs -- {len(outcome.created)} submitted, "
+            f"batch {parsed.name}: {_n(len(job_ids), 'job')} -- {len(outcome.created)} submitted, "
             f"{len(outcome.existing)} already there, {len(outcome.retried)} retried ({outcome.seconds:.2f}s)"
         )
         if parsed.duplicates:
             click.echo(
-                f"  {len(parsed.duplicates)} duplicate lines share a job with an earlier identical line", err=True
+                f"  {_n(len(parsed.duplicates), 'duplicate line')} share a job with an earlier identical line", err=True
             )
     failed_jobs = 0
-    if wait and parsed.entries:
+    if wait and job_ids:
         from scheduler.progress_view import watch_jobs
         from scheduler.report import write_manifest
 
-        snap = watch_jobs(conn, parsed.job_ids, title=f"batch {parsed.name}", timeout=timeout)
+        # Each poll reads every unfinished job: poll a big batch less often so watching stays cheap for Redis.
+        poll = min(5.0, max(0.5, len(job_ids) / 2000))
+        snap = watch_jobs(conn, job_ids, title=f"batch {parsed.name}", timeout=timeout, poll_seconds=poll)
         failed_jobs = snap.finished - snap.states.get("succeeded", 0)
         out_dir = manifest_dir or DEFAULT_OUTPUTS / parsed.name
         files = write_manifest(conn, settings, parsed.name, out_dir, upload=not no_upload)
@@ -150,17 +162,21 @@ def batch_command(
             click.echo(f"manifest: {files.jsonl} {files.csv}" + "".join(f" {u}" for u in files.uris))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-    if parsed.errors:
-        fail(
-            f"{len(parsed.errors)} of {parsed.lines} lines were invalid and were not submitted "
-            f"(the {len(parsed.entries)} valid ones were); fix them and run the same command again",
-            code=1,
+    problems = []
+    if invalid:
+        problems.append(
+            f"{len(invalid)} of {_n(parsed.lines, 'line')} invalid, not submitted "
+            f"(the other {parsed.lines - len(invalid)} were); fix them and run the same command again"
         )
     if failed_jobs:
-        fail(
-            f"{failed_jobs} jobs of batch {parsed.name} did not succeed; see the manifest, or `reelfarm retry --batch {parsed.name}`",
-            code=1,
+        problems.append(
+            f"{_n(failed_jobs, 'job')} of batch {parsed.name} did not succeed; see the manifest, "
+            f"or `reelfarm retry --batch {parsed.name}`"
         )
+    for problem in problems[:-1]:
+        click.echo(f"reelfarm: {problem}", err=True)
+    if problems:
+        fail(problems[-1], code=1)
 
 
 # --------------------------------------------------------------------------- ls / cancel / retry / info
@@ -285,7 +301,7 @@ def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, 
         except job_admin.JobAdminError:
             continue  # changed state since listed (retried elsewhere, or finished): nothing to do
     where = f" of batch {batch_name}" if batch_name else ""
-    click.echo(f"re-queued {retried} {'/'.join(states)} jobs{where}")
+    click.echo(f"re-queued {_n(retried, '/'.join(states) + ' job')}{where}")
 
 
 @click.command("info")
@@ -297,26 +313,27 @@ def info_command(settings: FarmSettings, as_json: bool) -> None:
     from scheduler import job_admin, keys
 
     conn = connect_redis(settings)
-    depths = job_admin.queue_depths_by_priority(conn)
+    queue_rows = job_admin.queue_rows(conn, list(settings.model_dirs()))
     workers = job_admin.worker_rows(conn)
     inflight = int(conn.zcard(keys.inflight_key()))  # type: ignore[arg-type]
     delayed = int(conn.zcard(keys.delayed_key()))  # type: ignore[arg-type]
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "queues": depths,
-                    "workers": [asdict(w) for w in workers],
-                    "inflight": inflight,
-                    "delayed_retries": delayed,
-                },
-                indent=2,
-            )
-        )
+        queues_json: dict[str, dict[str, dict[str, int]]] = {}
+        for row in queue_rows:
+            queues_json.setdefault(row.stage, {})[row.model] = row.depths
+        body = {
+            "queues": queues_json,
+            "workers": [asdict(w) for w in workers],
+            "inflight": inflight,
+            "delayed_retries": delayed,
+        }
+        click.echo(json.dumps(body, indent=2))
         return
-    rows = [["QUEUE", *[p.upper() for p in keys.PRIORITIES], "TOTAL"]]
-    for stage, by_priority in depths.items():
-        rows.append([stage, *[str(by_priority[p]) for p in keys.PRIORITIES], str(sum(by_priority.values()))])
+    several = len(settings.model_dirs()) > 1
+    rows = [["QUEUE", *(["MODEL"] if several else []), *[p.upper() for p in keys.PRIORITIES], "TOTAL"]]
+    for row in queue_rows:
+        label = [row.stage, *([row.model] if several else [])]
+        rows.append([*label, *[str(row.depths[p]) for p in keys.PRIORITIES], str(row.total)])
     click.echo(_table(rows))
     click.echo(f"in flight: {inflight} stage executions; waiting out a retry backoff: {delayed}")
     click.echo("")
@@ -430,6 +447,10 @@ def cron_command(settings: FarmSettings, schedules: Path, once_at: str | None, l
         if not outcomes:
             click.echo(f"nothing due at {once_at}")
         return
+    from scheduler.logging_setup import configure_logging
+
+    # A long-running process: every tick is logged (JSON lines unless stderr is a terminal).
+    configure_logging("INFO")
     for problem in runner.check():
         click.echo(f"warning: {problem}", err=True)
     stop = _stop_on_signals()
@@ -447,7 +468,7 @@ def metrics_command(settings: FarmSettings, port: int, addr: str) -> None:
     from scheduler.metrics import serve_farm_metrics
 
     conn = connect_redis(settings)
-    bound = serve_farm_metrics(conn, port, addr)
+    bound = serve_farm_metrics(conn, port, addr, models=list(settings.model_dirs()))
     click.echo(
         f"serving farm metrics at http://{addr}:{bound}/metrics (started {datetime.now(UTC):%H:%M:%SZ})", err=True
     )

@@ -223,7 +223,7 @@ class CronRunner:
         outcome.claimed = True
         try:
             parsed = self._parse(schedule, tick, name)
-            submitted = batch.submit_batch(self.conn, parsed, source=f"cron:{schedule.name}")
+            submitted = batch.submit_batch(self.conn, self.settings, parsed, source=f"cron:{schedule.name}")
         except batch.BatchError as exc:
             # A broken batch source will not fix itself by retrying this tick: record and report it.
             outcome.note = f"not enqueued: {exc}"

@@ -66,6 +66,9 @@ def write_settings_file(settings: FarmSettings, path: Path) -> Path:
 def worker_env(settings: FarmSettings) -> dict[str, str]:
     """Environment that points a worker process at this farm: its whole settings, via one config file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("REELFARM_")}
+    # Several torch workers on one small CPU host starve each other's OpenMP thread pools
+    # (12 tiny jobs: 64 s with default threading, 5 s with one thread each).
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["REELFARM_CONFIG"] = str(write_settings_file(settings, settings.home / "worker-settings.json"))
     return env
 

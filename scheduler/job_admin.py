@@ -120,8 +120,8 @@ def cancel_job(conn: redis.Redis, job_id: str) -> CancelOutcome:
         raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
     stage = Stage(fields["stage"] or Stage.ENCODE.value)
     attempt = int(fields[f"{stage.value}.attempt"] or 1)
-    priority = json.loads(fields["spec"] or "{}").get("priority", "default")
-    queue = queues.stage_queue(conn, stage, priority)
+    spec = json.loads(fields["spec"] or "{}")
+    queue = queues.stage_queue(conn, stage, spec.get("priority", "default"), spec.get("model", keys.DEFAULT_MODEL))
     rq_id = keys.stage_job_id(job_id, stage, attempt)
     now = repr(time.time())
     script_keys = (queue.key, keys.job_key(job_id), keys.delayed_key())
@@ -138,14 +138,21 @@ def cancel_job(conn: redis.Redis, job_id: str) -> CancelOutcome:
         rq_job.cancel()
     upstream = stage.previous
     if upstream is not None:
-        _release_upstream_room(conn, job_id, upstream, int(fields[f"{upstream.value}.attempt"] or 1))
+        release_input_room(conn, job_id, stage, int(fields[f"{upstream.value}.attempt"] or 1))
     return "cancelled"
 
 
-def _release_upstream_room(conn: redis.Redis, job_id: str, upstream: Stage, attempt: int) -> None:
-    # Nobody will claim this room now; without this the producer would hold the slot until its lease runs out.
+def release_input_room(conn: redis.Redis, job_id: str, stage: Stage, upstream_attempt: int) -> None:
+    """Give up ``stage``'s unclaimed input room: fail it and tell its producer to free the slot now.
+
+    For a stage that will never run (cancelled while queued, or dequeued with a
+    cancel requested); without it the producer holds the slot until its lease runs out.
+    """
+    upstream = stage.previous
+    if upstream is None:
+        return
     rooms = Rooms(conn)
-    room_key = keys.room_key(job_id, upstream, attempt)
+    room_key = keys.room_key(job_id, upstream, upstream_attempt)
     producer = rooms.read(room_key).get("producer_id")
     if rooms.fail(room_key, "job cancelled before the next stage pulled it") is RoomState.FAILED and producer:
         conn.lpush(keys.acks_key(producer), room_key)
@@ -166,7 +173,7 @@ def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str
     by the caller under WATCH so two retries can not both succeed.
     """
     attempt = max(int(fields.get(f"{stage.value}.attempt") or 0) for stage in Stage) + 1
-    priority = json.loads(fields.get("spec") or "{}").get("priority", "default")
+    spec = json.loads(fields.get("spec") or "{}")
     key = keys.job_key(job_id)
     pipe.hdel(key, *_STALE_FIELDS)
     jobs.mark_stage_queued(pipe, job_id, Stage.ENCODE, attempt)
@@ -179,7 +186,14 @@ def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str
     pipe.hincrby(key, "retries", 1)
     pipe.expire(key, jobs.JOB_RETENTION_SECONDS)
     queues.enqueue_stage(
-        conn, job_id, Stage.ENCODE, attempt=attempt, upstream_attempt=None, priority=priority, pipeline=pipe
+        conn,
+        job_id,
+        Stage.ENCODE,
+        attempt=attempt,
+        upstream_attempt=None,
+        priority=spec.get("priority", "default"),
+        pipeline=pipe,
+        model=spec.get("model", keys.DEFAULT_MODEL),
     )
     return attempt
 
@@ -341,25 +355,46 @@ class WorkerRow:
     host: str
 
 
-def queue_depths_by_priority(conn: redis.Redis) -> dict[str, dict[str, int]]:
-    return {
-        stage.value: {priority: queues.stage_queue(conn, stage, priority).count for priority in keys.PRIORITIES}
+@dataclass(frozen=True)
+class QueueRow:
+    stage: str
+    model: str
+    depths: dict[str, int]  # priority -> waiting stage jobs
+
+    @property
+    def total(self) -> int:
+        return sum(self.depths.values())
+
+
+def queue_rows(conn: redis.Redis, models: Iterable[str] = (keys.DEFAULT_MODEL,)) -> list[QueueRow]:
+    """Waiting stage jobs per stage, model and priority (one LLEN each, pipelined)."""
+    combos = [(stage, model, priority) for stage in Stage for model in models for priority in keys.PRIORITIES]
+    pipe = conn.pipeline(transaction=False)
+    for stage, model, priority in combos:
+        pipe.llen(queues.stage_queue(conn, stage, priority, model).key)
+    counts = dict(zip(combos, pipe.execute(), strict=True))
+    return [
+        QueueRow(stage.value, model, {p: int(counts[(stage, model, p)]) for p in keys.PRIORITIES})
         for stage in Stage
-    }
+        for model in models
+    ]
 
 
 def worker_rows(conn: redis.Redis, now: float | None = None) -> list[WorkerRow]:
     now = time.time() if now is None else now
     rows = []
     for record in worker_registry.live_workers(conn):
-        model = record.get("model_dir", "")
+        # "default" is the farm's model_dir: show that dir's name, which says more than "default".
+        default_dir = record.get("model_dir", "").rstrip("/").rsplit("/", 1)[-1] or keys.DEFAULT_MODEL
+        names = [n for n in record.get("models", keys.DEFAULT_MODEL).split(",") if n]
+        model = ",".join(default_dir if n == keys.DEFAULT_MODEL else n for n in names)
         rows.append(
             WorkerRow(
                 worker_id=record.get("worker_id", "?"),
                 stage=record.get("stage", "?"),
                 state=record.get("state", "?"),
                 current_job=record.get("current_job", ""),
-                model=model.rstrip("/").rsplit("/", 1)[-1],
+                model=model,
                 device=record.get("device", "?"),
                 heartbeat_age=max(0.0, now - float(record.get("last_heartbeat", now))),
                 jobs_done=int(record.get("jobs_done", "0") or 0),

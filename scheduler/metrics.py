@@ -4,7 +4,7 @@ Two sides, one vocabulary (every name starts ``reelfarm_``):
 
 * Farm side -- ``FarmCollector`` reads Redis when Prometheus scrapes, so the
   numbers are never stale and nothing has to keep them up to date:
-  ``reelfarm_queue_depth{stage,priority}``, ``reelfarm_jobs{state}``,
+  ``reelfarm_queue_depth{stage,priority,model}``, ``reelfarm_jobs{state}``,
   ``reelfarm_workers_live{stage}``, ``reelfarm_workers_busy{stage}``,
   ``reelfarm_worker_busy_ratio{stage}``,
   ``reelfarm_worker_heartbeat_age_seconds{worker,stage}``,
@@ -33,7 +33,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler import keys, queues, worker_registry
+from scheduler import job_admin, keys, worker_registry
 from scheduler.keys import Stage
 
 # --------------------------------------------------------------------------- worker side
@@ -58,9 +58,32 @@ RETRIES = Counter(
 )
 
 
+# run_stage's outcome texts ("failed: <reason>", "restarted at encode attempt 2", ...) -> a few label values:
+# free text as a label would create a new time series per reason.
+_OUTCOME_LABELS = {
+    "done": "done",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "restarted": "retried",
+    "quarantined": "quarantined",
+    "superseded": "superseded",
+    "already": "superseded",
+    "job already finished": "superseded",
+    "skipped": "skipped",
+}
+
+
+def outcome_label(outcome: str) -> str:
+    text = outcome.strip().lower()
+    for prefix, label in _OUTCOME_LABELS.items():
+        if text.startswith(prefix):
+            return label
+    return "other"
+
+
 def observe_stage(stage: Stage | str, seconds: float, outcome: str = "done") -> None:
-    # Outcomes such as "failed: <reason>" would explode label cardinality: keep the word only.
-    STAGE_SECONDS.labels(stage=str(stage), outcome=outcome.split(":", 1)[0].split(" ", 1)[0]).observe(seconds)
+    """One stage attempt ended; ``outcome`` may be run_stage's outcome text (it is reduced to a label)."""
+    STAGE_SECONDS.labels(stage=str(stage), outcome=outcome_label(outcome)).observe(seconds)
 
 
 def observe_handoff(stage: Stage | str, nbytes: int, seconds: float) -> None:
@@ -99,8 +122,9 @@ class FarmCollector(Collector):
     a farm with months of history expensive.
     """
 
-    def __init__(self, conn: redis.Redis, max_jobs_scanned: int = 100_000) -> None:
+    def __init__(self, conn: redis.Redis, models: list[str] | None = None, max_jobs_scanned: int = 100_000) -> None:
         self.conn = conn
+        self.models = models or [keys.DEFAULT_MODEL]
         self.max_jobs_scanned = max_jobs_scanned
 
     def describe(self) -> list[Metric]:
@@ -121,11 +145,11 @@ class FarmCollector(Collector):
 
     def _collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
-            "reelfarm_queue_depth", "Stage jobs waiting in each rq queue", labels=["stage", "priority"]
+            "reelfarm_queue_depth", "Stage jobs waiting in each rq queue", labels=["stage", "priority", "model"]
         )
-        for stage in Stage:
-            for priority in keys.PRIORITIES:
-                depth.add_metric([stage.value, priority], queues.stage_queue(self.conn, stage, priority).count)
+        for row in job_admin.queue_rows(self.conn, self.models):
+            for priority, count in row.depths.items():
+                depth.add_metric([row.stage, priority, row.model], count)
         yield depth
 
         states = GaugeMetricFamily(
@@ -194,5 +218,5 @@ def farm_registry(conn: redis.Redis, **options: Any) -> CollectorRegistry:
     return registry
 
 
-def serve_farm_metrics(conn: redis.Redis, port: int, addr: str = "127.0.0.1") -> int:
-    return start_metrics_server(port, addr, farm_registry(conn))
+def serve_farm_metrics(conn: redis.Redis, port: int, addr: str = "127.0.0.1", models: list[str] | None = None) -> int:
+    return start_metrics_server(port, addr, farm_registry(conn, models=models))

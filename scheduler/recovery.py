@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import redis
 
-from scheduler import jobs, keys, queues, worker_registry
+from scheduler import jobs, keys, metrics, queues, worker_registry
 from scheduler.keys import Stage
 from scheduler.rooms import Rooms, RoomState
 
@@ -114,7 +114,8 @@ def restart_job(
                 pipe.multi()
                 pipe.zrem(keys.inflight_key(), member)
                 pipe.hset(key, "failures", json.dumps(history))
-                if used >= max_attempts:
+                # A user's retry (`reelfarm retry`) starts a fresh budget above the attempts already used.
+                if used - int(fields.get("attempt_base", "0")) >= max_attempts:
                     summary = "; ".join(f"{f['stage']}#{f['attempt']}: {f['reason']}" for f in history[-max_attempts:])
                     jobs.mark_failed(
                         pipe,
@@ -144,6 +145,8 @@ def restart_job(
             except redis.WatchError:
                 continue
         log.warning("job %s: %s failed (%s); %s", job_id, failed.value, reason, outcome)
+        if outcome.startswith("restarted"):
+            metrics.count_retry(failed)
         return outcome
 
 

@@ -53,6 +53,10 @@ CSV_COLUMNS = [
 _READ_CHUNK = 500
 
 
+class ReportError(RuntimeError):
+    """A report that cannot be drawn; the message says what to install or fix."""
+
+
 # --------------------------------------------------------------------------- reading the batch
 
 
@@ -259,19 +263,19 @@ class StageUtilisation:
     stage: str
     busy_seconds: float
     workers: int
-    wall_seconds: float
+    window_seconds: float
 
     @property
     def fraction(self) -> float:
-        """Busy share of the stage's capacity (its workers x the batch's wall time)."""
-        capacity = self.wall_seconds * max(1, self.workers)
+        """Busy share of the stage's capacity: its workers x the batch's processing window."""
+        capacity = self.window_seconds * max(1, self.workers)
         return self.busy_seconds / capacity if capacity > 0 else 0.0
 
     def describe(self) -> str:
         plural = "s" if self.workers != 1 else ""
         return (
             f"{self.stage:<9} {100 * self.fraction:5.1f}% busy "
-            f"({self.busy_seconds:.1f}s of {self.wall_seconds:.1f}s wall on {self.workers} worker{plural})"
+            f"({self.busy_seconds:.1f}s of {self.window_seconds:.1f}s on {self.workers} worker{plural})"
         )
 
 
@@ -284,8 +288,22 @@ def batch_window(timelines: list[JobTimeline]) -> tuple[float, float]:
     return min(starts), max(ends, default=min(starts))
 
 
+def processing_window(timelines: list[JobTimeline]) -> tuple[float, float]:
+    """From the first stage start to the last stage end: the time the farm worked on the batch.
+
+    Utilisation is measured over this window, not from submission: a batch queued
+    before its workers came up (or behind another batch) would otherwise read as
+    an idle farm.
+    """
+    starts = [s.start for j in timelines for s in j.spans]
+    ends = [s.end if s.end is not None else s.start for j in timelines for s in j.spans]
+    if not starts:
+        return 0.0, 0.0
+    return min(starts), max(ends)
+
+
 def utilisation(timelines: list[JobTimeline]) -> dict[str, StageUtilisation]:
-    t0, t1 = batch_window(timelines)
+    t0, t1 = processing_window(timelines)
     wall = max(0.0, t1 - t0)
     out = {}
     for stage in Stage:
@@ -294,7 +312,7 @@ def utilisation(timelines: list[JobTimeline]) -> dict[str, StageUtilisation]:
             stage=stage.value,
             busy_seconds=sum(s.end - s.start for s in spans if s.end is not None),
             workers=len({s.worker for s in spans if s.worker}),
-            wall_seconds=wall,
+            window_seconds=wall,
         )
     return out
 
@@ -306,16 +324,21 @@ def utilisation(timelines: list[JobTimeline]) -> dict[str, StageUtilisation]:
 class BatchReport:
     png: Path | None
     jobs: int
-    wall_seconds: float
+    wall_seconds: float  # first submission to last stage end
+    processing_seconds: float  # first stage start to last stage end: utilisation's denominator
     states: dict[str, int]
     stages: dict[str, StageUtilisation]
 
     def describe(self) -> str:
         finished = sum(n for s, n in self.states.items() if s in ("succeeded", "failed", "cancelled"))
-        rate = 60.0 * finished / self.wall_seconds if self.wall_seconds > 0 else 0.0
+        rate = 60.0 * finished / self.processing_seconds if self.processing_seconds > 0 else 0.0
         states = ", ".join(f"{n} {s}" for s, n in sorted(self.states.items()))
-        lines = [f"{self.jobs} jobs ({states}) in {self.wall_seconds:.1f}s wall, {rate:.1f} jobs/min"]
-        lines += [u.describe() for u in self.stages.values()]
+        lines = [
+            f"{self.jobs} jobs ({states}): {self.wall_seconds:.1f}s from submission, "
+            f"{self.processing_seconds:.1f}s processing, {rate:.1f} jobs/min",
+            f"stage utilisation over the {self.processing_seconds:.1f}s of processing:",
+        ]
+        lines += ["  " + u.describe() for u in self.stages.values()]
         return "\n".join(lines)
 
 
@@ -326,7 +349,8 @@ def batch_report(conn: redis.Redis, name: str, out_png: Path | None) -> BatchRep
     states: dict[str, int] = {}
     for job in timelines:
         states[job.state] = states.get(job.state, 0) + 1
-    report = BatchReport(out_png, len(timelines), max(0.0, t1 - t0), states, stages)
+    p0, p1 = processing_window(timelines)
+    report = BatchReport(out_png, len(timelines), max(0.0, t1 - t0), max(0.0, p1 - p0), states, stages)
     if out_png is not None:
         render_timeline(timelines, report, name, out_png)
     return report
@@ -347,7 +371,10 @@ def _worker_lanes(timelines: list[JobTimeline]) -> list[tuple[str, str, list[Sta
 
 
 def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str, out_png: Path) -> Path:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("drawing the timeline needs matplotlib: pip install matplotlib") from None
 
     matplotlib.use("Agg")  # files only: never try to open a window
     import matplotlib.pyplot as plt
@@ -411,21 +438,24 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
     # One lane per worker: gaps in a lane are that worker idle, so a bottleneck stage is the solid lane.
     lanes = _worker_lanes(timelines)
     wall = max(1e-9, t1 - t0)
+    window = max(1e-9, report.processing_seconds)
     lane_labels = []
     for lane, (stage, worker, spans) in enumerate(lanes):
+        widths = [max((s.end or s.start) - s.start, wall / 1000) for s in spans]
         busy_ax.broken_barh(
-            [(s.start - t0, max((s.end or s.start) - s.start, wall / 2000)) for s in spans],
+            [(s.start - t0, w) for s, w in zip(spans, widths, strict=True)],
             (lane - 0.35, 0.7),
             facecolors=STAGE_COLOURS[stage],
-            edgecolors="white",  # back-to-back jobs stay distinguishable
+            # A white edge keeps back-to-back jobs apart, but would swallow a bar only a few pixels wide.
+            edgecolors=["white" if w > wall / 150 else "none" for w in widths],
             linewidth=0.5,
         )
         busy = sum((s.end or s.start) - s.start for s in spans)
-        lane_labels.append(f"{stage} {worker.rsplit('-', 1)[-1]} ({100 * busy / wall:.0f}%)")
+        lane_labels.append(f"{stage} {worker.rsplit('-', 1)[-1]} ({100 * busy / window:.0f}%)")
     busy_ax.set_yticks(range(len(lanes)))
     busy_ax.set_yticklabels(lane_labels, fontsize=8)
     busy_ax.set_ylim(len(lanes) - 0.5, -0.5)
-    busy_ax.set_title("workers: busy spans (busy share of the wall time)", fontsize=9, loc="left")
+    busy_ax.set_title("workers: busy spans (busy share of the processing time)", fontsize=9, loc="left")
     busy_ax.set_xlabel("seconds since the batch was submitted")
     busy_ax.grid(axis="x", color="#EEEEEE")
     busy_ax.set_xlim(0, max(1e-3, (t1 - t0) * 1.01))
@@ -433,7 +463,8 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
     utils = " · ".join(f"{u.stage} {100 * u.fraction:.0f}%" for u in report.stages.values())
     states = ", ".join(f"{n} {s}" for s, n in sorted(report.states.items()))
     fig.suptitle(
-        f"batch {name}: {report.jobs} jobs ({states}), wall {report.wall_seconds:.1f}s\nstage utilisation: {utils}",
+        f"batch {name}: {report.jobs} jobs ({states}), {report.wall_seconds:.1f}s from submission\n"
+        f"stage utilisation over {report.processing_seconds:.1f}s of processing: {utils}",
         fontsize=12,
     )
     fig.tight_layout()

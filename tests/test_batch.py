@@ -108,11 +108,11 @@ def test_submit_is_idempotent_and_records_the_batch(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
     text, _ = fifty_line_batch()
     parsed = parse_batch(text, settings, name="dusk")
-    first = submit_batch(conn, parsed, source="dusk.jsonl", chunk_size=16)
+    first = submit_batch(conn, settings, parsed, source="dusk.jsonl", chunk_size=16)
     assert len(first.created) == 45 and not first.existing
     assert queues.stage_queue(conn, Stage.ENCODE).count == 45
 
-    again = submit_batch(conn, parse_batch(text, settings, name="dusk"), chunk_size=16)
+    again = submit_batch(conn, settings, parse_batch(text, settings, name="dusk"), chunk_size=16)
     assert not again.created and len(again.existing) == 45
     assert queues.stage_queue(conn, Stage.ENCODE).count == 45
 
@@ -130,7 +130,7 @@ def test_concurrent_runs_of_one_batch_enqueue_each_job_once(redis_url: str) -> N
 
     def run() -> None:
         conn = redis.Redis.from_url(redis_url)
-        results.append(submit_batch(conn, parse_batch(text, settings, name="race"), chunk_size=50))
+        results.append(submit_batch(conn, settings, parse_batch(text, settings, name="race"), chunk_size=50))
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for thread in threads:
@@ -147,17 +147,17 @@ def test_resume_retries_failed_and_cancelled_and_skips_the_rest(redis_url: str) 
     conn = redis.Redis.from_url(redis_url)
     text = "\n".join(json.dumps({"prompt": f"p{i}", **TINY}) for i in range(4))
     parsed = parse_batch(text, settings, name="resume")
-    submit_batch(conn, parsed)
+    submit_batch(conn, settings, parsed)
     done, failed, cancelled, queued = parsed.job_ids
     conn.hset(keys.job_key(done), "state", "succeeded")
     jobs.mark_failed(conn, failed, Stage.TRANSFORM, "boom")
     conn.hset(keys.job_key(failed), "transform.attempt", "2")
     jobs.mark_cancelled(conn, cancelled, Stage.ENCODE, "cancelled by user")
 
-    plain = submit_batch(conn, parse_batch(text, settings, name="resume"))
+    plain = submit_batch(conn, settings, parse_batch(text, settings, name="resume"))
     assert not plain.created and not plain.retried
 
-    resumed = submit_batch(conn, parse_batch(text, settings, name="resume"), resume=True)
+    resumed = submit_batch(conn, settings, parse_batch(text, settings, name="resume"), resume=True)
     assert sorted(resumed.retried) == sorted([failed, cancelled])
     assert sorted(resumed.existing) == sorted([done, queued])
     status = jobs.read_status(conn, failed)
@@ -174,7 +174,7 @@ def test_ten_thousand_specs_submit_in_seconds(redis_url: str, tmp_path: Path) ->
     conn = redis.Redis.from_url(redis_url)
     text = "\n".join(json.dumps({"prompt": f"prompt number {i}", "seed": i, **TINY}) for i in range(10_000))
     started = time.perf_counter()
-    outcome = submit_batch(conn, parse_batch(text, settings, name="big"))
+    outcome = submit_batch(conn, settings, parse_batch(text, settings, name="big"))
     elapsed = time.perf_counter() - started
     assert len(outcome.created) == 10_000
     assert queues.stage_queue(conn, Stage.ENCODE).count == 10_000
@@ -183,8 +183,13 @@ def test_ten_thousand_specs_submit_in_seconds(redis_url: str, tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_fifty_line_batch_on_a_real_farm(redis_url: str, s3_config: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_fifty_line_batch_on_a_real_farm(
+    redis_url: str, s3_config: Any, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The whole operator path on real workers: batch, cancel, --wait, retry, manifest, report, metrics."""
+    # Three torch processes on two cores: OpenMP's spinning threads starve each other (12 tiny jobs took
+    # 64 s instead of 5 s). One thread each; the worker processes inherit this environment.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path / "farm")
     config = write_settings_file(settings, tmp_path / "farm.json")
     conn = redis.Redis.from_url(redis_url)
@@ -201,7 +206,7 @@ def test_fifty_line_batch_on_a_real_farm(redis_url: str, s3_config: Any, tiny_mo
     assert first.exit_code == 1
     reported = [line for line in first.stderr.splitlines() if line.startswith(f"{source}: line ")]
     assert sorted(int(line.split("line ")[1].split(":")[0]) for line in reported) == sorted(bad)
-    assert "5 of 50 lines were invalid" in first.stderr and "45 submitted" in first.stdout
+    assert "5 of 50 lines invalid, not submitted (the other 45 were)" in first.stderr and "45 submitted" in first.stdout
     ids = batch.batch_job_ids(conn, "dusk")
     assert len(ids) == 45 and queues.stage_queue(conn, Stage.ENCODE).count == 45
 
@@ -215,7 +220,9 @@ def test_fifty_line_batch_on_a_real_farm(redis_url: str, s3_config: Any, tiny_mo
         again = reelfarm("batch", str(source), "--wait", "--manifest-dir", str(out_dir), "--no-upload")
         assert "0 submitted, 45 already there" in again.stdout, again.output
         assert again.exit_code == 1  # invalid lines and a job that did not succeed
-        assert "44/45 finished" not in again.stderr and "45/45 finished (44 succeeded, 1 cancelled)" in again.stderr
+        final = [line for line in again.stderr.splitlines() if line.startswith("batch dusk: 45/45 finished")]
+        assert final and "(44 succeeded, 1 cancelled)" in final[-1], again.stderr
+        assert "1 job of batch dusk did not succeed" in again.stderr
         assert conn.zcard(keys.jobs_index_key()) == 45
 
         # 4. Retry the cancelled job: a fresh, higher attempt, rendered by the same workers.
@@ -230,7 +237,12 @@ def test_fifty_line_batch_on_a_real_farm(redis_url: str, s3_config: Any, tiny_mo
         assert samples[("reelfarm_jobs", (("state", "succeeded"),))] == 45
         for stage in Stage:
             assert samples[("reelfarm_workers_live", (("stage", stage.value),))] == 1
-            assert samples[("reelfarm_queue_depth", (("priority", "default"), ("stage", stage.value)))] == 0
+            assert (
+                samples[
+                    ("reelfarm_queue_depth", (("model", "default"), ("priority", "default"), ("stage", stage.value)))
+                ]
+                == 0
+            )
 
     # 6. The manifest: one row per job, matching the job records and the bucket.
     manifest = reelfarm("manifest", "--batch", "dusk", "--manifest-dir", str(out_dir))
@@ -253,3 +265,23 @@ def test_fifty_line_batch_on_a_real_farm(redis_url: str, s3_config: Any, tiny_mo
     report = reelfarm("report", "--batch", "dusk", "--out", str(png))
     assert report.exit_code == 0 and "% busy" in report.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_and_image_problems_are_line_errors(redis_url: str, tmp_path: Path) -> None:
+    settings = make_settings(redis_url)
+    conn = redis.Redis.from_url(redis_url)
+    text = "\n".join(
+        [
+            json.dumps({"prompt": "fine", **TINY}),
+            json.dumps({"prompt": "unknown model", "model": "wan-14b", **TINY}),
+            json.dumps({"prompt": "missing image", "image": str(tmp_path / "nope.png"), **TINY}),
+        ]
+    )
+    parsed = parse_batch(text, settings, name="models")
+    assert [(e.line_no, "'wan-14b' is not served" in e.reason) for e in parsed.errors] == [(2, True)]
+    outcome = submit_batch(conn, settings, parsed)
+    # The image is read when the job is created (it is copied to the job's own key then).
+    assert [(e.line_no, "does not exist" in e.reason) for e in outcome.errors] == [(3, True)]
+    assert len(outcome.created) == 1
+    assert batch.batch_job_ids(conn, "models") == outcome.created
+    assert queues.stage_queue(conn, Stage.ENCODE).count == 1

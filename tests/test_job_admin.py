@@ -107,7 +107,7 @@ def test_cancel_job_waiting_out_a_retry_backoff(conn: redis.Redis, settings: Far
     job_id = submit(conn, settings, TINY)
     queues.stage_queue(conn, Stage.ENCODE).pop_job_id()
     pipe = conn.pipeline(transaction=True)
-    recovery.enqueue_later(conn, pipe, job_id, Stage.ENCODE, 2, None, "default", delay_seconds=60)
+    recovery.enqueue_later(conn, pipe, job_id, Stage.ENCODE, 2, None, "default", "default", delay_seconds=60)
     pipe.execute()
     assert conn.zcard(keys.delayed_key()) == 1
     assert job_admin.cancel_job(conn, job_id) == "cancelled"
@@ -196,10 +196,10 @@ def test_info_shows_queues_and_workers(conn: redis.Redis, settings: FarmSettings
         },
         ttl_seconds=30,
     )
-    assert job_admin.queue_depths_by_priority(conn)["encode"] == {"high": 1, "default": 1, "low": 0}
+    assert job_admin.queue_rows(conn)[0].depths == {"high": 1, "default": 1, "low": 0}
     result = cli(settings, tmp_path, "info", "--json")
     info = json.loads(result.output)
-    assert info["queues"]["encode"]["high"] == 1
+    assert info["queues"]["encode"]["default"]["high"] == 1
     (worker,) = info["workers"]
     assert (worker["stage"], worker["model"], worker["device"], worker["state"], worker["current_job"]) == (
         "transform",

@@ -10,6 +10,8 @@ import urllib.request
 
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from scheduler import jobs, keys, metrics, worker_registry
 from scheduler.keys import Stage
@@ -47,8 +49,8 @@ def test_farm_metrics_endpoint(redis_url: str) -> None:
     port = metrics.serve_farm_metrics(conn, 0)
     samples = scrape(port)
     assert samples[("reelfarm_up", ())] == 1
-    assert samples[("reelfarm_queue_depth", (("priority", "default"), ("stage", "encode")))] == 2
-    assert samples[("reelfarm_queue_depth", (("priority", "high"), ("stage", "encode")))] == 1
+    assert samples[("reelfarm_queue_depth", (("model", "default"), ("priority", "default"), ("stage", "encode")))] == 2
+    assert samples[("reelfarm_queue_depth", (("model", "default"), ("priority", "high"), ("stage", "encode")))] == 1
     assert samples[("reelfarm_jobs", (("state", "queued"),))] == 2
     assert samples[("reelfarm_jobs", (("state", "succeeded"),))] == 1
     assert samples[("reelfarm_workers_live", (("stage", "encode"),))] == 2
@@ -61,7 +63,7 @@ def test_farm_metrics_endpoint(redis_url: str) -> None:
 
 
 def test_farm_metrics_say_when_redis_is_down() -> None:
-    conn = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    conn = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     registry = metrics.farm_registry(conn)
     port = metrics.start_metrics_server(0, registry=registry)
     assert scrape(port)[("reelfarm_up", ())] == 0

@@ -26,7 +26,7 @@ def simulate_batch(conn: redis.Redis, settings: FarmSettings, name: str, count: 
     """Submit a batch and write the stage timings a farm with 1 encode, 2 transform and 1 decode worker would."""
     text = "\n".join(json.dumps({"prompt": f"shot {i}", "seed": i, **TINY}) for i in range(count))
     parsed = parse_batch(text, settings, name=name)
-    submit_batch(conn, parsed)
+    submit_batch(conn, settings, parsed)
     t0 = float(conn.hget(keys.job_key(parsed.job_ids[0]), "created_at"))  # type: ignore[arg-type]
     encode_free, decode_free, transform_free = t0, t0, [t0, t0]
     for i, job_id in enumerate(parsed.job_ids):
@@ -112,7 +112,7 @@ def test_utilisation_and_timeline_png(redis_url: str, tmp_path: Path) -> None:
     # 2 transform workers each 4 s per job, 1 decode worker 1.5 s per job: transform is the bottleneck.
     assert stages["transform"].workers == 2 and stages["encode"].workers == 1
     assert stages["transform"].fraction > 0.9
-    assert stages["encode"].fraction == pytest.approx(30 / stages["encode"].wall_seconds, rel=1e-6)
+    assert stages["encode"].fraction == pytest.approx(30 / stages["encode"].window_seconds, rel=1e-6)
 
     png = Path(os.environ.get("REELFARM_TEST_PNG_DIR", str(tmp_path))) / "synthetic-timeline.png"
     report = batch_report(conn, "shots", png)

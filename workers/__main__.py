@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,8 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--models", default=None, help="comma-separated model names to serve (default: all configured)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ["REELFARM_METRICS_PORT"]) if os.environ.get("REELFARM_METRICS_PORT") else None,
+        help="serve Prometheus metrics on this port (0 = any free port; default: off)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from scheduler.logging_setup import configure_logging
+
+    configure_logging(args.log_level)
     stage = Stage(args.stage)
 
     from scheduler.queues import JSONSerializer, stage_queues_by_priority
@@ -39,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - start-up errors are reported in one line, not a traceback
         print(f"reelfarm worker {stage.value}: cannot start: {exc}", file=sys.stderr)
         return 2
+    if args.metrics_port is not None:
+        from scheduler import worker_registry
+        from scheduler.metrics import start_metrics_server
+
+        addr = settings.transfer.hostname
+        port = start_metrics_server(args.metrics_port, addr=addr)
+        worker_registry.update_worker(runtime.conn, runtime.worker_id, {"metrics": f"{addr}:{port}"})
     try:
         worker = StageWorker(
             stage_queues_by_priority(runtime.conn, stage, list(runtime.computes)),

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from scheduler import keys, worker_registry
+from scheduler import keys, metrics, worker_registry
 from scheduler.descriptors import Descriptor, DescriptorRefused, ProducerGone, parse_and_verify
 from scheduler.keys import Stage
 from scheduler.rooms import RoomState
@@ -116,7 +116,9 @@ def _verified_pull(
         log.warning("refused room %s: %s", room_key, exc)
         raise (InputLost if isinstance(exc, ProducerGone) else InputRefused)(str(exc)) from None
     rooms.mark_transferring(room_key, rt.worker_id)
+    started = time.monotonic()
     tensors = _read_payload(rt, room_key, desc)
+    metrics.observe_handoff(rt.stage, desc.payload_nbytes, time.monotonic() - started)
     if not rooms.ack(room_key, rt.worker_id, desc.producer_id):
         raise InputLost(f"room {room_key} was taken over before the ack (claim lease lapsed)")
     return tensors

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scheduler import jobs
+from scheduler import jobs, metrics
 from scheduler.object_store import (
     ObjectStoreError,
     StreamingMultipartUpload,
@@ -72,7 +72,8 @@ def render_and_upload(
         uploaded = upload.complete()
     decode_seconds = time.monotonic() - started
     assert poster is not None, "the VAE produced no frames"
-    put_bytes(rt.s3, bucket, out.poster, encode_jpeg(poster), "image/jpeg", retry_seconds=retry)
+    poster_bytes = encode_jpeg(poster)
+    put_bytes(rt.s3, bucket, out.poster, poster_bytes, "image/jpeg", retry_seconds=retry)
     status = jobs.read_status(rt.conn, job_id)
     timings = {name: float(stage["seconds"]) for name, stage in status["stages"].items() if "seconds" in stage}
     timings["decode"] = round(decode_seconds, 3)
@@ -102,7 +103,7 @@ def render_and_upload(
         "created_at": status["created_at"],
         "finished_at": time.time(),
     }
-    put_bytes(
-        rt.s3, bucket, out.metadata, json.dumps(metadata, indent=2).encode(), "application/json", retry_seconds=retry
-    )
+    metadata_bytes = json.dumps(metadata, indent=2).encode()
+    put_bytes(rt.s3, bucket, out.metadata, metadata_bytes, "application/json", retry_seconds=retry)
+    metrics.observe_upload(uploaded.size + len(poster_bytes) + len(metadata_bytes))
     return result

@@ -19,8 +19,9 @@ from typing import Any
 import redis
 import torch
 
-from scheduler import jobs, keys, queues, recovery, worker_registry
+from scheduler import job_admin, jobs, keys, metrics, queues, recovery, worker_registry
 from scheduler.keys import Stage
+from scheduler.logging_setup import log_context
 from scheduler.spec import JobSpec
 from workers.fault_injection import crash_if_injected, pause_if_injected
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
@@ -35,6 +36,11 @@ class MalformedJob(ValueError):
 
 
 def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | None) -> dict[str, Any]:
+    with log_context(job_id=job_id, stage=stage):
+        return _run_stage(job_id, stage, attempt, upstream_attempt)
+
+
+def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | None) -> dict[str, Any]:
     rt = current_runtime()
     this_stage = Stage(stage)
     if this_stage is not rt.stage:
@@ -43,6 +49,12 @@ def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | Non
     if not fields or jobs.JobState(fields["state"]).finished or int(fields.get(f"{stage}.attempt", "0")) != attempt:
         log.info("job %s: %s attempt %d is stale or finished; skipped", job_id, stage, attempt)
         return {"job_id": job_id, "stage": stage, "outcome": "skipped"}
+    if jobs.cancel_requested(rt.conn, job_id):
+        # Cancelled between stages: free the producer's slot now instead of at lease expiry.
+        if upstream_attempt is not None:
+            job_admin.release_input_room(rt.conn, job_id, this_stage, upstream_attempt)
+        jobs.mark_cancelled(rt.conn, job_id, this_stage, job_admin.CANCEL_REASON)
+        return {"job_id": job_id, "stage": stage, "outcome": "cancelled"}
     started = time.monotonic()
     jobs.mark_stage_started(rt.conn, job_id, this_stage, rt.worker_id, attempt)
     worker_registry.update_worker(rt.conn, rt.worker_id, {"state": "busy", "current_job": job_id})
@@ -87,6 +99,7 @@ def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | Non
         raise
     finally:
         worker_registry.update_worker(rt.conn, rt.worker_id, {"state": "idle", "current_job": ""})
+    metrics.observe_stage(this_stage, time.monotonic() - started, outcome)
     return {"job_id": job_id, "stage": stage, "outcome": outcome, "seconds": round(time.monotonic() - started, 3)}
 
 
