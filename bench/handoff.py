@@ -69,7 +69,7 @@ from scheduler.descriptors import TensorEntry
 from scheduler.keys import Stage
 from scheduler.local_servers import ManagedServer, start_valkey
 from scheduler.rooms import Rooms
-from scheduler.settings import FarmSettings
+from scheduler.settings import FarmSettings, TransferSettings
 from workers.handoff import pull_input, stage_output
 from workers.runtime import StageRuntime, make_worker_id
 from workers.transfer import MooncakeEngine, SlotPool, transfer_spans
@@ -86,6 +86,7 @@ TARGET_OVERHEAD_MS = 5.0  # farm beyond the raw Mooncake read, per hand-off
 TARGET_PAYLOAD = "720p"
 
 REPLY_TIMEOUT_S = 120.0
+SLOT_MB = 32  # the 720p latents are 18.5 MiB
 # Larger than any last-level cache the bench is likely to run on: writing it evicts the payload.
 CACHE_EVICT_BYTES = 256 * 2**20
 RQ_QUEUE = "bench-handoff-pickle"
@@ -225,7 +226,8 @@ BUSY_MACHINE_CORES = 0.25
 
 
 def _settings(redis_url: str, secret: str) -> FarmSettings:
-    return FarmSettings(redis_url=redis_url, secret=secret)
+    # Slots sized for the largest bench payload, not from model configs (the bench loads no model).
+    return FarmSettings(redis_url=redis_url, secret=secret, transfer=TransferSettings(slot_mb=SLOT_MB))
 
 
 def _runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
@@ -238,7 +240,9 @@ def _runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
         log_level="ERROR",
     )
     try:
-        pool = SlotPool(engine, slot_bytes=settings.transfer.slot_mb * 2**20, num_slots=settings.transfer.slots)
+        pool = SlotPool(
+            engine, slot_bytes=(settings.transfer.slot_mb or SLOT_MB) * 2**20, num_slots=settings.transfer.slots
+        )
     except BaseException:
         engine.close()
         raise
@@ -316,7 +320,7 @@ class ProducerProcess:
     """The producer child: started in its own session so a Ctrl-C reaches only the bench, which stops it."""
 
     def __init__(self, redis_url: str, secret: str) -> None:
-        env = dict(os.environ, MC_LOG_LEVEL="ERROR", PYTHONPATH=str(REPO))
+        env = dict(os.environ, MC_LOG_LEVEL="ERROR", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch_threads()))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.handoff", "--producer"],
             stdin=subprocess.PIPE,
@@ -701,7 +705,8 @@ def _fmt_rate(bytes_per_s: float) -> str:
 def render_table(report: dict[str, Any]) -> str:
     lines = [
         f"reelfarm hand-off benchmark  {report['date']}",
-        f"machine: {report['machine']['cpus']} CPUs, {report['machine']['platform']}; transport: Mooncake TCP on loopback",
+        f"machine: {report['machine']['cpus']} CPUs, {report['machine']['platform']}; transport: Mooncake TCP on loopback; "
+        f"torch threads per process: {report['machine']['torch_threads_per_process']}",
         f"command: {report['command']}",
         f"repeats: {report['repeats']} (+{report['warmup']} warm-up) per payload",
         "",
@@ -836,6 +841,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "torch_threads_per_process": torch.get_num_threads(),
             "versions": _versions(info),
         },
         "repeats": args.repeats,
@@ -878,8 +884,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def torch_threads() -> int:
+    """Intra-op threads per bench process: OMP_NUM_THREADS, else 1 like the embedded farm's workers.
+
+    On a small host several torch processes with full OpenMP pools starve each other (the embedded
+    farm pins one thread per worker for that reason); the producer child inherits the same value.
+    """
+    try:
+        return max(int(os.environ.get("OMP_NUM_THREADS", "1")), 1)
+    except ValueError:
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(torch_threads())
     if args.producer:
         return producer_main()
     command = "python -m bench.handoff " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -25,16 +25,23 @@ def register_worker(conn: redis.Redis, worker_id: str, info: dict[str, str], ttl
     pipe.execute()
 
 
+# Refresh only a record that still exists: recreating a partial one (no endpoint) would make
+# consumers see a registered producer they cannot verify.
+_HEARTBEAT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 def heartbeat(conn: redis.Redis, worker_id: str, ttl_seconds: int, fields: dict[str, str] | None = None) -> bool:
-    """Refresh liveness; returns False when the record had already expired (the farm may have declared us dead)."""
-    key = keys.worker_key(worker_id)
-    pipe = conn.pipeline()
-    pipe.exists(key)
-    update: dict[Any, Any] = {**(fields or {}), "last_heartbeat": repr(time.time())}
-    pipe.hset(key, mapping=update)
-    pipe.expire(key, ttl_seconds)
-    existed = pipe.execute()[0]
-    return bool(existed)
+    """Refresh liveness; False when the record had expired or vanished (the caller re-registers)."""
+    update = {**(fields or {}), "last_heartbeat": repr(time.time())}
+    args: list[str | int] = [ttl_seconds]
+    for name, value in update.items():
+        args += [name, value]
+    return bool(conn.eval(_HEARTBEAT, 1, keys.worker_key(worker_id), *args))
 
 
 def update_worker(conn: Any, worker_id: str, fields: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         addr = settings.transfer.hostname
         port = start_metrics_server(args.metrics_port, addr=addr)
         worker_registry.update_worker(runtime.conn, runtime.worker_id, {"metrics": f"{addr}:{port}"})
-    try:
+
+    def make_worker() -> StageWorker:
         worker = StageWorker(
             stage_queues_by_priority(runtime.conn, stage, list(runtime.computes)),
             connection=runtime.conn,
@@ -63,25 +65,41 @@ def main(argv: list[str] | None = None) -> int:
             name=runtime.worker_id,
         )
         worker.runtime = runtime
+        return worker
+
+    try:
         print(f"reelfarm worker {stage.value} {runtime.worker_id} ready at {runtime.engine.endpoint}", flush=True)
-        serve(worker, burst=args.burst, log_level=args.log_level)
+        serve(make_worker, burst=args.burst, log_level=args.log_level)
         runtime.drain()
     finally:
         runtime.close()
     return 0
 
 
-def serve(worker: Any, burst: bool, log_level: str) -> None:
-    """Run rq's work loop, riding out Redis outages instead of exiting (rq quits on errors outside dequeue)."""
+def serve(make_worker: Callable[[], Any], burst: bool, log_level: str) -> None:
+    """Run rq's work loop, riding out Redis outages instead of exiting (rq quits on errors outside dequeue).
+
+    After an outage a fresh rq worker object is made: the old one's registration may
+    have survived in a restarted Redis, and rq refuses to register a live name twice.
+    """
     import redis
 
+    log = logging.getLogger("reelfarm.worker")
     while True:
+        worker = make_worker()
         try:
             worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
             return
         except redis.ConnectionError as exc:
-            logging.getLogger("reelfarm.worker").warning("Redis unavailable (%s); resuming in 2s", exc)
-            time.sleep(2.0)
+            log.warning("Redis unavailable (%s); resuming when it is back", exc)
+        while True:
+            time.sleep(1.0)
+            try:
+                worker.connection.ping()
+                worker.register_death()
+                break
+            except redis.RedisError:
+                continue
 
 
 if __name__ == "__main__":

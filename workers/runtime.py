@@ -96,6 +96,11 @@ class StageRuntime:
     # -- registration and liveness -------------------------------------------------
 
     def register(self) -> None:
+        self._register_record()
+        self._start_thread(self._heartbeat_loop, "heartbeat")
+        self._start_services()
+
+    def _register_record(self) -> None:
         info = {
             "stage": self.stage.value,
             "endpoint": self.engine.endpoint,
@@ -112,7 +117,8 @@ class StageRuntime:
             "state": "idle",
         }
         worker_registry.register_worker(self.conn, self.worker_id, info, self.settings.worker.worker_ttl_seconds)
-        self._start_thread(self._heartbeat_loop, "heartbeat")
+
+    def _start_services(self) -> None:
         if self.produces:
             self._start_thread(self._ack_loop, "ack-listener")
         # Every worker runs the maintenance loop, so any live worker notices the dead ones.
