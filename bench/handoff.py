@@ -26,7 +26,11 @@ The same tensors move from one process to another three ways, in one run:
    ``Queue.enqueue``; the consumer ``Job.fetch`` + ``job.args``.
 
 3. **memcpy** -- ``dst.copy_(src)`` of the same bytes between preallocated uint8
-   tensors in this process: the local limit.
+   tensors in this process (caches evicted first): the local limit.
+
+Informational, not a target: **redis SET/GET bytes** -- the payload's raw bytes
+through one ``SET`` and one ``GET`` (no rq, no pickle, no zlib), to show how much
+of the rq path's cost is rq's own serialisation rather than Redis.
 
 The bench starts its own Valkey (``start_valkey`` in a temporary folder) and the
 producer process, and stops both on the way out, Ctrl-C and errors included.
@@ -511,6 +515,18 @@ def redis_once(conn: redis.Redis, tensors: dict[str, torch.Tensor]) -> tuple[dic
     return received, laps.steps
 
 
+def redis_bytes_once(conn: redis.Redis, src: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Informational: the payload's raw bytes through one Redis SET and GET (no rq, no pickle, no zlib)."""
+    key = keys.PREFIX + ":bench:handoff-bytes"
+    started = time.perf_counter()
+    conn.set(key, src.numpy().tobytes())
+    got: bytes = conn.get(key)  # type: ignore[assignment]
+    received = torch.frombuffer(bytearray(got), dtype=torch.uint8)
+    elapsed = time.perf_counter() - started
+    conn.delete(key)
+    return received, elapsed
+
+
 def memcpy_once(dst: torch.Tensor, src: torch.Tensor) -> float:
     started = time.perf_counter()
     dst.copy_(src)
@@ -536,6 +552,7 @@ class PayloadSamples:
     pack: list[float] = field(default_factory=list)
     raw_read: list[float] = field(default_factory=list)
     redis: list[float] = field(default_factory=list)
+    redis_bytes: list[float] = field(default_factory=list)
     memcpy: list[float] = field(default_factory=list)
     # Per stepped hand-off: all its steps but the batch read, i.e. the farm's cost beyond the raw read.
     paired_overhead: list[float] = field(default_factory=list)
@@ -627,9 +644,9 @@ def bench_payload(
         memcpy_s = memcpy_once(dst, src)
         if i >= 0:
             samples.memcpy.append(memcpy_s)
-    del src, dst, scratch
+    del dst, scratch
 
-    # 3. The rq pickle path.
+    # 3. The rq pickle path, and (informational) the same bytes through a plain Redis SET/GET.
     for i in range(-warmup, repeats):
         gc.collect()
         received, redis_laps = redis_once(conn, tensors)
@@ -641,6 +658,14 @@ def bench_payload(
         samples.redis.append(sum(redis_laps.values()))
         samples.add_steps(samples.redis_steps, redis_laps)
         progress(f"  {name} redis {i + 1}/{repeats}: {samples.redis[-1] * 1e3:.1f} ms")
+    for i in range(-warmup, repeats):
+        got, seconds = redis_bytes_once(conn, src)
+        if i == -warmup and not torch.equal(got, src):
+            raise RuntimeError("redis SET/GET: the received bytes differ from the ones sent")
+        del got
+        if i >= 0:
+            samples.redis_bytes.append(seconds)
+    del src
     _settle(conn)
     return samples
 
@@ -654,6 +679,7 @@ def payload_report(s: PayloadSamples) -> dict[str, Any]:
         "farm_plus_pack": summarize(s.farm_pack, s.nbytes),
         "raw_read": summarize(s.raw_read, s.nbytes),
         "redis": summarize(s.redis, s.nbytes),
+        "redis_bytes": summarize(s.redis_bytes, s.nbytes),
         "memcpy": summarize(s.memcpy, s.nbytes),
     }
     farm, raw, red, mem = (ways[k]["median_s"] for k in ("farm", "raw_read", "redis", "memcpy"))
@@ -661,6 +687,7 @@ def payload_report(s: PayloadSamples) -> dict[str, Any]:
     ratios = {
         "redis_over_farm": red / farm,
         "redis_over_farm_plus_pack": red / ways["farm_plus_pack"]["median_s"],
+        "redis_bytes_over_farm": ways["redis_bytes"]["median_s"] / farm,
         "farm_over_memcpy": farm / mem,
         "farm_over_raw_read": farm / raw,
         "farm_overhead_ms": overhead_ms,
@@ -716,6 +743,7 @@ def render_table(report: dict[str, Any]) -> str:
         "farm_plus_pack": "farm + producer pack",
         "raw_read": "raw Mooncake read",
         "redis": "redis/rq pickle",
+        "redis_bytes": "redis SET/GET bytes *",
         "memcpy": "in-process memcpy",
     }
     for key, p in report["payloads"].items():
@@ -735,7 +763,8 @@ def render_table(report: dict[str, Any]) -> str:
         r, t = p["ratios"], p["targets"]
         lines.append(
             f"   redis/farm {r['redis_over_farm']:.1f}x (redis/(farm+pack) {r['redis_over_farm_plus_pack']:.1f}x)   "
-            f"farm/memcpy {r['farm_over_memcpy']:.1f}x   farm/raw read {r['farm_over_raw_read']:.2f}x"
+            f"farm/memcpy {r['farm_over_memcpy']:.1f}x   farm/raw read {r['farm_over_raw_read']:.2f}x   "
+            f"(* redis SET/GET/farm {r['redis_bytes_over_farm']:.1f}x)"
         )
         lines.append(
             f"   farm overhead beyond the raw read: {r['farm_overhead_ms']:.2f} ms median, "
@@ -853,6 +882,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "farm_overhead_ms": "median over step-by-step hand-offs of (all steps but the batch_read): the farm's cost beyond its own raw read",
             "farm_minus_raw_read_ms": "median(farm) - median(raw_read), unpaired: includes the transport's jitter",
             "redis": "rq Queue.enqueue(tensors) with the default pickle serializer + Job.fetch + job.args",
+            "redis_bytes": "informational, not a target: the payload's bytes through one Redis SET + GET (no rq, pickle or zlib)",
             "memcpy": "dst.copy_(src) between preallocated uint8 tensors of the payload's size, caches evicted first",
         },
         "payloads": results,

@@ -376,29 +376,23 @@ def _submit_chunk(
                 new = [e for e, f in zip(chunk, current, strict=True) if f["state"] is None]
                 images.stage([e for e in new if e.spec.image is not None])
                 created, existing, retried = [], [], []
+                enqueues: list[tuple[str, int, int | None, str, str]] = []
                 pipe.multi()
                 for entry, fields in zip(chunk, current, strict=True):
                     if fields["state"] is None:
                         spec = images.staged_spec(entry)
                         if spec is None:
                             continue  # its image was refused: reported in outcome.errors
-                        jobs.create_job(pipe, entry.job_id, spec)
-                        queues.enqueue_stage(
-                            conn,
-                            entry.job_id,
-                            Stage.ENCODE,
-                            attempt=1,
-                            upstream_attempt=None,
-                            priority=spec.priority,
-                            pipeline=pipe,
-                            model=spec.model,
-                        )
+                        jobs.create_job(pipe, entry.job_id, spec, index=False)
+                        enqueues.append((entry.job_id, 1, None, spec.priority, spec.model))
                         created.append(entry.job_id)
                     elif resume and fields["state"] in job_admin.RETRYABLE_STATES:
                         job_admin.queue_retry(pipe, conn, entry.job_id, fields)
                         retried.append(entry.job_id)
                     else:
                         existing.append(entry.job_id)
+                jobs.index_jobs(pipe, created)
+                queues.enqueue_stages(conn, Stage.ENCODE, enqueues, pipeline=pipe)
                 batch_jobs = keys.batch_jobs_key(name)
                 members = {e.job_id: e.line_no for e in chunk if e.job_id not in images.refused}
                 if members:

@@ -46,7 +46,8 @@ def _now() -> str:
     return repr(time.time())
 
 
-def create_job(pipe: Any, job_id: str, spec: JobSpec) -> None:
+def create_job(pipe: Any, job_id: str, spec: JobSpec, index: bool = True) -> None:
+    """Write a new job record; ``index=False`` leaves the jobs index to a caller adding many at once."""
     key = keys.job_key(job_id)
     now = time.time()
     pipe.hset(
@@ -62,7 +63,15 @@ def create_job(pipe: Any, job_id: str, spec: JobSpec) -> None:
         },
     )
     pipe.expire(key, JOB_RETENTION_SECONDS)
-    pipe.zadd(keys.jobs_index_key(), {job_id: now})
+    if index:
+        pipe.zadd(keys.jobs_index_key(), {job_id: now})
+
+
+def index_jobs(pipe: Any, job_ids: list[str]) -> None:
+    """Add many new jobs to the jobs index in one command."""
+    if job_ids:
+        now = time.time()
+        pipe.zadd(keys.jobs_index_key(), dict.fromkeys(job_ids, now))
 
 
 def job_exists(conn: redis.Redis, job_id: str) -> bool:
