@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.descriptors import Descriptor, DescriptorLimits, DescriptorRefused, TensorEntry, parse_and_verify
+from scheduler.descriptors import (
+    Descriptor,
+    DescriptorLimits,
+    DescriptorRefused,
+    ProducerGone,
+    TensorEntry,
+    parse_and_verify,
+)
 
 SECRET = b"farm-secret"
 LIMITS = DescriptorLimits(max_payload_bytes=1 << 20)
@@ -27,7 +34,8 @@ def make_descriptor(**changes: object) -> Descriptor:
         tensors=(TensorEntry(name="prompt_embeds", dtype="float32", shape=(1, 4, 8), offset=0, nbytes=128),),
         checksum="xxh3_128:00",
         created_at=time.time(),
-        lease_expires_at=time.time() + 60,
+        # Long: parametrized descriptors are built at collection, maybe minutes before the test runs.
+        lease_expires_at=time.time() + 86400,
     )
     fields.update(changes)
     return Descriptor.model_validate(fields)
@@ -95,3 +103,8 @@ def test_unknown_version_is_refused_by_version() -> None:
 def test_garbage_is_refused_not_crashing(raw: str) -> None:
     with pytest.raises(DescriptorRefused):
         parse_and_verify(raw, "", SECRET, "127.0.0.1:5000", LIMITS)
+
+
+def test_expired_lease_means_the_producer_let_go() -> None:
+    with pytest.raises(ProducerGone, match="lease on this payload expired"):
+        verify(make_descriptor(lease_expires_at=time.time() - 1))
