@@ -133,17 +133,21 @@ def mark_succeeded(pipe: Any, job_id: str, result: dict[str, Any]) -> None:
     )
 
 
-def mark_failed(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
-    """Terminal failure (after the attempt budget, or a refusal no retry can fix)."""
+def _mark_ended(conn: Any, job_id: str, stage: Stage, state: JobState, reason: str) -> None:
     conn.hset(
         keys.job_key(job_id),
         mapping={
-            "state": JobState.FAILED.value,
+            "state": state.value,
             "error": f"{stage.value}: {reason}",
-            f"{stage.value}.state": "failed",
+            f"{stage.value}.state": state.value,
             "updated_at": _now(),
         },
     )
+
+
+def mark_failed(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
+    """Terminal failure (after the attempt budget, or a refusal no retry can fix)."""
+    _mark_ended(conn, job_id, stage, JobState.FAILED, reason)
 
 
 def load_spec(conn: redis.Redis, job_id: str) -> JobSpec:
@@ -163,10 +167,9 @@ def _json_or_raw(text: str) -> Any:
 
 def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
     """The job as users see it: state, per-stage story, result or error."""
-    raw: dict[bytes, bytes] = conn.hgetall(keys.job_key(job_id))  # type: ignore[assignment]
-    if not raw:
+    fields = job_fields(conn, job_id)
+    if not fields:
         raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
     stages: dict[str, dict[str, Any]] = {}
     for stage in Stage:
         entry = {name.split(".", 1)[1]: value for name, value in fields.items() if name.startswith(stage.value + ".")}
@@ -203,15 +206,7 @@ def job_fields(conn: redis.Redis, job_id: str) -> dict[str, str]:
 
 
 def mark_cancelled(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
-    conn.hset(
-        keys.job_key(job_id),
-        mapping={
-            "state": JobState.CANCELLED.value,
-            "error": f"{stage.value}: {reason}",
-            f"{stage.value}.state": "cancelled",
-            "updated_at": _now(),
-        },
-    )
+    _mark_ended(conn, job_id, stage, JobState.CANCELLED, reason)
 
 
 def cancel_requested(conn: redis.Redis, job_id: str) -> bool:
