@@ -17,9 +17,13 @@ The same tensors move from one process to another three ways, in one run:
    - ``farm+pack`` = farm + the producer's pack (copy into the slot, checksum, sign):
      the counterpart of the pickling that the Redis path's enqueue does
    - ``raw read``  = ``MooncakeEngine.batch_read`` of the same spans, alone
-   - overhead      = median(farm) - median(raw read), in ms
-   - steps         = the consumer steps of pull_input run one by one with a timer
-     each (a hand-off of its own per repeat), to show where the time goes
+   - steps         = one more hand-off per repeat runs the product's own pull_input
+     with every call it makes wrapped in a timer (``traced_steps``), to show where
+     the time goes; "other" is the Python between those calls
+   - overhead      = per step-by-step hand-off, all its steps but its own batch_read
+     (median, in ms): the farm's cost beyond the raw read. The unpaired
+     median(farm) - median(raw read) is reported beside it; it carries the
+     transport's jitter, which on a small VM is larger than the 5 ms target.
 
 2. **redis** -- what rq users do by default: the tensors as an rq job argument
    (rq's default pickle serializer; rq also zlib-compresses the job data),
@@ -32,8 +36,15 @@ Informational, not a target: **redis SET/GET bytes** -- the payload's raw bytes
 through one ``SET`` and one ``GET`` (no rq, no pickle, no zlib), to show how much
 of the rq path's cost is rq's own serialisation rather than Redis.
 
+Every farm measurement gets a freshly published room; the order farm / raw read /
+steps rotates per repeat; the rq path runs after the farm phase (it leaves Valkey
+busy writing AOF). Both processes run torch with one intra-op thread, like the
+embedded farm's workers (``OMP_NUM_THREADS`` overrides). The CPU that other
+processes used meanwhile is reported per payload: the figures mean little on a
+busy machine.
+
 The bench starts its own Valkey (``start_valkey`` in a temporary folder) and the
-producer process, and stops both on the way out, Ctrl-C and errors included.
+producer process, and stops both on the way out, Ctrl-C, SIGTERM and errors included.
 The producer talks JSON lines over its stdin/stdout; the Redis URL and farm
 secret travel on that pipe, never on a command line.
 """

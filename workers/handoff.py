@@ -142,6 +142,6 @@ def _read_payload(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str
         except ChecksumMismatch as exc:
             rt.rooms.fail(room_key, str(exc))
             raise InputLost(str(exc)) from None
-        return unpack_tensors(slot, entries)
+        return unpack_tensors(slot, entries, device=rt.settings.worker.device)
     finally:
         rt.pool.release(slot.index)
