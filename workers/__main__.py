@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from scheduler.queues import JSONSerializer, stage_queues_by_priority
     from scheduler.settings import load_settings
     from workers.runtime import start_runtime
-    from workers.stage_worker import StageWorker
+    from workers.stage_worker import StageWorker, WarmExit
 
     try:
         settings = load_settings(args.config)
@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         print(f"reelfarm worker {stage.value} {runtime.worker_id} ready at {runtime.engine.endpoint}", flush=True)
-        serve(make_worker, burst=args.burst, log_level=args.log_level)
+        try:
+            serve(make_worker, burst=args.burst, log_level=args.log_level)
+        except WarmExit:
+            pass
         runtime.drain()
     finally:
         runtime.close()
@@ -93,6 +96,9 @@ def serve(make_worker: Callable[[], Any], burst: bool, log_level: str) -> None:
         except redis.ConnectionError as exc:
             log.warning("Redis unavailable (%s); resuming when it is back", exc)
         while True:
+            # rq's SIGTERM handler stays installed and marks this worker: shut down, do not wait on Redis.
+            if getattr(worker, "_stop_requested", False):
+                return
             time.sleep(1.0)
             try:
                 worker.connection.ping()
