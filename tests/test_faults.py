@@ -263,3 +263,21 @@ def test_zz_print_fault_table() -> None:
     print("|---|---|---|---|---|---|")
     for row in FIGURES:
         print(f"| {row['fault']} | {row['trials']} | {row['completed']} | 0 | 0 | {row['worst_recovery_s']} |")
+
+
+def test_sigterm_during_a_redis_outage_still_stops_an_idle_worker(
+    s3_config: S3Config, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    port, password = free_port(), "outage-stop"
+    server = start_valkey(tmp_path / "valkey", port, password)
+    settings = farm_settings(f"redis://:{password}@127.0.0.1:{port}/0", s3_config, tiny_model_dir, tmp_path)
+    fleet = WorkerFleet(settings)
+    try:
+        (encode,) = fleet.start(Stage.ENCODE)
+        server.stop()
+        time.sleep(3.0)  # let the worker fall into rq's reconnect loop
+        encode.send_signal(signal.SIGTERM)
+        assert encode.wait(timeout=30) == 0
+    finally:
+        fleet.stop_all()
+        server.stop()
