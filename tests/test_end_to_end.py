@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-import torch
 
 from scheduler.object_store import get_bytes, list_incomplete_uploads, make_s3_client
 from scheduler.submit import submit
 from scheduler.worker_registry import live_workers
 from tests.farm_harness import farm_settings, running_workers, wait_finished, worker_logs
+from tests.reference_pipeline import reference_frames
 from workers.video_encoder import decode_video_frames
 
 pytestmark = pytest.mark.slow
@@ -40,24 +40,6 @@ SPEC: dict[str, Any] = {
 # Any single key above this would mean tensor bytes went through Redis (the tiny
 # model's prompt embeddings alone are 512 x 32 fp32 = 64 KiB).
 MAX_REDIS_VALUE_BYTES = 16 * 1024
-
-
-def wanpipeline_frames(model_dir: Path, spec: dict[str, Any]) -> np.ndarray:
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
-    out = pipe(
-        prompt=spec["prompt"],
-        negative_prompt=spec["negative_prompt"],
-        height=spec["height"],
-        width=spec["width"],
-        num_frames=spec["frames"],
-        num_inference_steps=spec["steps"],
-        guidance_scale=spec["guidance_scale"],
-        generator=torch.Generator("cpu").manual_seed(spec["seed"]),
-        output_type="np",
-    ).frames[0]
-    return np.round(np.asarray(out) * 255).astype(np.uint8)
 
 
 def test_two_jobs_end_to_end_match_wanpipeline(
@@ -91,7 +73,7 @@ def test_two_jobs_end_to_end_match_wanpipeline(
     assert list_incomplete_uploads(client, s3_config.bucket, "") == []
 
     # Lossless output equals the one-process reference.
-    reference = wanpipeline_frames(tiny_model_dir, SPEC)
+    reference = reference_frames(tiny_model_dir, SPEC)
     farm = frames[first].astype(np.int16)
     assert np.abs(farm - reference.astype(np.int16)).max() <= 1
     # A different seed gives a different video, so the comparison above could fail.

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-import torch
 from PIL import Image
 
 from scheduler import jobs
@@ -21,6 +20,7 @@ from scheduler.spec import SpecError, SpecLimits
 from scheduler.submit import submit
 from scheduler.worker_registry import live_workers
 from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, worker_logs
+from tests.reference_pipeline import reference_frames
 from workers.video_encoder import decode_video_frames
 
 pytestmark = pytest.mark.slow
@@ -44,25 +44,6 @@ def gradient_png(path: Path, size: tuple[int, int] = (80, 60)) -> Path:
     rgb = np.stack([np.broadcast_to(x, (size[1], size[0])), np.broadcast_to(y, (size[1], size[0])), (x + y) / 2], -1)
     Image.fromarray(rgb.astype(np.uint8)).save(path)
     return path
-
-
-def reference_frames(model_dir: Path, image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
-    out = pipe(
-        image=image,
-        prompt=spec["prompt"],
-        negative_prompt=spec["negative_prompt"],
-        height=spec["height"],
-        width=spec["width"],
-        num_frames=spec["frames"],
-        num_inference_steps=spec["steps"],
-        guidance_scale=spec["guidance_scale"],
-        generator=torch.Generator("cpu").manual_seed(spec["seed"]),
-        output_type="np",
-    ).frames[0]
-    return np.round(np.asarray(out) * 255).astype(np.uint8)
 
 
 def two_model_settings(redis_url: str, s3_config: Any, t2v: Path, i2v: Path, home: Path) -> Any:
@@ -108,10 +89,10 @@ def test_i2v_matches_pipeline_and_routes_by_model(
     frames = decode_video_frames(get_bytes(client, s3_config.bucket, result["video_key"]))
     assert frames.shape == (17, 48, 64, 3)
     image = load_and_check_image(image_path.read_bytes(), max_bytes=1 << 24, max_pixels=1 << 24)
-    reference = reference_frames(tiny_i2v_model_dir, image, I2V_JOB)
+    reference = reference_frames(tiny_i2v_model_dir, I2V_JOB, image)
     assert np.abs(frames.astype(np.int16) - reference.astype(np.int16)).max() <= 1
     # The image really conditions the video: another image gives other frames.
-    other = reference_frames(tiny_i2v_model_dir, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), I2V_JOB)
+    other = reference_frames(tiny_i2v_model_dir, I2V_JOB, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     assert not np.array_equal(other, reference)
 
 
