@@ -45,22 +45,24 @@ def read_state(home: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
-def _write_state(home: Path, state: dict[str, Any]) -> None:
-    path = state_path(home)
-    tmp = path.with_suffix(".tmp")
+def write_private(path: Path, text: str) -> Path:
+    """Write a file holding secrets: mode 0600 from creation, replaced atomically (readers never see half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(state, fh, indent=2)
+        fh.write(text)
     tmp.replace(path)
+    return path
+
+
+def _write_state(home: Path, state: dict[str, Any]) -> None:
+    write_private(state_path(home), json.dumps(state, indent=2))
 
 
 def write_settings_file(settings: FarmSettings, path: Path) -> Path:
-    """Write the complete settings (secrets included, so mode 0600) as a config file a worker can load."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(settings.model_dump_json(indent=2))  # JSON is YAML: load_settings reads it as a config file
-    return path
+    """The complete settings (secrets included) as a config file a worker can load (JSON is YAML)."""
+    return write_private(path, settings.model_dump_json(indent=2))
 
 
 def worker_env(settings: FarmSettings) -> dict[str, str]:

@@ -201,6 +201,7 @@ def stage_attempt(conn: redis.Redis, job_id: str, stage: Stage) -> int:
 
 
 def job_fields(conn: redis.Redis, job_id: str) -> dict[str, str]:
+    """The job hash, decoded; ``conn`` may be a pipeline in WATCH mode (reads run immediately there)."""
     raw: dict[bytes, bytes] = conn.hgetall(keys.job_key(job_id))  # type: ignore[assignment]
     return {k.decode(): v.decode() for k, v in raw.items()}
 

@@ -91,8 +91,7 @@ def restart_job(
         with conn.pipeline() as pipe:
             try:
                 pipe.watch(key)
-                raw: dict[bytes, bytes] = pipe.hgetall(key)  # type: ignore[assignment]
-                fields = {k.decode(): v.decode() for k, v in raw.items()}
+                fields = jobs.job_fields(pipe, job_id)
                 if not fields or jobs.JobState(fields["state"]).finished:
                     pipe.unwatch()
                     conn.zrem(keys.inflight_key(), member)

@@ -17,6 +17,7 @@ when the room's lease ran out.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -81,8 +82,9 @@ class StageRuntime:
     _threads: list[threading.Thread] = field(default_factory=list)
     _reaper: ReaperThread | None = None
 
-    @property
+    @functools.cached_property
     def rooms(self) -> Rooms:
+        # Built once: the heartbeat and every hand-off use it, and it registers four scripts.
         return Rooms(self.conn)
 
     @property

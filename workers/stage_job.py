@@ -207,8 +207,7 @@ def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs:
         while True:
             try:
                 pipe.watch(keys.job_key(job_id))
-                raw: dict[bytes, bytes] = pipe.hgetall(keys.job_key(job_id))  # type: ignore[assignment]
-                fields = {k.decode(): v.decode() for k, v in raw.items()}
+                fields = jobs.job_fields(pipe, job_id)
                 current = int(fields.get(f"{rt.stage.value}.attempt", "0"))
                 if current != attempt or jobs.JobState(fields["state"]).finished:
                     pipe.unwatch()
