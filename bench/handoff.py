@@ -10,8 +10,9 @@ The same tensors move from one process to another three ways, in one run:
    listener. It packs the tensors into a slot (``workers.handoff.stage_output``)
    and publishes the signed room (``Rooms.publish``). The consumer is this
    process with its own engine and pool; it runs ``workers.handoff.pull_input``:
-   claim, verify (signature, live producer, registered endpoint, bounds), mark
-   TRANSFERRING, batch-read, verify the checksum, unpack, ack.
+   claim (which returns the room), verify the descriptor (signature, lease,
+   bounds), check the producer is live at its registered endpoint and mark
+   TRANSFERRING (one step), batch-read, copy out and verify the copies, ack.
 
    - ``farm``      = publish + pull_input (the issue's "publish + claim + pull + verify + ack")
    - ``farm+pack`` = farm + the producer's pack (copy into the slot, checksum, sign):
@@ -78,7 +79,7 @@ import torch
 from rq import Queue
 from rq.job import Job
 
-from scheduler import keys, worker_registry
+from scheduler import keys
 from scheduler.connection import connect_redis
 from scheduler.descriptors import TensorEntry
 from scheduler.keys import Stage
@@ -86,8 +87,8 @@ from scheduler.local_servers import ManagedServer, start_valkey
 from scheduler.rooms import Rooms
 from scheduler.settings import FarmSettings, TransferSettings
 from workers.handoff import pull_input, stage_output
-from workers.runtime import StageRuntime, make_worker_id
-from workers.transfer import MooncakeEngine, SlotPool, transfer_spans
+from workers.runtime import StageRuntime, make_worker_id, transfer_engine
+from workers.transfer import SlotPool, transfer_spans
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,20 +241,16 @@ BUSY_MACHINE_CORES = 0.25
 # --------------------------------------------------------------------------- the producer process
 
 
-def _settings(redis_url: str, secret: str) -> FarmSettings:
+def _settings(redis_url: str, secret: str, direct_receive: bool = True) -> FarmSettings:
     # Slots sized for the largest bench payload, not from model configs (the bench loads no model).
-    return FarmSettings(redis_url=redis_url, secret=secret, transfer=TransferSettings(slot_mb=SLOT_MB))
+    transfer = TransferSettings(slot_mb=SLOT_MB, direct_receive=direct_receive)
+    return FarmSettings(redis_url=redis_url, secret=secret, transfer=transfer)
 
 
 def _runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     """The parts of ``start_runtime`` a hand-off uses (no model: the payload is made up)."""
     conn = connect_redis(settings)
-    engine = MooncakeEngine(
-        hostname=settings.transfer.hostname,
-        protocol=settings.transfer.protocol,
-        device_name=settings.transfer.device_name,
-        log_level="ERROR",
-    )
+    engine = transfer_engine(settings, log_level="ERROR")
     try:
         pool = SlotPool(
             engine, slot_bytes=(settings.transfer.slot_mb or SLOT_MB) * 2**20, num_slots=settings.transfer.slots
@@ -422,6 +419,8 @@ def raw_read(rt: StageRuntime, endpoint: str, produced: Produced) -> float:
 
 
 PULL_STEP = "pull (batch_read)"
+RECEIVE_PRIVATE = "private memory (read lands in the stage's tensors; no receive slot, no copy)"
+RECEIVE_SLOT = "a registered receive slot, copied out (the RDMA path)"
 
 
 def _finish_room(rt: StageRuntime, job_id: str) -> None:
@@ -442,22 +441,22 @@ def _rotated(items: Sequence[str], shift: int) -> list[str]:
     return [*items[k:], *items[:k]]
 
 
-def _traced_calls() -> list[tuple[Any, str, str]]:
-    """What ``pull_input`` calls, where it looks each one up, and the step name to report it under."""
+def _traced_calls() -> list[tuple[Any, str, str, bool]]:
+    """What ``pull_input`` calls, where it looks each one up, the step to report it under, and whether every
+    hand-off makes it (the rest belong to one receive path: private memory or a registered slot)."""
     import workers.handoff as handoff
 
     return [
-        (Rooms, "claim", "claim"),
-        (Rooms, "read", "read room"),
-        (worker_registry, "get_worker", "look up producer"),
-        (handoff, "parse_and_verify", "verify descriptor"),
-        (Rooms, "mark_transferring", "mark transferring"),
-        (SlotPool, "acquire", "acquire slot"),
-        (handoff, "pull_payload", PULL_STEP),
-        (handoff, "verify_checksum", "verify checksum"),
-        (handoff, "unpack_tensors", "unpack (clone)"),
-        (SlotPool, "release", "release slot"),
-        (Rooms, "ack", "ack"),
+        (Rooms, "claim_and_read", "claim (returns the room)", True),
+        (handoff, "verify_descriptor", "verify descriptor", True),
+        (Rooms, "begin_transfer", "check producer + mark transferring", True),
+        (handoff, "fresh_landing_buffer", "fresh private buffer (page faults)", False),
+        (SlotPool, "acquire", "acquire slot", False),
+        (handoff, "pull_payload", PULL_STEP, True),
+        (handoff, "views_verified", "verify checksum", False),
+        (handoff, "unpack_verified", "copy out + verify the copy", False),
+        (SlotPool, "release", "release slot", False),
+        (Rooms, "ack", "ack", True),
     ]
 
 
@@ -486,7 +485,7 @@ def traced_steps() -> Iterator[dict[str, float]]:
     depth = [0]
     saved: list[tuple[Any, str, Any]] = []
     try:
-        for owner, attr, step in _traced_calls():
+        for owner, attr, step, _ in _traced_calls():
             if attr not in vars(owner):
                 raise RuntimeError(f"{owner.__name__}.{attr} is gone: update bench.handoff._traced_calls")
             original = vars(owner)[attr]
@@ -504,7 +503,7 @@ def pull_input_by_step(rt: StageRuntime, job_id: str) -> tuple[dict[str, torch.T
         started = time.perf_counter()
         tensors = pull_input(rt, job_id, PRODUCER_STAGE, 1)
         total = time.perf_counter() - started
-    missing = [step for _, _, step in _traced_calls() if step not in steps]
+    missing = [step for _, _, step, always in _traced_calls() if always and step not in steps]
     if missing:
         raise RuntimeError(f"pull_input no longer calls {', '.join(missing)}: update bench.handoff._traced_calls")
     steps["other (glue)"] = max(total - sum(steps.values()), 0.0)
@@ -746,6 +745,7 @@ def render_table(report: dict[str, Any]) -> str:
         f"machine: {report['machine']['cpus']} CPUs, {report['machine']['platform']}; transport: Mooncake TCP on loopback; "
         f"torch threads per process: {report['machine']['torch_threads_per_process']}",
         f"command: {report['command']}",
+        f"consumer receives into: {report['receive']}",
         f"repeats: {report['repeats']} (+{report['warmup']} warm-up) per payload",
         "",
     ]
@@ -859,13 +859,15 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         server: ManagedServer = start_valkey(tmp / "valkey", None, password)
         stack.callback(server.stop)
         redis_url = f"redis://:{password}@127.0.0.1:{server.port}/0"
-        settings = _settings(redis_url, farm_secret)
+        settings = _settings(redis_url, farm_secret, direct_receive=args.receive == "auto")
         progress("starting the producer process ...")
         producer = ProducerProcess(redis_url, farm_secret)
         stack.callback(producer.stop)
         rt = _runtime(CONSUMER_STAGE, settings)
         stack.callback(_close_runtime, rt)
         info: dict[str, Any] = rt.conn.info("server")  # type: ignore[assignment]
+        receive = RECEIVE_PRIVATE if rt.engine.reads_into_private_memory else RECEIVE_SLOT
+        progress(f"consumer receives into {receive}")
         for name in payload_names:
             progress(f"payload {name} ({PAYLOAD_LABELS[name]}) ...")
             watch = CpuWatch([os.getpid(), producer.proc.pid, server.pid])
@@ -886,8 +888,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         },
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "receive": receive,
         "definitions": {
-            "farm": "producer Rooms.publish + consumer workers.handoff.pull_input (claim, verify, mark, pull, checksum, unpack, ack)",
+            "farm": "producer Rooms.publish + consumer workers.handoff.pull_input (claim, verify, mark, pull, verify, ack)",
             "farm_plus_pack": "farm + producer stage_output (acquire slot, pack_tensors copy + checksum, sign)",
             "raw_read": "MooncakeEngine.batch_read of the same spans, alone",
             "farm_overhead_ms": "median over step-by-step hand-offs of (all steps but the batch_read): the farm's cost beyond its own raw read",
@@ -912,6 +915,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured repeats first (default 3; 1 quick)")
     parser.add_argument("--payloads", default=",".join(PAYLOADS), help="comma-separated subset of text,480p,720p")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument(
+        "--receive",
+        choices=("auto", "slot"),
+        default="auto",
+        help="auto: what a worker does (TCP reads into private memory); slot: force the registered receive slot",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--producer", action="store_true", help=argparse.SUPPRESS)

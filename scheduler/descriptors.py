@@ -107,6 +107,17 @@ def parse_and_verify(
     worker record (None when the producer is not a live worker): the consumer
     never connects to an address that only the descriptor vouches for.
     """
+    desc = verify_descriptor(raw_json, signature, secret, limits)
+    check_producer_endpoint(desc, registered_endpoint)
+    return desc
+
+
+def verify_descriptor(raw_json: str, signature: str, secret: bytes, limits: DescriptorLimits) -> Descriptor:
+    """Every check that needs no Redis: version, schema, signature, lease, bounds.
+
+    The consumer then checks the producer's registration (``check_producer_endpoint``)
+    in the same Redis step that marks the room TRANSFERRING.
+    """
     try:
         version = json.loads(raw_json).get("version")
     except (ValueError, AttributeError):
@@ -121,14 +132,8 @@ def parse_and_verify(
         raise DescriptorRefused(f"descriptor is malformed: {str(exc).splitlines()[0]}") from None
     if not hmac.compare_digest(desc.sign(secret), signature or ""):
         raise DescriptorRefused("descriptor signature does not match the farm secret")
-    if registered_endpoint is None:
-        raise ProducerGone(f"producer {desc.producer_id} is not a live registered worker")
     if desc.lease_expires_at < time.time():
         raise ProducerGone(f"the producer's lease on this payload expired at {desc.lease_expires_at:.0f}")
-    if registered_endpoint != desc.endpoint:
-        raise DescriptorRefused(
-            f"descriptor endpoint {desc.endpoint} is not the endpoint producer {desc.producer_id} registered"
-        )
     if len(desc.tensors) > limits.max_tensors:
         raise DescriptorRefused(f"descriptor lists {len(desc.tensors)} tensors, over the limit {limits.max_tensors}")
     for entry in desc.tensors:
@@ -141,3 +146,13 @@ def parse_and_verify(
     if payload_end > limits.max_payload_bytes:
         raise DescriptorRefused(f"payload of {payload_end} bytes is over the limit {limits.max_payload_bytes}")
     return desc
+
+
+def check_producer_endpoint(desc: Descriptor, registered_endpoint: str | None) -> None:
+    """The producer must be a live registered worker, at exactly the endpoint the descriptor names."""
+    if registered_endpoint is None:
+        raise ProducerGone(f"producer {desc.producer_id} is not a live registered worker")
+    if registered_endpoint != desc.endpoint:
+        raise DescriptorRefused(
+            f"descriptor endpoint {desc.endpoint} is not the endpoint producer {desc.producer_id} registered"
+        )

@@ -353,6 +353,7 @@ class WorkerRow:
     jobs_done: int
     free_slots: str
     host: str
+    receive: str = "?"  # "private" (TCP, into the stage's own tensors) or "slot" (registered, copied out)
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,7 @@ def worker_rows(conn: redis.Redis, now: float | None = None) -> list[WorkerRow]:
                 jobs_done=int(record.get("jobs_done", "0") or 0),
                 free_slots=f"{record.get('free_slots', '?')}/{record.get('slots', '?')}",
                 host=record.get("host", ""),
+                receive=record.get("receive", "?"),
             )
         )
     order = {stage.value: i for i, stage in enumerate(Stage)}

@@ -90,23 +90,39 @@ def mark_stage_queued(pipe: Any, job_id: str, stage: Stage, attempt: int) -> Non
     )
 
 
-def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, attempt: int) -> None:
-    """Record who runs this attempt and list it as in flight, so the reaper notices if that worker dies."""
-    pipe = conn.pipeline(transaction=True)
-    pipe.zadd(keys.inflight_key(), {keys.inflight_member(job_id, stage, attempt): time.time()})
-    pipe.hset(
+# Start a stage attempt only if it is still the queued one: a second rq copy of the same attempt
+# (a stranded dequeue put back, an operator's requeue) then finds it running and skips, so one
+# attempt never runs twice. KEYS: job, inflight. ARGV: stage, attempt, worker, now, inflight member.
+_START_STAGE = """
+local state, stage_state, attempt = unpack(redis.call('HMGET', KEYS[1], 'state', ARGV[1] .. '.state', ARGV[1] .. '.attempt'))
+if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
+if stage_state == 'running' or stage_state == 'done' or attempt ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+redis.call('HSET', KEYS[1], 'state', 'running', 'stage', ARGV[1], ARGV[1] .. '.state', 'running',
+  ARGV[1] .. '.worker', ARGV[3], ARGV[1] .. '.started_at', ARGV[4], 'updated_at', ARGV[4])
+return 1
+"""
+
+
+def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, attempt: int) -> bool:
+    """Record who runs this attempt and list it as in flight, so the reaper notices if that worker dies.
+
+    Returns False (and changes nothing) when ``attempt`` is not the stage's current attempt, when
+    that attempt already started or finished, or when the job is finished.
+    """
+    now = _now()
+    started = conn.eval(
+        _START_STAGE,
+        2,
         keys.job_key(job_id),
-        mapping={
-            "state": JobState.RUNNING.value,
-            "stage": stage.value,
-            f"{stage.value}.state": "running",
-            f"{stage.value}.worker": worker_id,
-            f"{stage.value}.attempt": str(attempt),
-            f"{stage.value}.started_at": _now(),
-            "updated_at": _now(),
-        },
+        keys.inflight_key(),
+        stage.value,
+        str(attempt),
+        worker_id,
+        now,
+        keys.inflight_member(job_id, stage, attempt),
     )
-    pipe.execute()
+    return bool(started)
 
 
 def set_progress(conn: Any, job_id: str, stage: Stage, done: int, total: int) -> None:

@@ -117,6 +117,11 @@ def reaper_lock_key() -> str:
     return f"{PREFIX}:lock:reaper"
 
 
+def stranded_seen_key(queue: str, rq_job_id: str) -> str:
+    """When the reaper first saw an rq job id sitting in ``queue``'s intermediate (dequeued, not started) list."""
+    return f"{PREFIX}:stranded:{queue}:{rq_job_id}"
+
+
 def delayed_key() -> str:
     """Sorted set of stage enqueues waiting out a retry backoff, scored by due time."""
     return f"{PREFIX}:delayed"

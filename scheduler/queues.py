@@ -8,6 +8,7 @@ is only ids and counters: tensors travel through rooms, never through here.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
@@ -85,6 +86,49 @@ def enqueue_stages(
         by_queue.setdefault((priority, model), []).append(data)
     for (priority, model), datas in by_queue.items():
         stage_queue(conn, stage, priority, model).enqueue_many(datas, pipeline=pipeline)
+
+
+# Put a stranded dequeue back at the head of its queue -- unless a worker started it meanwhile: rq's
+# start removes the id from the intermediate list in the same transaction, so LREM finding nothing
+# means it is running. KEYS: intermediate list, queue list. ARGV: rq job id.
+_REQUEUE_STRANDED = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def requeue_stranded(conn: redis.Redis, min_age_seconds: float, now: float | None = None) -> list[str]:
+    """Put back stage jobs that were dequeued but never started; returns their rq job ids.
+
+    rq's dequeue is a BLMOVE from the queue into an intermediate list; the worker then
+    records the start, which takes the id out again. If the connection dies in between
+    (a Redis restart, a network cut) the id stays in the intermediate list and nobody
+    runs it: rq's own cleanup only *fails* such a job, ten minutes later. An id seen
+    there on two reaper passes at least ``min_age_seconds`` apart is stranded (a live
+    worker starts a dequeued job within milliseconds) and goes back to the front of its
+    queue. If it was started after all, ``jobs.mark_stage_started`` lets one copy run.
+    """
+    now = time.time() if now is None else now
+    requeued: list[str] = []
+    for queue in Queue.all(connection=conn, serializer=JSONSerializer):
+        if not queue.name.startswith(keys.PREFIX):
+            continue
+        stranded: list[bytes] = conn.lrange(queue.intermediate_queue_key, 0, -1)  # type: ignore[assignment]
+        for raw in stranded:
+            rq_job_id = raw.decode()
+            seen_key = keys.stranded_seen_key(queue.name, rq_job_id)
+            if conn.set(seen_key, repr(now), nx=True, ex=max(600, int(10 * min_age_seconds))):
+                continue
+            first_seen = float(conn.get(seen_key) or now)  # type: ignore[arg-type]
+            if now - first_seen < min_age_seconds:
+                continue
+            if conn.eval(_REQUEUE_STRANDED, 2, queue.intermediate_queue_key, queue.key, rq_job_id):
+                requeued.append(rq_job_id)
+            conn.delete(seen_key)
+    return requeued
 
 
 def queue_depths(conn: redis.Redis, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)) -> dict[str, int]:

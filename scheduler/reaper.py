@@ -8,7 +8,9 @@ thread into a key that expires after ``worker_ttl_seconds``. A pass:
    so any live worker can reap the others),
 2. for each in-flight stage execution whose worker key expired, restarts the job
    through ``recovery.restart_job`` (or quarantines it past its attempt budget),
-3. releases delayed retries whose backoff is over.
+3. releases delayed retries whose backoff is over,
+4. puts back stage jobs that rq dequeued but no worker started (``queues.requeue_stranded``:
+   the connection died between rq's BLMOVE and the start, e.g. in a Redis restart).
 
 Worst-case detection = worker_ttl_seconds + interval (defaults 15 s + 5 s).
 """
@@ -21,7 +23,7 @@ import threading
 
 import redis
 
-from scheduler import jobs, keys, recovery, worker_registry
+from scheduler import jobs, keys, queues, recovery, worker_registry
 
 log = logging.getLogger("reelfarm.reaper")
 
@@ -30,7 +32,15 @@ DEFAULT_INTERVAL_SECONDS = 5.0
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
-def reap_once(conn: redis.Redis, max_attempts: int = recovery.DEFAULT_MAX_ATTEMPTS) -> list[str]:
+# A dequeued job not started after this long is stranded (a live worker starts one within milliseconds).
+DEFAULT_STRANDED_AFTER_SECONDS = 15.0
+
+
+def reap_once(
+    conn: redis.Redis,
+    max_attempts: int = recovery.DEFAULT_MAX_ATTEMPTS,
+    stranded_after_seconds: float = DEFAULT_STRANDED_AFTER_SECONDS,
+) -> list[str]:
     """One maintenance pass; returns a line per action taken (empty when the lock is held elsewhere)."""
     token = secrets.token_hex(8)
     if not conn.set(keys.reaper_lock_key(), token, nx=True, px=30_000):
@@ -58,6 +68,8 @@ def reap_once(conn: redis.Redis, max_attempts: int = recovery.DEFAULT_MAX_ATTEMP
         released = recovery.release_due(conn)
         if released:
             actions.append(f"released {released} delayed retries")
+        for rq_job_id in queues.requeue_stranded(conn, stranded_after_seconds):
+            actions.append(f"{rq_job_id}: dequeued but never started; put back on its queue")
     finally:
         conn.eval(_UNLOCK, 1, keys.reaper_lock_key(), token)
     for line in actions:
@@ -68,17 +80,24 @@ def reap_once(conn: redis.Redis, max_attempts: int = recovery.DEFAULT_MAX_ATTEMP
 class ReaperThread(threading.Thread):
     """Runs ``reap_once`` every ``interval`` seconds until stopped; errors are logged, never fatal."""
 
-    def __init__(self, conn: redis.Redis, interval: float = DEFAULT_INTERVAL_SECONDS, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        conn: redis.Redis,
+        interval: float = DEFAULT_INTERVAL_SECONDS,
+        max_attempts: int = 3,
+        stranded_after_seconds: float = DEFAULT_STRANDED_AFTER_SECONDS,
+    ) -> None:
         super().__init__(name="reaper", daemon=True)
         self.conn = conn
         self.interval = interval
         self.max_attempts = max_attempts
+        self.stranded_after_seconds = stranded_after_seconds
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             try:
-                reap_once(self.conn, self.max_attempts)
+                reap_once(self.conn, self.max_attempts, self.stranded_after_seconds)
             except redis.RedisError as exc:
                 log.warning("reaper pass failed: %s", exc)
             except Exception:  # noqa: BLE001 - a bad record must not stop maintenance for the whole farm

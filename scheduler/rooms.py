@@ -8,9 +8,11 @@ small forward-only state machine::
 Every transition is a single Lua script, so a crash can never leave a room half
 moved, and two consumers racing for a room see exactly one winner.
 
-Consumer lifecycle: 1. ``claim_room`` 2. ``mark_transferring`` 3. pull + verify
-(workers/) 4. ``ack_room`` (also tells the producer, via its ack list, to free
-the slot). Any refusal: ``fail_room`` with the reason.
+Consumer lifecycle: 1. ``claim_and_read`` (claim and get the descriptor in one
+round trip) 2. verify the descriptor 3. ``begin_transfer`` (producer still live at
+the descriptor's endpoint, and TRANSFERRING, in one step) 4. pull + verify
+(workers/) 5. ``ack`` (also tells the producer, via its ack list, to free the
+slot). Any refusal: ``fail`` with the reason.
 """
 
 from __future__ import annotations
@@ -51,16 +53,32 @@ for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return target
 """
 
-# A room can be claimed when published, or when its claim lease ran out (holder died).
-_CLAIM = """
+# A room can be claimed when published, or when its claim lease ran out (holder died). The winner gets
+# the room back in the same round trip: it needs the descriptor next.
+_CLAIM_AND_READ = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
 local now = tonumber(ARGV[2])
 if cur == 1 or ((cur == 2 or cur == 3) and tonumber(redis.call('HGET', KEYS[1], 'claim_expires_at')) < now) then
   redis.call('HSET', KEYS[1], 'state', 2, 'claimed_by', ARGV[1], 'claimed_at', ARGV[2], 'claim_expires_at', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'claims', 1)
-  return 1
+  return redis.call('HGETALL', KEYS[1])
 end
-return 0
+return false
+"""
+
+# CLAIMED -> TRANSFERRING, only for the holder and only while the producer is a live worker of the
+# expected stage: the producer check and the transition are one step, so the worker record read is
+# the one the transfer relies on. Returns {state afterwards, endpoint the producer registered or ''};
+# the caller compares that endpoint with the descriptor's (no transition happens on a mismatch).
+# KEYS: room, producer's worker record. ARGV: claimer, producer stage, descriptor endpoint, now.
+_BEGIN_TRANSFER = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
+local producer = redis.call('HMGET', KEYS[2], 'stage', 'endpoint')
+if producer[1] ~= ARGV[2] or not producer[2] then return {cur, ''} end
+if producer[2] ~= ARGV[3] then return {cur, producer[2]} end
+if cur ~= 2 or redis.call('HGET', KEYS[1], 'claimed_by') ~= ARGV[1] then return {cur, producer[2]} end
+redis.call('HSET', KEYS[1], 'state', 3, 'transfer_started_at', ARGV[4])
+return {3, producer[2]}
 """
 
 # Extend a claim while its holder is alive (called from the holder's heartbeat thread).
@@ -89,7 +107,8 @@ class Rooms:
     def __init__(self, conn: redis.Redis) -> None:
         self.conn = conn
         self._advance = conn.register_script(_ADVANCE)
-        self._claim = conn.register_script(_CLAIM)
+        self._claim_and_read = conn.register_script(_CLAIM_AND_READ)
+        self._begin_transfer = conn.register_script(_BEGIN_TRANSFER)
         self._ack = conn.register_script(_ACK)
         self._renew = conn.register_script(_RENEW)
 
@@ -122,8 +141,28 @@ class Rooms:
         return RoomState(int(value)) if value is not None else RoomState.MISSING  # type: ignore[arg-type]
 
     def claim(self, key: str, claimer: str, lease_seconds: float) -> bool:
+        return self.claim_and_read(key, claimer, lease_seconds) is not None
+
+    def claim_and_read(self, key: str, claimer: str, lease_seconds: float) -> dict[str, str] | None:
+        """Claim the room; its fields when this claim won, None when the room cannot be claimed."""
         now = time.time()
-        return bool(self._claim(keys=[key], args=[claimer, repr(now), repr(now + lease_seconds)]))
+        flat = self._claim_and_read(keys=[key], args=[claimer, repr(now), repr(now + lease_seconds)])
+        if not flat:
+            return None
+        items = [item.decode() for item in flat]
+        return dict(zip(items[::2], items[1::2], strict=True))
+
+    def begin_transfer(self, key: str, claimer: str, desc: Descriptor) -> tuple[RoomState, str | None]:
+        """Mark TRANSFERRING if ``claimer`` holds the room and ``desc``'s producer is live at ``desc.endpoint``.
+
+        Returns the room's state afterwards and the endpoint the producer registered
+        (None when it is not a live worker of the descriptor's stage).
+        """
+        state, endpoint = self._begin_transfer(
+            keys=[key, keys.worker_key(desc.producer_id)],
+            args=[claimer, desc.producer_stage, desc.endpoint, repr(time.time())],
+        )
+        return RoomState(int(state)), (endpoint.decode() or None)
 
     def renew_claim(self, key: str, claimer: str, lease_seconds: float) -> bool:
         return bool(self._renew(keys=[key], args=[claimer, repr(time.time() + lease_seconds)]))

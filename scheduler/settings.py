@@ -59,6 +59,9 @@ class TransferSettings(BaseModel):
     slot_mb: int | None = Field(default=None, ge=1)
     # Mooncake: a read that takes longer fails (and the hand-off recomputes); None = engine default (30 s).
     transfer_timeout_seconds: int | None = Field(default=None, ge=5)
+    # TCP: read payloads straight into private (never registered, never served) memory when the
+    # engine's start-up self-test allows it -- no receive slot, no copy out. False: always a slot.
+    direct_receive: bool = True
 
 
 class WorkerSettings(BaseModel):

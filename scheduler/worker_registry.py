@@ -25,12 +25,26 @@ def register_worker(conn: redis.Redis, worker_id: str, info: dict[str, str], ttl
     pipe.execute()
 
 
-# Refresh only a record that still exists: recreating a partial one (no endpoint) would make
-# consumers see a registered producer they cannot verify.
+# Refresh only a complete record (one with an endpoint): recreating a partial one would make consumers
+# see a registered producer they cannot verify, and the reaper a live worker that never expires.
+# A worker whose heartbeat finds no complete record re-registers the whole record.
 _HEARTBEAT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'endpoint') == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Field updates between heartbeats, under the same rule: never create a record, only change a live one.
+_UPDATE_LIVE = """
+if redis.call('HEXISTS', KEYS[1], 'endpoint') == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+_INCREMENT_LIVE = """
+if redis.call('HEXISTS', KEYS[1], 'endpoint') == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
@@ -44,12 +58,15 @@ def heartbeat(conn: redis.Redis, worker_id: str, ttl_seconds: int, fields: dict[
     return bool(conn.eval(_HEARTBEAT, 1, keys.worker_key(worker_id), *args))
 
 
-def update_worker(conn: Any, worker_id: str, fields: dict[str, str]) -> None:
-    conn.hset(keys.worker_key(worker_id), mapping=fields)
+def update_worker(conn: Any, worker_id: str, fields: dict[str, str]) -> Any:
+    """Change fields of a live record (False, nothing written, when it expired); joins a pipeline too."""
+    args = [part for item in fields.items() for part in item]
+    return conn.eval(_UPDATE_LIVE, 1, keys.worker_key(worker_id), *args)
 
 
-def increment(conn: Any, worker_id: str, field: str, amount: int = 1) -> None:
-    conn.hincrby(keys.worker_key(worker_id), field, amount)
+def increment(conn: Any, worker_id: str, field: str, amount: int = 1) -> Any:
+    """Add to a counter of a live record (nothing written when it expired); joins a pipeline too."""
+    return conn.eval(_INCREMENT_LIVE, 1, keys.worker_key(worker_id), field, amount)
 
 
 def deregister_worker(conn: redis.Redis, worker_id: str) -> None:

@@ -152,7 +152,8 @@ def test_two_cron_processes_same_tick_one_batch(redis_url: str, tmp_path: Path) 
     skipped = [o for o in outputs if "by another cron process" in o]
     assert len(claimed) == 1 and len(skipped) == 1, outputs
     conn = redis.Redis.from_url(redis_url)
-    assert [m.decode() for m in conn.zrange(keys.batches_index_key(), 0, -1)] == ["twice-20260505T1000Z"]
+    names: list[bytes] = conn.zrange(keys.batches_index_key(), 0, -1)  # type: ignore[assignment]
+    assert [m.decode() for m in names] == ["twice-20260505T1000Z"]
     assert queues.stage_queue(conn, Stage.ENCODE).count == 10
 
 

@@ -85,6 +85,7 @@ def test_two_jobs_end_to_end_match_wanpipeline(
     for worker in by_stage.values():
         assert worker["model_loads"] == "1"
         assert worker["jobs_done"] == "2"
+        assert worker["receive"] == "private"  # TCP: payloads land straight in the consumer's tensors
     for record in records:
         assert {s: record["stages"][s]["worker"] for s in by_stage} == {s: by_stage[s]["worker_id"] for s in by_stage}
 
@@ -93,3 +94,20 @@ def test_two_jobs_end_to_end_match_wanpipeline(
     assert sizes, "expected farm keys in Redis"
     biggest = max(sizes, key=lambda k: sizes[k])
     assert sizes[biggest] < MAX_REDIS_VALUE_BYTES, f"{biggest!r} holds {sizes[biggest]} bytes"
+
+
+def test_registered_slot_receive_path_matches_wanpipeline(
+    redis_url: str, s3_config: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The receive path RDMA needs (registered slot, copy out, verify the copies), forced on TCP."""
+    settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
+    settings = settings.model_copy(update={"transfer": settings.transfer.model_copy(update={"direct_receive": False})})
+    conn = redis.Redis.from_url(redis_url)
+    with running_workers(settings):
+        record = wait_finished(conn, submit(conn, settings, SPEC))
+        receive = {w["stage"]: w["receive"] for w in live_workers(conn)}
+    assert record["state"] == "succeeded", worker_logs(settings)
+    assert receive == {"encode": "slot", "transform": "slot", "decode": "slot"}
+    video = get_bytes(make_s3_client(s3_config), s3_config.bucket, record["result"]["video_key"])
+    farm = decode_video_frames(video).astype(np.int16)
+    assert np.abs(farm - reference_frames(tiny_model_dir, SPEC).astype(np.int16)).max() <= 1

@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler import jobs, keys
+from scheduler import jobs, keys, queues
 from scheduler.keys import Stage
 from scheduler.local_servers import free_port, start_s3_server, start_valkey
 from scheduler.object_store import S3Config, ensure_bucket, get_bytes, list_incomplete_uploads, make_s3_client
 from scheduler.spec import SpecError
 from scheduler.submit import submit
+from scheduler.worker_registry import live_workers
 from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, wait_until, worker_logs
 from workers.video_encoder import probe_frame_count
 
@@ -124,6 +125,10 @@ def test_redis_restart_with_jobs_queued_and_running(s3_config: S3Config, tiny_mo
     try:
         fleet.start(*Stage)
         job_ids = [submit(conn, settings, {**JOB, "steps": 2, "seed": i}) for i in range(20)]
+        # A dequeue whose connection died before the worker started it, made by hand so every run has one:
+        # the id sits in rq's intermediate list and only the reaper's stranded-dequeue pass brings it back.
+        encode_queue = queues.stage_queue(conn, Stage.ENCODE)
+        assert conn.lmove(encode_queue.key, encode_queue.intermediate_queue_key) is not None
         wait_until(lambda: jobs.job_fields(conn, job_ids[0]).get("transform.state") in ("running", "done"), 60, "work")
         time.sleep(1.5)  # appendfsync everysec: give the AOF its second
         server.stop()
@@ -140,6 +145,32 @@ def test_redis_restart_with_jobs_queued_and_running(s3_config: S3Config, tiny_mo
     FIGURES.append(
         {"fault": "Valkey restart, 20 jobs queued/running", "trials": 20, "completed": 20, "worst_recovery_s": None}
     )
+
+
+def test_expired_worker_records_are_re_registered_whole(
+    redis_url: str, s3_config: S3Config, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A pause or Redis outage longer than the TTL expires worker records; each heartbeat must put its whole
+    record back (endpoint included, counters kept), or consumers refuse the worker's outputs forever."""
+    settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
+    conn = redis.Redis.from_url(redis_url)
+    fleet = WorkerFleet(settings)
+    try:
+        fleet.start(*Stage)
+        first = submit(conn, settings, {**JOB, "steps": 2})
+        assert wait_finished(conn, first, timeout=120)["state"] == "succeeded", worker_logs(settings)
+        before = {w["worker_id"]: w for w in live_workers(conn)}
+        assert len(before) == 3
+        for worker_id in before:
+            conn.delete(keys.worker_key(worker_id))  # what expiry does
+        wait_until(lambda: {w["worker_id"] for w in live_workers(conn)} == set(before), 15, "re-registration")
+        for worker_id, record in {w["worker_id"]: w for w in live_workers(conn)}.items():
+            assert (record["stage"], record["endpoint"]) == (before[worker_id]["stage"], before[worker_id]["endpoint"])
+            assert record["jobs_done"] == "1" and record["state"] == "idle"
+        second = wait_finished(conn, submit(conn, settings, {**JOB, "steps": 2, "seed": 5}), timeout=120)
+        assert second["state"] == "succeeded" and second["failures"] == [], worker_logs(settings)
+    finally:
+        fleet.stop_all()
 
 
 def test_s3_outage_within_and_past_the_retry_budget(tiny_model_dir: Path, tmp_path: Path, redis_url: str) -> None:
@@ -243,8 +274,6 @@ def test_malformed_input_at_every_entry_point(
                 "encode.attempt": "1",
             },
         )
-        from scheduler import queues
-
         queues.enqueue_stage(conn, "planted", Stage.ENCODE, 1, None)
         # An rq job for a job that does not exist, and one with a garbage room.
         queues.enqueue_stage(conn, "ghost", Stage.ENCODE, 1, None)

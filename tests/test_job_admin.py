@@ -122,8 +122,9 @@ def test_retry_failed_job_uses_a_higher_attempt(conn: redis.Redis, settings: Far
     jobs.mark_stage_started(conn, job_id, Stage.ENCODE, "encode-w1", 1)
     pipe = conn.pipeline()
     jobs.mark_stage_finished(pipe, job_id, Stage.ENCODE, 1, 0.5)
+    jobs.mark_stage_queued(pipe, job_id, Stage.TRANSFORM, 2)
     pipe.execute()
-    jobs.mark_stage_started(conn, job_id, Stage.TRANSFORM, "transform-w1", 2)
+    assert jobs.mark_stage_started(conn, job_id, Stage.TRANSFORM, "transform-w1", 2)
     jobs.set_progress(conn, job_id, Stage.TRANSFORM, 1, 2)
     jobs.mark_failed(conn, job_id, Stage.TRANSFORM, "quarantined after 2 attempts")
 
@@ -246,3 +247,21 @@ def test_wait_for_job_prints_a_line_per_change(conn: redis.Redis, settings: Farm
     record = wait_for_job(conn, job_id, timeout=5, stream=out, live=False)
     assert record["state"] == "succeeded"
     assert out.getvalue() == "[succeeded] encode done\n"
+
+
+def test_info_lists_workers_with_free_slots_and_receive_path(
+    conn: redis.Redis, settings: FarmSettings, tmp_path: Path
+) -> None:
+    record = {"stage": "transform", "state": "idle", "slots": "2", "free_slots": "1", "receive": "private"}
+    worker_registry.register_worker(conn, "transform-w1", {**record, "device": "cpu"}, ttl_seconds=30)
+    worker_registry.register_worker(conn, "decode-w1", {**record, "stage": "decode", "receive": "slot"}, ttl_seconds=30)
+    rows = {row.worker_id: row for row in job_admin.worker_rows(conn)}
+    assert rows["transform-w1"].free_slots == "1/2" and rows["transform-w1"].receive == "private"
+    assert rows["decode-w1"].receive == "slot"
+    result = cli(settings, tmp_path, "info")
+    assert result.exit_code == 0, result.output
+    header, *lines = [
+        line for line in result.output.splitlines() if line.startswith(("WORKER", "transform-w1", "decode-w1"))
+    ]
+    assert header.split()[-1] == "RECEIVE"
+    assert {line.split()[0]: line.split()[-1] for line in lines} == {"transform-w1": "private", "decode-w1": "slot"}

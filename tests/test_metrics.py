@@ -38,7 +38,6 @@ def test_farm_metrics_endpoint(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
     settings = FarmSettings(redis_url=redis_url, secret=secrets.token_hex(8))
     done = submit(conn, settings, TINY)
-    conn.hset(keys.job_key(done), "state", "succeeded")
     submit(conn, settings, {**TINY, "seed": 1})
     submit(conn, settings, {**TINY, "seed": 2, "priority": "high"})
     worker_registry.register_worker(conn, "encode-a", {"stage": "encode", "state": "busy"}, ttl_seconds=30)

@@ -64,7 +64,7 @@ def simulate_batch(conn: redis.Redis, settings: FarmSettings, name: str, count: 
                 "bytes": 1000 + i,
             }
             fields.update(state="succeeded", result=json.dumps(result))
-        conn.hset(keys.job_key(job_id), mapping=fields)
+        conn.hset(keys.job_key(job_id), mapping=fields)  # type: ignore[arg-type]
     return parsed.job_ids
 
 

@@ -41,8 +41,12 @@ from workers.transfer import (
     pull_payload,
     transfer_spans,
     unpack_tensors,
+    unpack_verified,
     verify_checksum,
+    views_verified,
 )
+from workers.transfer.packing import COPY_HASH_CHUNK
+from workers.transfer.slot_pool import fresh_landing_buffer
 
 REPO = Path(__file__).resolve().parents[1]
 SLOT_BYTES = 1 << 20
@@ -237,6 +241,47 @@ def test_read_into_unregistered_local_memory_is_refused(
             pull_payload(engine, producer.endpoint, producer.base_ptr, big, slot)
     finally:
         pool.release(slot.index)
+
+
+def test_tcp_reads_land_in_an_open_private_destination_only(
+    producer: Producer, consumer: tuple[MooncakeEngine, SlotPool]
+) -> None:
+    """The direct receive path: the engine self-tested it, and the wrapper bounds it to the open range."""
+    engine, _ = consumer
+    assert engine.reads_into_private_memory
+    sent = producer.call(op="pack", seed=5)
+    entries = [TensorEntry.model_validate(e) for e in sent["entries"]]
+    try:
+        landing = fresh_landing_buffer(payload_end(entries))
+        # Not open yet: refused like any unregistered destination.
+        with pytest.raises(TransferError, match="not inside memory registered"):
+            pull_payload(engine, producer.endpoint, sent["slot_ptr"], entries, landing)
+        with engine.private_destination(landing.ptr, landing.nbytes):
+            with pytest.raises(TransferError, match="not inside memory registered"):
+                engine.read(producer.endpoint, landing.ptr + landing.nbytes - 8, sent["slot_ptr"], 64)
+            pull_payload(engine, producer.endpoint, sent["slot_ptr"], entries, landing)
+        got = views_verified(landing, entries, sent["checksum"])
+    finally:
+        producer.call(op="release", slot_index=sent["slot_index"])
+    for name, tensor in make_payload(5).items():
+        assert bytes_digest(got[name]) == bytes_digest(tensor)
+        # Views of the landing buffer, not copies: the read is the only pass over the bytes.
+        assert landing.ptr <= got[name].data_ptr() < landing.ptr + landing.nbytes
+    # Closed again: the same range is refused.
+    with pytest.raises(TransferError, match="not inside memory registered"):
+        engine.read(producer.endpoint, landing.ptr, sent["slot_ptr"], 64)
+    landing.view()[entries[0].offset + 3] ^= 0x01
+    with pytest.raises(ChecksumMismatch):
+        views_verified(landing, entries, sent["checksum"])
+
+
+def test_private_destinations_can_be_turned_off() -> None:
+    with MooncakeEngine(private_destinations=False) as engine:
+        assert not engine.reads_into_private_memory
+        buffer = torch.zeros(64, dtype=torch.uint8)
+        with pytest.raises(TransferError, match="registered receive slot"):
+            with engine.private_destination(buffer.data_ptr(), 64):
+                pass
 
 
 def test_read_after_idle_gap_succeeds(producer: Producer, consumer: tuple[MooncakeEngine, SlotPool]) -> None:
@@ -443,6 +488,36 @@ def test_unpacked_tensors_own_their_memory() -> None:
         assert torch.equal(tensor, tensors[name])
 
 
+def test_multi_chunk_payloads_copy_and_hash_like_a_plain_pass() -> None:
+    """Pack and unpack hash in COPY_HASH_CHUNK pieces; the result must equal one plain hash of the slot."""
+    generator = torch.Generator().manual_seed(11)
+    tensors = {
+        "latents": torch.randn(3 * COPY_HASH_CHUNK // 4 + 5, generator=generator),  # 3 chunks and a ragged tail
+        "text": torch.randn(2, 1000, dtype=torch.bfloat16, generator=generator),
+    }
+    buf = ByteBuffer(4 * COPY_HASH_CHUNK)
+    entries, checksum = pack_tensors(tensors, buf)
+    assert checksum == payload_checksum(buf.view(), entries)
+    got = unpack_verified(buf, entries, checksum)
+    buf.view().fill_(0)  # the receive slot is reused at once: the tensors must not live in it
+    for name, tensor in tensors.items():
+        assert got[name].dtype == tensor.dtype and bytes_digest(got[name]) == bytes_digest(tensor)
+
+
+def test_unpack_verified_refuses_a_corrupt_byte_in_any_chunk() -> None:
+    tensors = {"latents": torch.arange(COPY_HASH_CHUNK, dtype=torch.float32)}  # 4 chunks
+    buf = ByteBuffer(4 * COPY_HASH_CHUNK)
+    entries, checksum = pack_tensors(tensors, buf)
+    for position in (0, COPY_HASH_CHUNK + 7, 4 * COPY_HASH_CHUNK - 1):
+        buf.view()[position] ^= 0x10
+        with pytest.raises(ChecksumMismatch, match="the descriptor says"):
+            unpack_verified(buf, entries, checksum)
+        buf.view()[position] ^= 0x10
+    assert torch.equal(unpack_verified(buf, entries, checksum)["latents"], tensors["latents"])
+    with pytest.raises(ChecksumMismatch, match="does not name its algorithm"):
+        unpack_verified(buf, entries, checksum.partition(":")[2])
+
+
 def test_blake2b_checksums_verify_too() -> None:
     buf = ByteBuffer(SLOT_BYTES)
     entries, _ = pack_tensors(make_payload(9), buf)
@@ -490,11 +565,11 @@ def test_pack_unpack_round_trips_bitwise(tensors: dict[str, torch.Tensor]) -> No
     buf = ByteBuffer(64 * 1024)
     entries, checksum = pack_tensors(tensors, buf)
     verify_checksum(buf.view(), entries, checksum)
-    got = unpack_tensors(buf, entries)
-    assert list(got) == list(tensors)
-    for name, tensor in tensors.items():
-        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape
-        assert bytes_digest(got[name]) == bytes_digest(tensor)
+    for got in (unpack_tensors(buf, entries), unpack_verified(buf, entries, checksum)):
+        assert list(got) == list(tensors)
+        for name, tensor in tensors.items():
+            assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape
+            assert bytes_digest(got[name]) == bytes_digest(tensor)
     # A packed payload is read in at most one span, which covers every tensor byte.
     spans = transfer_spans(entries)
     assert len(spans) <= 1

@@ -50,12 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reelfarm worker {stage.value}: cannot start: {exc}", file=sys.stderr)
         return 2
     if args.metrics_port is not None:
-        from scheduler import worker_registry
         from scheduler.metrics import start_metrics_server
 
         addr = settings.transfer.hostname
         port = start_metrics_server(args.metrics_port, addr=addr)
-        worker_registry.update_worker(runtime.conn, runtime.worker_id, {"metrics": f"{addr}:{port}"})
+        runtime.set_status(metrics=f"{addr}:{port}")
 
     def make_worker() -> StageWorker:
         worker = StageWorker(

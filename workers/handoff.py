@@ -4,9 +4,12 @@ Producer: 1. take a slot (backpressure already made sure one is free) 2. pack
 3. sign a descriptor 4. hold the slot until ack or lease expiry -- publishing the
 room happens in the caller's pipeline together with the next stage's enqueue.
 
-Consumer: 1. claim the room 2. verify the descriptor (signature, live producer,
-registered endpoint, bounds) 3. mark TRANSFERRING 4. batch-read into an own
-slot 5. verify the checksum 6. unpack (copies out) and free the own slot 7. ack.
+Consumer: 1. claim the room (the claim returns the descriptor) 2. verify the
+descriptor (signature, lease, bounds) 3. check that the producer is live at the
+registered endpoint and mark TRANSFERRING, in one Redis step 4. batch-read into
+fresh private memory (TCP) and verify it -- the stage's tensors are views of it --
+or, on RDMA, into an own registered slot, copy out, verify the copies and free the
+slot 5. ack. Four Redis round trips per hand-off, the producer's publish included.
 Any refusal marks the room FAILED with its reason and raises ``HandoffError``;
 the worker itself keeps serving.
 """
@@ -15,17 +18,31 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
-from scheduler import keys, metrics, worker_registry
-from scheduler.descriptors import Descriptor, DescriptorRefused, ProducerGone, parse_and_verify
+from scheduler import keys, metrics
+from scheduler.descriptors import (
+    Descriptor,
+    DescriptorRefused,
+    ProducerGone,
+    check_producer_endpoint,
+    verify_descriptor,
+)
 from scheduler.keys import Stage
 from scheduler.rooms import RoomState
 from workers.runtime import StageRuntime
 from workers.transfer.mooncake_engine import TransferError
-from workers.transfer.packing import ChecksumMismatch, PayloadTooLarge, pack_tensors, unpack_tensors, verify_checksum
-from workers.transfer.slot_pool import pull_payload
+from workers.transfer.packing import (
+    ChecksumMismatch,
+    PayloadTooLarge,
+    pack_tensors,
+    payload_end,
+    unpack_verified,
+    views_verified,
+)
+from workers.transfer.slot_pool import ReadDestination, fresh_landing_buffer, pull_payload
 
 log = logging.getLogger("reelfarm.handoff")
 
@@ -77,21 +94,22 @@ def stage_output(
 
 def pull_input(rt: StageRuntime, job_id: str, upstream: Stage, upstream_attempt: int) -> dict[str, torch.Tensor]:
     room_key = keys.room_key(job_id, upstream, upstream_attempt)
-    claim_room(rt, room_key)
+    room = claim_room(rt, room_key)
     try:
-        return _verified_pull(rt, room_key, job_id, upstream, upstream_attempt)
+        return _verified_pull(rt, room_key, room, job_id, upstream, upstream_attempt)
     finally:
         rt.end_claim(room_key)
 
 
-def claim_room(rt: StageRuntime, room_key: str) -> None:
-    """Claim, waiting out a claim whose holder died (its lease lapses within one worker TTL)."""
+def claim_room(rt: StageRuntime, room_key: str) -> dict[str, str]:
+    """Claim and return the room, waiting out a claim whose holder died (its lease lapses within one worker TTL)."""
     lease = rt.settings.worker.worker_ttl_seconds
     deadline = time.monotonic() + lease + 1.0
     while True:
-        if rt.rooms.claim(room_key, rt.worker_id, lease):
+        room = rt.rooms.claim_and_read(room_key, rt.worker_id, lease)
+        if room is not None:
             rt.begin_claim(room_key)
-            return
+            return room
         state = rt.rooms.state(room_key)
         if state not in (RoomState.CLAIMED, RoomState.TRANSFERRING) or time.monotonic() > deadline:
             raise InputLost(f"input room {room_key} cannot be claimed (state {state.name})")
@@ -99,23 +117,21 @@ def claim_room(rt: StageRuntime, room_key: str) -> None:
 
 
 def _verified_pull(
-    rt: StageRuntime, room_key: str, job_id: str, upstream: Stage, upstream_attempt: int
+    rt: StageRuntime, room_key: str, room: dict[str, str], job_id: str, upstream: Stage, upstream_attempt: int
 ) -> dict[str, torch.Tensor]:
     rooms = rt.rooms
-    room = rooms.read(room_key)
-    producer = worker_registry.get_worker(rt.conn, room.get("producer_id", ""))
-    endpoint = producer.get("endpoint") if producer and producer.get("stage") == upstream.value else None
     try:
-        desc = parse_and_verify(
-            room.get("descriptor", ""), room.get("signature", ""), rt.secret, endpoint, rt.descriptor_limits
-        )
+        desc = verify_descriptor(room.get("descriptor", ""), room.get("signature", ""), rt.secret, rt.descriptor_limits)
         if desc.job_id != job_id or desc.producer_stage != upstream.value or desc.attempt != upstream_attempt:
             raise DescriptorRefused("descriptor belongs to another room")
+        state, registered_endpoint = rooms.begin_transfer(room_key, rt.worker_id, desc)
+        check_producer_endpoint(desc, registered_endpoint)
     except DescriptorRefused as exc:
         rooms.fail(room_key, str(exc))
         log.warning("refused room %s: %s", room_key, exc)
         raise (InputLost if isinstance(exc, ProducerGone) else InputRefused)(str(exc)) from None
-    rooms.mark_transferring(room_key, rt.worker_id)
+    if state is not RoomState.TRANSFERRING:
+        raise InputLost(f"room {room_key} was taken over before the transfer (claim lease lapsed; now {state.name})")
     started = time.monotonic()
     tensors = _read_payload(rt, room_key, desc)
     metrics.observe_handoff(rt.stage, desc.payload_nbytes, time.monotonic() - started)
@@ -125,23 +141,50 @@ def _verified_pull(
 
 
 def _read_payload(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str, torch.Tensor]:
+    if rt.engine.reads_into_private_memory:
+        return _read_into_private_memory(rt, room_key, desc)
+    return _read_through_slot(rt, room_key, desc)
+
+
+def _read_into_private_memory(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str, torch.Tensor]:
+    """TCP: the payload lands in fresh private memory and the stage's tensors are views of it -- no copy."""
+    entries = list(desc.tensors)
+    landing = fresh_landing_buffer(payload_end(entries))
+    with rt.engine.private_destination(landing.ptr, max(landing.nbytes, 1)):
+        _pull(rt, room_key, desc, landing)
+    return _checked(rt, room_key, lambda: views_verified(landing, entries, desc.checksum, rt.settings.worker.device))
+
+
+def _read_through_slot(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str, torch.Tensor]:
+    """RDMA (registered destinations only): read into an own receive slot, copy out, verify the copies."""
     slot = rt.pool.acquire(timeout=SLOT_WAIT_SECONDS)
     if slot is None:
         raise InputLost("no free receive slot in this worker's pool")
-    entries = list(desc.tensors)
     try:
-        try:
-            pull_payload(rt.engine, desc.endpoint, desc.slot_base, entries, slot)
-        except (TransferError, PayloadTooLarge) as exc:
-            reason = f"transfer from {desc.producer_id} at {desc.endpoint} failed: {exc}"
-            rt.rooms.fail(room_key, reason)
-            raise InputLost(reason) from None
-        try:
-            # The checksum names its algorithm, so producer and consumer need not share a default.
-            verify_checksum(slot.view(), entries, desc.checksum)
-        except ChecksumMismatch as exc:
-            rt.rooms.fail(room_key, str(exc))
-            raise InputLost(str(exc)) from None
-        return unpack_tensors(slot, entries, device=rt.settings.worker.device)
+        _pull(rt, room_key, desc, slot)
+        # The checksum names its algorithm, so producer and consumer need not share a default.
+        return _checked(
+            rt, room_key, lambda: unpack_verified(slot, desc.tensors, desc.checksum, rt.settings.worker.device)
+        )
     finally:
         rt.pool.release(slot.index)
+
+
+def _pull(rt: StageRuntime, room_key: str, desc: Descriptor, destination: ReadDestination) -> None:
+    try:
+        pull_payload(rt.engine, desc.endpoint, desc.slot_base, desc.tensors, destination)
+    except (TransferError, PayloadTooLarge) as exc:
+        reason = f"transfer from {desc.producer_id} at {desc.endpoint} failed: {exc}"
+        rt.rooms.fail(room_key, reason)
+        raise InputLost(reason) from None
+
+
+def _checked(
+    rt: StageRuntime, room_key: str, verified: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The tensors ``verified`` returns, or the room FAILED and ``InputLost`` when their checksum is wrong."""
+    try:
+        return verified()
+    except ChecksumMismatch as exc:
+        rt.rooms.fail(room_key, str(exc))
+        raise InputLost(str(exc)) from None

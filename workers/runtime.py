@@ -77,6 +77,9 @@ class StageRuntime:
     model_loads: int = 1
     held: dict[str, HeldSlot] = field(default_factory=dict)
     claims: set[str] = field(default_factory=set)
+    # What the worker record shows, kept here too so a re-registration restores it rather than zeroing it.
+    jobs_done: int = 0
+    status: dict[str, str] = field(default_factory=lambda: {"state": "idle", "current_job": ""})
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -113,10 +116,12 @@ class StageRuntime:
             "model_dir": str(self.settings.model_dir),
             "device": self.settings.worker.device,
             "model_loads": str(self.model_loads),
-            "jobs_done": "0",
+            "jobs_done": str(self.jobs_done),
             "slots": str(self.pool.num_slots),
+            # How this worker receives payloads: "private" (TCP, straight into its tensors) or "slot" (copied out).
+            "receive": "private" if self.engine.reads_into_private_memory else "slot",
             "started_at": repr(time.time()),
-            "state": "idle",
+            **self.status,
         }
         worker_registry.register_worker(self.conn, self.worker_id, info, self.settings.worker.worker_ttl_seconds)
 
@@ -125,7 +130,11 @@ class StageRuntime:
             self._start_thread(self._ack_loop, "ack-listener")
         # Every worker runs the maintenance loop, so any live worker notices the dead ones.
         self._reaper = ReaperThread(
-            self.conn, self.settings.worker.reaper_interval_seconds, self.settings.worker.max_attempts
+            self.conn,
+            self.settings.worker.reaper_interval_seconds,
+            self.settings.worker.max_attempts,
+            # A worker that dies between dequeue and start is noticed on the same bound as one dying mid-job.
+            stranded_after_seconds=self.settings.worker.worker_ttl_seconds,
         )
         self._reaper.start()
 
@@ -146,9 +155,19 @@ class StageRuntime:
                 if not worker_registry.heartbeat(
                     self.conn, self.worker_id, self.settings.worker.worker_ttl_seconds, fields
                 ):
+                    # Expired (a pause or a Redis outage longer than the TTL) or lost with a Redis that
+                    # restarted empty: without a record this worker's outputs would be refused as coming
+                    # from a dead producer, and the reaper would restart whatever it runs.
+                    self._register_record()
                     log.warning("worker record had expired (missed heartbeats); re-registered")
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    def set_status(self, **fields: str) -> None:
+        """Show ``fields`` (state, current_job, metrics, ...) in the worker record, now and after a re-registration."""
+        with self._lock:
+            self.status.update(fields)
+        worker_registry.update_worker(self.conn, self.worker_id, fields)
 
     # -- claims this worker holds (renewed by the heartbeat) ---------------------------
 
@@ -228,6 +247,18 @@ class StageRuntime:
         self.engine.close()
 
 
+def transfer_engine(settings: FarmSettings, log_level: str | None = None) -> MooncakeEngine:
+    """The worker's Mooncake engine, configured from ``settings.transfer``."""
+    return MooncakeEngine(
+        hostname=settings.transfer.hostname,
+        protocol=settings.transfer.protocol,
+        device_name=settings.transfer.device_name,
+        transfer_timeout_s=settings.transfer.transfer_timeout_seconds,
+        private_destinations=settings.transfer.direct_receive,
+        log_level=log_level,
+    )
+
+
 def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     """Steps 1-4 of the lifecycle; raises ``WorkerStartupError`` with a one-line reason."""
     global _CURRENT
@@ -245,12 +276,7 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
         from workers.render_upload import connect_store
 
         s3 = connect_store(settings)
-    engine = MooncakeEngine(
-        hostname=settings.transfer.hostname,
-        protocol=settings.transfer.protocol,
-        device_name=settings.transfer.device_name,
-        transfer_timeout_s=settings.transfer.transfer_timeout_seconds,
-    )
+    engine = transfer_engine(settings)
     slot_bytes = (
         settings.transfer.slot_mb * 2**20
         if settings.transfer.slot_mb

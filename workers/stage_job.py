@@ -56,8 +56,11 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         jobs.mark_cancelled(rt.conn, job_id, this_stage, job_admin.CANCEL_REASON)
         return {"job_id": job_id, "stage": stage, "outcome": "cancelled"}
     started = time.monotonic()
-    jobs.mark_stage_started(rt.conn, job_id, this_stage, rt.worker_id, attempt)
-    worker_registry.update_worker(rt.conn, rt.worker_id, {"state": "busy", "current_job": job_id})
+    if not jobs.mark_stage_started(rt.conn, job_id, this_stage, rt.worker_id, attempt):
+        # Another copy of this attempt got there first (see jobs.mark_stage_started); it owns the run.
+        log.info("job %s: %s attempt %d is already running elsewhere; skipped", job_id, stage, attempt)
+        return {"job_id": job_id, "stage": stage, "outcome": "skipped"}
+    rt.set_status(state="busy", current_job=job_id)
     outcome = "done"
     try:
         try:
@@ -98,7 +101,7 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         _restart(rt, job_id, this_stage, attempt, "worker shut down mid-job", delay=0.0)
         raise
     finally:
-        worker_registry.update_worker(rt.conn, rt.worker_id, {"state": "idle", "current_job": ""})
+        rt.set_status(state="idle", current_job="")
     metrics.observe_stage(this_stage, time.monotonic() - started, outcome)
     return {"job_id": job_id, "stage": stage, "outcome": outcome, "seconds": round(time.monotonic() - started, 3)}
 
@@ -236,6 +239,7 @@ def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs:
                     jobs.mark_succeeded(pipe, job_id, outputs)
                 worker_registry.increment(pipe, rt.worker_id, "jobs_done")
                 pipe.execute()
+                rt.jobs_done += 1
                 return True
             except redis.WatchError:
                 continue

@@ -15,13 +15,16 @@ from workers.transfer.packing import (
     payload_nbytes,
     transfer_spans,
     unpack_tensors,
+    unpack_verified,
     verify_checksum,
+    views_verified,
 )
-from workers.transfer.slot_pool import Slot, SlotPool, pull_payload
+from workers.transfer.slot_pool import LandingBuffer, Slot, SlotPool, pull_payload
 
 __all__ = [
     "ALIGNMENT",
     "ChecksumMismatch",
+    "LandingBuffer",
     "MooncakeEngine",
     "PayloadTooLarge",
     "Slot",
@@ -34,5 +37,7 @@ __all__ = [
     "pull_payload",
     "transfer_spans",
     "unpack_tensors",
+    "unpack_verified",
     "verify_checksum",
+    "views_verified",
 ]

@@ -14,8 +14,19 @@ Lifecycle (one per worker process):
    by the producer's server, and surfaces here as a ``TransferError``.
 3. Consumers ``read`` / ``batch_read`` from a producer's registered memory into
    their own registered memory (pull). Reads are synchronous and release the GIL.
-   The destination must lie inside memory registered with *this* wrapper: it is
+   The destination must lie inside memory registered with *this* wrapper, or
+   inside a ``private_destination`` the caller opened for the read: it is
    checked here, because Mooncake's TCP transport does not check it.
+
+Private destinations (TCP only). RDMA can only write into registered memory, but
+Mooncake's TCP transport receives into any local address. Registered memory is
+served to every peer that connects -- for reads *and writes* -- so bytes a
+consumer verified in its registered receive slot could still change before it
+uses them. A read into private memory (never registered, never served) avoids
+both that window and the copy out of the slot. The engine turns the feature on
+only after a self-test read into private memory at start-up succeeds
+(``reads_into_private_memory``); otherwise, and on RDMA, consumers use a
+registered receive slot and copy out of it.
 4. ``close`` unregisters what this wrapper registered and drops the engine.
 
 Settings Mooncake reads from environment variables. The constructor sets the
@@ -57,6 +68,7 @@ attempts.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -100,6 +112,7 @@ class MooncakeEngine:
         log_level: str | None = None,
         read_attempts: int = 3,
         retry_backoff_s: float = 0.1,
+        private_destinations: bool = True,
     ) -> None:
         if read_attempts < 1:
             raise ValueError(f"read_attempts must be at least 1, got {read_attempts}")
@@ -137,7 +150,9 @@ class MooncakeEngine:
         self._read_attempts = read_attempts
         self._retry_backoff_s = retry_backoff_s
         self._registered: dict[int, int] = {}
+        self._private: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._reads_into_private = protocol == "tcp" and private_destinations and self._private_read_works()
 
     # -- identity -------------------------------------------------------------------
 
@@ -154,6 +169,11 @@ class MooncakeEngine:
     def transfer_timeout_s(self) -> int:
         """The per-read timeout this engine runs with (before Mooncake's 1 s/GiB allowance)."""
         return self._transfer_timeout_s
+
+    @property
+    def reads_into_private_memory(self) -> bool:
+        """Whether reads may land in private memory (see ``private_destination``)."""
+        return self._reads_into_private
 
     @property
     def closed(self) -> bool:
@@ -229,6 +249,29 @@ class MooncakeEngine:
             what=f"batch read of {len(sizes)} spans ({sum(sizes)} bytes) from {peer_endpoint}",
         )
 
+    @contextmanager
+    def private_destination(self, ptr: int, nbytes: int) -> Iterator[None]:
+        """Allow reads into ``[ptr, ptr + nbytes)`` of private memory while the block runs.
+
+        The range is never registered, so no peer can read or write it; only this
+        process's own reads land there. Refused unless ``reads_into_private_memory``.
+        """
+        if not self._reads_into_private:
+            raise TransferError(
+                f"this engine ({self._protocol}) cannot read into private memory: use a registered receive slot"
+            )
+        if nbytes <= 0:
+            raise ValueError(f"a private destination needs a positive size, got {nbytes}")
+        with self._lock:
+            if ptr in self._private:
+                raise TransferError(f"private destination {ptr:#x} is already open")
+            self._private[ptr] = nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._private[ptr]
+
     def close(self) -> None:
         """Unregister everything this wrapper registered and release the engine; idempotent."""
         if self._engine is None:
@@ -260,12 +303,32 @@ class MooncakeEngine:
         # Mooncake checks the *remote* range against the peer's registrations, but its TCP transport
         # writes to any local address it is given: an unchecked destination is a buffer overrun.
         with self._lock:
-            if any(base <= ptr and ptr + nbytes <= base + size for base, size in self._registered.items()):
-                return
+            for ranges in (self._registered, self._private):
+                if any(base <= ptr and ptr + nbytes <= base + size for base, size in ranges.items()):
+                    return
         raise TransferError(
             f"read destination {ptr:#x}..+{nbytes} is not inside memory registered with this engine "
-            "(a payload larger than the receive slot?)"
+            "or an open private destination (a payload larger than the receive buffer?)"
         )
+
+    def _private_read_works(self) -> bool:
+        """Self-test: read a registered pattern from our own endpoint into private memory and compare."""
+        size = 4096
+        source = ctypes.create_string_buffer(bytes(i % 251 for i in range(size)), size)
+        landing = ctypes.create_string_buffer(size)
+        source_ptr, landing_ptr = ctypes.addressof(source), ctypes.addressof(landing)
+        engine = self._engine
+        if engine.register_memory(source_ptr, size) != 0:
+            logger.info("private-destination self-test could not register its source; using receive slots")
+            return False
+        try:
+            rc = engine.transfer_sync_read(self._endpoint, landing_ptr, source_ptr, size)
+        finally:
+            engine.unregister_memory(source_ptr)
+        works = rc == 0 and landing.raw == source.raw
+        if not works:
+            logger.info("Mooncake cannot read into private memory here (rc %s); using receive slots", rc)
+        return works
 
     def _with_retry(self, call: Callable[[], int], what: str) -> None:
         rc = 0

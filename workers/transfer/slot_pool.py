@@ -11,9 +11,11 @@ Producer lifecycle:
   absolute: ``slot.ptr``)  4. ``release`` the slot when the consumer acknowledges
   or the lease runs out.
 
-Consumer lifecycle (receive side, in the consumer's OWN pool):
+Consumer lifecycle (receive side, in the consumer's OWN pool; only where the
+engine cannot read into private memory -- otherwise the consumer reads into a
+fresh ``LandingBuffer`` and needs no slot):
   1. ``acquire`` a slot  2. ``pull_payload`` the producer's spans into it at the
-  same offsets  3. verify the checksum, ``unpack_tensors`` (which clones)  4.
+  same offsets  3. ``unpack_verified`` (copies out, verifies the copies)  4.
   ``release`` at once -- the unpacked tensors own their memory.
 
 ``close`` unregisters the buffer; slots must not be used afterwards.
@@ -162,12 +164,51 @@ class SlotPool:
         )
 
 
+# Touching one byte per page commits a fresh buffer's memory before a transfer writes into it.
+PAGE_BYTES = 4096
+
+
+class ReadDestination(Protocol):
+    """Local memory a payload is read into: a registered ``Slot`` or a private ``LandingBuffer``."""
+
+    @property
+    def ptr(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LandingBuffer:
+    """Private memory a payload is read straight into (TCP only): never registered, so never served to peers.
+
+    Each hand-off gets a fresh one; the stage's input tensors are views of it, so it
+    lives exactly as long as they do.
+    """
+
+    ptr: int
+    nbytes: int
+    _bytes: torch.Tensor = field(repr=False, compare=False)
+
+    def view(self) -> torch.Tensor:
+        return self._bytes
+
+
+def fresh_landing_buffer(nbytes: int) -> LandingBuffer:
+    """A new private buffer of ``nbytes`` with its pages committed."""
+    data = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    # Commit the pages now rather than inside the transfer: the cost shows up as its own step and
+    # the read itself runs as fast as one into the registered pool.
+    data[::PAGE_BYTES].zero_()
+    return LandingBuffer(ptr=data.data_ptr(), nbytes=nbytes, _bytes=data[:nbytes])
+
+
 def pull_payload(
     engine: BatchReader,
     peer_endpoint: str,
     remote_slot_ptr: int,
     entries: Sequence[TensorEntry],
-    local_slot: Slot,
+    local_slot: ReadDestination,
 ) -> int:
     """Read a producer's payload into ``local_slot`` at the same offsets, in one batch; returns bytes read.
 
