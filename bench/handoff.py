@@ -1,6 +1,6 @@
 """The stage hand-off, measured against its baselines on production-size payloads.
 
-Run: ``python -m bench.handoff [--quick] [--repeats N] [--payloads text,480p,720p] [--json PATH]``.
+Run: ``python -m bench.handoff [--quick] [--repeats N] [--payloads text,480p,720p] [--receive auto|slot] [--json PATH]``.
 
 The same tensors move from one process to another three ways, in one run:
 

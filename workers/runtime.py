@@ -106,6 +106,8 @@ class StageRuntime:
         self._start_services()
 
     def _register_record(self) -> None:
+        with self._lock:  # the job thread updates it while the heartbeat thread may re-register
+            status = dict(self.status)
         info = {
             "stage": self.stage.value,
             "endpoint": self.engine.endpoint,
@@ -121,7 +123,7 @@ class StageRuntime:
             # How this worker receives payloads: "private" (TCP, straight into its tensors) or "slot" (copied out).
             "receive": "private" if self.engine.reads_into_private_memory else "slot",
             "started_at": repr(time.time()),
-            **self.status,
+            **status,
         }
         worker_registry.register_worker(self.conn, self.worker_id, info, self.settings.worker.worker_ttl_seconds)
 
@@ -162,6 +164,8 @@ class StageRuntime:
                     log.warning("worker record had expired (missed heartbeats); re-registered")
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:  # noqa: BLE001 - a dead heartbeat thread would make the farm reap a live worker
+                log.exception("heartbeat failed")
 
     def set_status(self, **fields: str) -> None:
         """Show ``fields`` (state, current_job, metrics, ...) in the worker record, now and after a re-registration."""

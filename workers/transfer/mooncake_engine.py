@@ -17,6 +17,7 @@ Lifecycle (one per worker process):
    The destination must lie inside memory registered with *this* wrapper, or
    inside a ``private_destination`` the caller opened for the read: it is
    checked here, because Mooncake's TCP transport does not check it.
+4. ``close`` unregisters what this wrapper registered and drops the engine.
 
 Private destinations (TCP only). RDMA can only write into registered memory, but
 Mooncake's TCP transport receives into any local address. Registered memory is
@@ -27,7 +28,6 @@ both that window and the copy out of the slot. The engine turns the feature on
 only after a self-test read into private memory at start-up succeeds
 (``reads_into_private_memory``); otherwise, and on RDMA, consumers use a
 registered receive slot and copy out of it.
-4. ``close`` unregisters what this wrapper registered and drops the engine.
 
 Settings Mooncake reads from environment variables. The constructor sets the
 ones it is given for the duration of engine construction only, so they do not
