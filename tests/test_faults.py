@@ -95,6 +95,45 @@ def test_sigkill_at_a_random_point_of_each_stage(
     )
 
 
+def test_sigkill_decode_mid_upload_leaves_one_video_and_no_orphan_parts(
+    redis_url: str, s3_config: S3Config, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Killed between two parts of its multipart upload, the decode worker leaves an incomplete upload;
+    the restarted attempt must abort it and land exactly one video."""
+    settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
+    conn = redis.Redis.from_url(redis_url)
+    client = make_s3_client(s3_config)
+    # Lossless 512x256x33 from the tiny model is about 11.7 MB: two parts of the default 8 MiB.
+    spec = {**JOB, "width": 512, "height": 256, "frames": 33, "steps": 2, "codec": {"name": "lossless"}}
+    fleet = WorkerFleet(settings, extra_env={"REELFARM_FAULT_SLOW": "decode-upload:60"})
+    try:
+        fleet.start(*Stage)
+        job_id = submit(conn, settings, spec)
+
+        def parts_in_flight() -> list[Any]:
+            return [u for u in list_incomplete_uploads(client, s3_config.bucket, "") if job_id in u.key]
+
+        wait_until(parts_in_flight, 180, "the first part of the video upload")
+        killed_at = time.time()
+        os.kill(fleet.worker_pid(Stage.DECODE), signal.SIGKILL)
+        fleet.procs = [(s, p) for s, p in fleet.procs if p.poll() is None or s is not Stage.DECODE]
+        assert parts_in_flight(), "the kill landed mid-upload"
+        fleet.extra_env = {}  # the replacement decodes without pausing
+        fleet.start(Stage.DECODE)
+        record = wait_finished(conn, job_id, timeout=240)
+        assert record["state"] == "succeeded", worker_logs(settings)
+        assert_exactly_one_video(client, s3_config.bucket, record, frames=33)
+        assert parts_in_flight() == []
+        assert record["failures"] and record["failures"][0]["stage"] == "decode"
+        recovery = record["failures"][0]["at"] - killed_at
+        assert recovery < DETECTION_BOUND_SECONDS
+    finally:
+        fleet.stop_all()
+    FIGURES.append(
+        {"fault": "SIGKILL decode mid-upload", "trials": 1, "completed": 1, "worst_recovery_s": round(recovery, 1)}
+    )
+
+
 def test_sigterm_mid_job_finishes_it(redis_url: str, s3_config: S3Config, tiny_model_dir: Path, tmp_path: Path) -> None:
     settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
     conn = redis.Redis.from_url(redis_url)

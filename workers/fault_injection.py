@@ -2,9 +2,11 @@
 
 ``REELFARM_FAULT_CRASH=STAGE:MARKER`` makes a worker of STAGE hard-exit (as an OOM
 kill or a segfault would: no cleanup, no Python unwinding) when it starts a job
-whose prompt contains MARKER. ``REELFARM_FAULT_SLOW=STAGE:SECONDS`` makes STAGE
-pause mid-job (after its input was pulled and acknowledged), widening the window
-in which a test can kill it. It exists so tests can show that a job which keeps
+whose prompt contains MARKER. ``REELFARM_FAULT_SLOW=POINT:SECONDS`` pauses a worker
+at POINT, widening the window in which a test can kill it: a stage name pauses
+that stage mid-job (after its input was pulled and acknowledged);
+``decode-upload`` pauses the decode worker right after the first part of the
+video's multipart upload landed, so a kill there leaves an incomplete upload. It exists so tests can show that a job which keeps
 killing workers is quarantined instead of looping; operators never set it.
 """
 
@@ -29,7 +31,11 @@ def crash_if_injected(stage: str, prompt: str) -> None:
         os._exit(CRASH_EXIT_CODE)
 
 
-def pause_if_injected(stage: str) -> None:
-    crash_stage, _, seconds = os.environ.get("REELFARM_FAULT_SLOW", "").partition(":")
-    if crash_stage == stage and seconds:
+UPLOAD_POINT = "decode-upload"
+
+
+def pause_if_injected(point: str) -> None:
+    slow_point, _, seconds = os.environ.get("REELFARM_FAULT_SLOW", "").partition(":")
+    if slow_point == point and seconds:
+        log.error("fault injection: pausing at %s for %s s on purpose", point, seconds)
         time.sleep(float(seconds))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from scheduler.object_store import (
 from scheduler.output_keys import output_keys
 from scheduler.settings import FarmSettings
 from scheduler.spec import JobSpec
+from workers.fault_injection import UPLOAD_POINT, pause_if_injected
 from workers.runtime import StageRuntime
 from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encode_jpeg
 
@@ -42,6 +44,20 @@ def connect_store(settings: FarmSettings) -> Any:
     ensure_bucket(client, settings.s3.bucket)
     check_reachable(client, settings.s3.bucket)
     return client
+
+
+def _upload_sink(upload: StreamingMultipartUpload) -> Callable[[bytes], None]:
+    """``upload.write``, plus the fault-injection pause point after the first part (tests only)."""
+    first_part_seen = False
+
+    def write(data: bytes) -> None:
+        nonlocal first_part_seen
+        upload.write(data)
+        if not first_part_seen and upload.parts_uploaded:
+            first_part_seen = True
+            pause_if_injected(UPLOAD_POINT)
+
+    return write
 
 
 def render_and_upload(
@@ -62,7 +78,7 @@ def render_and_upload(
     except ObjectStoreError as exc:
         log.warning("could not clear earlier uploads of %s: %s", out.video, exc)
     with StreamingMultipartUpload(rt.s3, bucket, out.video, "video/mp4", retry_seconds=retry) as upload:
-        with FfmpegStreamEncoder(spec.width, spec.height, spec.fps, codec, sink=upload.write) as encoder:
+        with FfmpegStreamEncoder(spec.width, spec.height, spec.fps, codec, sink=_upload_sink(upload)) as encoder:
             for chunk in decoder.iter_frames(latents):
                 if poster is None:
                     poster = chunk[0].copy()
