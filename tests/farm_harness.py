@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -95,6 +96,14 @@ class WorkerFleet:
         live = [p for s, p in self.procs if s is stage and p.poll() is None]
         assert len(live) == 1, f"expected one live {stage} worker, found {len(live)}"
         return live[0].pid
+
+    def sigkill(self, stage: Stage) -> None:
+        """Kill the stage's live worker as an OOM kill would (no cleanup), and forget it."""
+        pid = self.worker_pid(stage)
+        victim = next(p for s, p in self.procs if p.pid == pid)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        self.procs = [(s, p) for s, p in self.procs if p is not victim]
 
     def stop_all(self) -> None:
         for _, proc in self.procs:

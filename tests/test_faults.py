@@ -7,7 +7,6 @@ module: run with ``-s`` to see them.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
@@ -70,8 +69,7 @@ def test_sigkill_at_a_random_point_of_each_stage(
             wait_until(lambda j=job_id, f=field: jobs.job_fields(conn, j).get(f) == "running", 60, f"{stage} to start")
             time.sleep(rng.uniform(0.0, slow))
             killed_at = time.monotonic()
-            os.kill(fleet.worker_pid(stage), signal.SIGKILL)
-            fleet.procs = [(s, p) for s, p in fleet.procs if p.poll() is None or s is not stage]
+            fleet.sigkill(stage)
             fleet.start(stage)
             record = wait_finished(conn, job_id, timeout=180)
             assert record["state"] == "succeeded", worker_logs(settings)
@@ -115,8 +113,7 @@ def test_sigkill_decode_mid_upload_leaves_one_video_and_no_orphan_parts(
 
         wait_until(parts_in_flight, 180, "the first part of the video upload")
         killed_at = time.time()
-        os.kill(fleet.worker_pid(Stage.DECODE), signal.SIGKILL)
-        fleet.procs = [(s, p) for s, p in fleet.procs if p.poll() is None or s is not Stage.DECODE]
+        fleet.sigkill(Stage.DECODE)
         assert parts_in_flight(), "the kill landed mid-upload"
         fleet.extra_env = {}  # the replacement decodes without pausing
         fleet.start(Stage.DECODE)

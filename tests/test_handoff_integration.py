@@ -5,8 +5,6 @@ Real Valkey, real Mooncake TCP between worker processes, real SeaweedFS and ffmp
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -117,7 +115,7 @@ def test_producer_killed_before_pull_recomputes_upstream(
         job_id = submit(conn, settings, TINY_JOB)
         room = keys.room_key(job_id, Stage.ENCODE, 1)
         wait_until(lambda: Rooms(conn).state(room) is RoomState.PUBLISHED, 60, "encode to publish")
-        os.kill(fleet.worker_pid(Stage.ENCODE), signal.SIGKILL)
+        fleet.sigkill(Stage.ENCODE)
         # Another encode worker, and the consumers: the transform finds the producer gone.
         fleet.start(Stage.ENCODE, Stage.TRANSFORM, Stage.DECODE)
         record = wait_finished(conn, job_id, timeout=120)

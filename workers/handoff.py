@@ -148,11 +148,12 @@ def _read_payload(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str
 
 def _read_into_private_memory(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str, torch.Tensor]:
     """TCP: the payload lands in fresh private memory and the stage's tensors are views of it -- no copy."""
-    entries = list(desc.tensors)
-    landing = fresh_landing_buffer(payload_end(entries))
+    landing = fresh_landing_buffer(payload_end(desc.tensors))
     with rt.engine.private_destination(landing.ptr, max(landing.nbytes, 1)):
         _pull(rt, room_key, desc, landing)
-    return _checked(rt, room_key, lambda: views_verified(landing, entries, desc.checksum, rt.settings.worker.device))
+    return _checked(
+        rt, room_key, lambda: views_verified(landing, desc.tensors, desc.checksum, rt.settings.worker.device)
+    )
 
 
 def _read_through_slot(rt: StageRuntime, room_key: str, desc: Descriptor) -> dict[str, torch.Tensor]:

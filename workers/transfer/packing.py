@@ -228,13 +228,10 @@ def views_verified(
     bytes are copied to the device.
     """
     verify_checksum(buffer.view(), entries, expected)
-    view = buffer.view()
-    on_cpu = torch.device(device).type == "cpu"
-    out: dict[str, torch.Tensor] = {}
-    for entry in entries:
-        typed = _entry_bytes(view, entry, out).view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
-        out[entry.name] = typed if on_cpu else typed.to(device, copy=True)
-    return out
+    typed = _typed_views(buffer.view(), entries)
+    if torch.device(device).type == "cpu":
+        return typed
+    return {name: tensor.to(device, copy=True) for name, tensor in typed.items()}
 
 
 def unpack_tensors(
@@ -245,12 +242,18 @@ def unpack_tensors(
     On an accelerator the copy out of the slot *is* the host-to-device copy the stage
     needs anyway: one pass over the payload instead of a host clone and a second copy.
     """
-    view = slot.view()
-    out: dict[str, torch.Tensor] = {}
     on_cpu = torch.device(device).type == "cpu"
+    return {
+        name: tensor.clone() if on_cpu else tensor.to(device, copy=True)
+        for name, tensor in _typed_views(slot.view(), entries).items()
+    }
+
+
+def _typed_views(view: torch.Tensor, entries: Sequence[TensorEntry]) -> dict[str, torch.Tensor]:
+    """Each entry's bytes in ``view`` as a tensor of its dtype and shape (views, no copy), after the checks."""
+    out: dict[str, torch.Tensor] = {}
     for entry in entries:
-        typed = _entry_bytes(view, entry, out).view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
-        out[entry.name] = typed.clone() if on_cpu else typed.to(device, copy=True)
+        out[entry.name] = _entry_bytes(view, entry, out).view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
     return out
 
 
