@@ -109,7 +109,8 @@ def run(conn: redis.Redis, count: int, repeats: int, chunk: int) -> dict[str, An
 
     def raw_rq(pipeline_size: int) -> Callable[[], None]:
         def go() -> None:
-            # Same payload as queues.enqueue_stage builds for an encode attempt.
+            # The payload queues.enqueue_stage builds for an encode attempt, minus the call signature:
+            # signing is part of what the farm costs over raw rq.
             datas = [
                 queue.prepare_data(
                     queues.STAGE_ENTRYPOINT,

@@ -316,8 +316,9 @@ def submit_batch(
     name = parsed.name
     _write_batch_record(conn, parsed, source)
     images = _ImageStager(settings)
+    secret = settings.require_secret()
     for offset in range(0, len(parsed.entries), chunk_size):
-        _submit_chunk(conn, name, parsed.entries[offset : offset + chunk_size], resume, outcome, images)
+        _submit_chunk(conn, name, parsed.entries[offset : offset + chunk_size], resume, outcome, images, secret)
     conn.hset(
         keys.batch_key(name),
         mapping={
@@ -359,6 +360,7 @@ def _submit_chunk(
     resume: bool,
     outcome: SubmitOutcome,
     images: _ImageStager,
+    secret: bytes,
 ) -> None:
     job_keys = [keys.job_key(e.job_id) for e in chunk]
     with conn.pipeline(transaction=True) as pipe:
@@ -387,12 +389,12 @@ def _submit_chunk(
                         enqueues.append((entry.job_id, 1, None, spec.priority, spec.model))
                         created.append(entry.job_id)
                     elif resume and fields["state"] in job_admin.RETRYABLE_STATES:
-                        job_admin.queue_retry(pipe, conn, entry.job_id, fields)
+                        job_admin.queue_retry(pipe, conn, entry.job_id, fields, secret=secret)
                         retried.append(entry.job_id)
                     else:
                         existing.append(entry.job_id)
                 jobs.index_jobs(pipe, created)
-                queues.enqueue_stages(conn, Stage.ENCODE, enqueues, pipeline=pipe)
+                queues.enqueue_stages(conn, Stage.ENCODE, enqueues, pipeline=pipe, secret=secret)
                 batch_jobs = keys.batch_jobs_key(name)
                 members = {e.job_id: e.line_no for e in chunk if e.job_id not in images.refused}
                 if members:

@@ -287,7 +287,7 @@ def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, 
         fail("give a JOB id, or --failed and/or --batch NAME")
     conn = connect_redis(settings)
     if job_id:
-        attempt = job_admin.resubmit(conn, job_id)
+        attempt = job_admin.resubmit(conn, job_id, secret=settings.require_secret())
         click.echo(f"{job_id} re-queued from encode (attempt {attempt})")
         return
     # A named batch retries its cancelled jobs too (that is how a cancelled batch is resumed).
@@ -296,7 +296,7 @@ def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, 
     retried = 0
     for row in rows:
         try:
-            job_admin.resubmit(conn, row.job_id)
+            job_admin.resubmit(conn, row.job_id, secret=settings.require_secret())
             retried += 1
         except job_admin.JobAdminError:
             continue  # changed state since listed (retried elsewhere, or finished): nothing to do
@@ -309,14 +309,16 @@ def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, 
 @farm_command
 @ops_errors
 def info_command(settings: FarmSettings, as_json: bool) -> None:
-    """Queue depths per stage and priority; live workers with model, device, heartbeat, state and job."""
-    from scheduler import job_admin, keys
+    """Queue depths per stage and priority; live workers with model, device, heartbeat, state and job; refused calls."""
+    from scheduler import job_admin, keys, stage_calls
 
     conn = connect_redis(settings)
     queue_rows = job_admin.queue_rows(conn, list(settings.model_dirs()))
     workers = job_admin.worker_rows(conn)
     inflight = int(conn.zcard(keys.inflight_key()))  # type: ignore[arg-type]
     delayed = int(conn.zcard(keys.delayed_key()))  # type: ignore[arg-type]
+    refused_counts = stage_calls.refusal_counts(conn)
+    refused = stage_calls.recent_refusals(conn, limit=10)
     if as_json:
         queues_json: dict[str, dict[str, dict[str, int]]] = {}
         for row in queue_rows:
@@ -326,6 +328,7 @@ def info_command(settings: FarmSettings, as_json: bool) -> None:
             "workers": [asdict(w) for w in workers],
             "inflight": inflight,
             "delayed_retries": delayed,
+            "refused_calls": {"counts": refused_counts, "recent": [asdict(r) for r in refused]},
         }
         click.echo(json.dumps(body, indent=2))
         return
@@ -337,6 +340,15 @@ def info_command(settings: FarmSettings, as_json: bool) -> None:
     click.echo(_table(rows))
     click.echo(f"in flight: {inflight} stage executions; waiting out a retry backoff: {delayed}")
     click.echo("")
+    if refused_counts:
+        by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(refused_counts.items()))
+        click.echo(f"REFUSED rq jobs (not run; someone who can write to Redis queued them): {by_reason}")
+        rows = [["WHEN", "QUEUE", "RQ JOB", "FUNCTION", "REASON", "DETAIL"]]
+        for r in refused:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.at))
+            rows.append([when, r.queue, r.rq_job_id, r.function, r.reason, r.detail])
+        click.echo(_table(rows))
+        click.echo("")
     if not workers:
         click.echo("no live workers (start them with `reelfarm worker STAGE` or `reelfarm up`)")
         return

@@ -13,6 +13,7 @@ import hmac
 import json
 import math
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -97,7 +98,7 @@ class DescriptorLimits(BaseModel):
 def parse_and_verify(
     raw_json: str,
     signature: str,
-    secret: bytes,
+    secret: bytes | Sequence[bytes],
     registered_endpoint: str | None,
     limits: DescriptorLimits,
 ) -> Descriptor:
@@ -112,8 +113,12 @@ def parse_and_verify(
     return desc
 
 
-def verify_descriptor(raw_json: str, signature: str, secret: bytes, limits: DescriptorLimits) -> Descriptor:
+def verify_descriptor(
+    raw_json: str, signature: str, secret: bytes | Sequence[bytes], limits: DescriptorLimits
+) -> Descriptor:
     """Every check that needs no Redis: version, schema, signature, lease, bounds.
+
+    ``secret`` may be several: the current farm secret and the previous one, while a farm rotates.
 
     The consumer then checks the producer's registration (``check_producer_endpoint``)
     in the same Redis step that marks the room TRANSFERRING.
@@ -130,7 +135,8 @@ def verify_descriptor(raw_json: str, signature: str, secret: bytes, limits: Desc
         desc = Descriptor.model_validate_json(raw_json)
     except ValueError as exc:
         raise DescriptorRefused(f"descriptor is malformed: {str(exc).splitlines()[0]}") from None
-    if not hmac.compare_digest(desc.sign(secret), signature or ""):
+    accepted = (secret,) if isinstance(secret, bytes) else tuple(secret)
+    if not any(hmac.compare_digest(desc.sign(key), signature or "") for key in accepted):
         raise DescriptorRefused("descriptor signature does not match the farm secret")
     if desc.lease_expires_at < time.time():
         raise ProducerGone(f"the producer's lease on this payload expired at {desc.lease_expires_at:.0f}")

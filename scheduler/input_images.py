@@ -1,7 +1,8 @@
 """Conditioning images for image-to-video jobs: fetched, checked and stored once, at submit.
 
 Whatever the source -- a local path (read by the submitter), an ``s3://`` object
-or an http(s) URL inside the farm's network -- the bytes are checked (decodable,
+or an http(s) URL (fetched under ``scheduler.fetch_policy``: public addresses
+only, unless ``fetch.allow`` names a host or range) -- the bytes are checked (decodable,
 bounded bytes and pixels) and copied to the job's own input key in the bucket.
 Workers then read only that key, so a job never depends on a path or URL that
 may change or vanish while it waits in a queue.
@@ -9,21 +10,19 @@ may change or vanish while it waits in a queue.
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from scheduler.fetch_policy import FetchPolicy, FetchRefused, fetch
 from scheduler.image_input import ImageInputError, load_and_check_image, parse_image_source
 from scheduler.object_store import ObjectStoreError, get_bytes, put_bytes, s3_uri
 from scheduler.output_keys import output_keys
 from scheduler.settings import FarmSettings
 from scheduler.spec import JobSpec, SpecError
 
-HTTP_TIMEOUT_SECONDS = 20.0
 
-
-def read_source(source: str, client: Any, max_bytes: int) -> bytes:
+def read_source(source: str, client: Any, max_bytes: int, policy: FetchPolicy | None = None) -> bytes:
+    """The bytes of an image source; an http(s) URL is fetched under ``policy`` (public addresses only by default)."""
     kind, where = parse_image_source(source)
     if kind == "path":
         path = Path(where)
@@ -39,13 +38,9 @@ def read_source(source: str, client: Any, max_bytes: int) -> bytes:
         except ObjectStoreError as exc:
             raise ImageInputError(f"cannot read image s3://{where}: {exc}") from None
     try:
-        with urllib.request.urlopen(where, timeout=HTTP_TIMEOUT_SECONDS) as response:  # noqa: S310 - scheme checked above
-            data: bytes = response.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError) as exc:
-        raise ImageInputError(f"cannot fetch image {where}: {exc}") from None
-    if len(data) > max_bytes:
-        raise ImageInputError(f"image at {where} is over the limit of {max_bytes} bytes")
-    return data
+        return fetch(where, policy or FetchPolicy(max_bytes=max_bytes))
+    except FetchRefused as exc:
+        raise ImageInputError(str(exc)) from None
 
 
 def stage_input_image(settings: FarmSettings, spec: JobSpec, job_id: str, client: Any) -> JobSpec:
@@ -54,7 +49,8 @@ def stage_input_image(settings: FarmSettings, spec: JobSpec, job_id: str, client
         return spec
     limits = settings.limits
     try:
-        data = read_source(spec.image, client, limits.max_image_bytes)
+        policy = FetchPolicy.from_settings(settings.fetch, limits.max_image_bytes)
+        data = read_source(spec.image, client, limits.max_image_bytes, policy)
         load_and_check_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
     except ImageInputError as exc:
         raise SpecError(f"invalid job spec: image: {exc}") from None

@@ -166,7 +166,7 @@ def next_stage_attempt(conn: Any, job_id: str, stage: Stage) -> int:
     return int(conn.hget(keys.job_key(job_id), f"{stage.value}.attempt") or 0) + 1
 
 
-def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str | None]) -> int:
+def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str | None], *, secret: bytes) -> int:
     """Queue a retry of ``job_id`` from encode inside the caller's MULTI ``pipe``; returns the new attempt.
 
     ``fields`` is the record's ``state``, ``spec`` and ``<stage>.attempt`` values, read
@@ -194,11 +194,12 @@ def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str
         priority=spec.get("priority", "default"),
         pipeline=pipe,
         model=spec.get("model", keys.DEFAULT_MODEL),
+        secret=secret,
     )
     return attempt
 
 
-def resubmit(conn: redis.Redis, job_id: str) -> int:
+def resubmit(conn: redis.Redis, job_id: str, *, secret: bytes) -> int:
     """Re-submit a failed or cancelled job from encode with a fresh attempt; returns the attempt number."""
     key = keys.job_key(job_id)
     with conn.pipeline(transaction=True) as pipe:
@@ -216,7 +217,7 @@ def resubmit(conn: redis.Redis, job_id: str) -> int:
                         + (" (cancel it first)" if state != JobState.SUCCEEDED.value else "")
                     )
                 pipe.multi()
-                attempt = queue_retry(pipe, conn, job_id, fields)
+                attempt = queue_retry(pipe, conn, job_id, fields, secret=secret)
                 pipe.execute()
                 return attempt
             except redis.WatchError:

@@ -166,6 +166,25 @@ def mark_failed(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
     _mark_ended(conn, job_id, stage, JobState.FAILED, reason)
 
 
+# Fail a stage attempt only while the farm is still waiting for it to start. KEYS: job.
+# ARGV: stage, attempt, error, now.
+_FAIL_WAITING = f"""
+local state, stage_state, attempt = unpack(redis.call('HMGET', KEYS[1], 'state', ARGV[1] .. '.state', ARGV[1] .. '.attempt'))
+if not state or state == '{JobState.SUCCEEDED}' or state == '{JobState.FAILED}' or state == '{JobState.CANCELLED}' then
+  return 0
+end
+if stage_state ~= 'queued' or attempt ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'state', '{JobState.FAILED}', 'error', ARGV[1] .. ': ' .. ARGV[3],
+  ARGV[1] .. '.state', '{JobState.FAILED}', 'updated_at', ARGV[4])
+return 1
+"""
+
+
+def fail_if_waiting(conn: redis.Redis, job_id: str, stage: Stage, attempt: int, reason: str) -> bool:
+    """Fail the job if ``attempt`` of ``stage`` is the one it waits on and it has not started; True if it did."""
+    return bool(conn.eval(_FAIL_WAITING, 1, keys.job_key(job_id), stage.value, str(attempt), reason, _now()))
+
+
 def load_spec(conn: redis.Redis, job_id: str) -> JobSpec:
     raw = conn.hget(keys.job_key(job_id), "spec")
     if raw is None:

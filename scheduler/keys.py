@@ -122,6 +122,16 @@ def stranded_seen_key(queue: str, rq_job_id: str) -> str:
     return f"{PREFIX}:stranded:{queue}:{rq_job_id}"
 
 
+def refused_calls_key() -> str:
+    """List of refused rq jobs (JSON records, newest first, capped): calls a stage worker would not run."""
+    return f"{PREFIX}:refused"
+
+
+def refused_counts_key() -> str:
+    """Hash: refused rq jobs counted by reason, since the farm began."""
+    return f"{PREFIX}:refused:counts"
+
+
 def delayed_key() -> str:
     """Sorted set of stage enqueues waiting out a retry backoff, scored by due time."""
     return f"{PREFIX}:delayed"

@@ -8,7 +8,8 @@ Two sides, one vocabulary (every name starts ``reelfarm_``):
   ``reelfarm_workers_live{stage}``, ``reelfarm_workers_busy{stage}``,
   ``reelfarm_worker_busy_ratio{stage}``,
   ``reelfarm_worker_heartbeat_age_seconds{worker,stage}``,
-  ``reelfarm_inflight{stage}``, ``reelfarm_delayed_retries`` and
+  ``reelfarm_inflight{stage}``, ``reelfarm_delayed_retries``,
+  ``reelfarm_refused_calls{reason}`` (rq jobs workers refused to run) and
   ``reelfarm_up`` (0 when Redis did not answer). ``reelfarm metrics --port P``
   serves them.
 * Worker side -- process-local counters and histograms a worker feeds as it
@@ -16,7 +17,8 @@ Two sides, one vocabulary (every name starts ``reelfarm_``):
   ``observe_handoff`` (``reelfarm_handoff_bytes_total{stage}``,
   ``reelfarm_handoff_seconds{stage}``), ``observe_upload``
   (``reelfarm_upload_bytes_total``), ``count_retry``
-  (``reelfarm_retries_total{stage}``). Each worker process serves its own
+  (``reelfarm_retries_total{stage}``), ``count_refused_call``
+  (``reelfarm_refused_calls_total{stage,reason}``). Each worker process serves its own
   ``/metrics`` with ``start_metrics_server(port)``; Prometheus aggregates
   across workers, which is what it is for.
 """
@@ -33,7 +35,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler import job_admin, keys, worker_registry
+from scheduler import job_admin, keys, stage_calls, worker_registry
 from scheduler.keys import Stage
 
 # --------------------------------------------------------------------------- worker side
@@ -55,6 +57,11 @@ HANDOFF_SECONDS = Histogram(
 UPLOAD_BYTES = Counter("reelfarm_upload_bytes", "Bytes uploaded to object storage (video, poster, metadata)")
 RETRIES = Counter(
     "reelfarm_retries", "Stage attempts restarted (backoff retry, lineage recompute, dead worker)", ["stage"]
+)
+REFUSED_CALLS = Counter(
+    "reelfarm_refused_calls",
+    "rq jobs this worker refused to run (not the signed stage entrypoint), by reason",
+    ["stage", "reason"],
 )
 
 
@@ -98,6 +105,10 @@ def observe_upload(nbytes: int) -> None:
 
 def count_retry(stage: Stage | str) -> None:
     RETRIES.labels(stage=str(stage)).inc()
+
+
+def count_refused_call(stage: Stage | str, reason: str) -> None:
+    REFUSED_CALLS.labels(stage=str(stage), reason=reason).inc()
 
 
 def start_metrics_server(port: int = 0, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> int:
@@ -199,6 +210,12 @@ class FarmCollector(Collector):
         delayed = GaugeMetricFamily("reelfarm_delayed_retries", "Stage retries waiting out their backoff")
         delayed.add_metric([], int(self.conn.zcard(keys.delayed_key())))  # type: ignore[arg-type]
         yield delayed
+        refused = GaugeMetricFamily(
+            "reelfarm_refused_calls", "rq jobs stage workers refused to run, since the farm began", labels=["reason"]
+        )
+        for reason, count in sorted(stage_calls.refusal_counts(self.conn).items()):
+            refused.add_metric([reason], count)
+        yield refused
 
     def _job_states(self) -> dict[str, int]:
         ids: list[bytes] = self.conn.zrevrange(keys.jobs_index_key(), 0, self.max_jobs_scanned - 1)  # type: ignore[assignment]

@@ -4,6 +4,9 @@ Each stage has a plain rq queue (so ``rq info`` and rq-dashboard show them) and
 every job payload goes through rq's JSON serializer -- never pickle, because a
 pickle from Redis is code execution for whoever can write to Redis. The payload
 is only ids and counters: tensors travel through rooms, never through here.
+Every call enqueued here is signed (``scheduler.stage_calls``); workers read a
+dequeued rq job through ``call_fields`` -- which imports nothing it names --
+and refuse what the farm did not sign.
 """
 
 from __future__ import annotations
@@ -13,17 +16,17 @@ from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from scheduler import keys
 from scheduler.keys import Stage
+from scheduler.stage_calls import SIGNATURE_META_KEY, STAGE_ENTRYPOINT, CallFields, StageCall, sign_call
 
-# The function each stage worker runs, referenced by name so the control plane never imports it.
-STAGE_ENTRYPOINT = "workers.stage_job.run_stage"
 RESULT_TTL_SECONDS = 24 * 3600
 FAILURE_TTL_SECONDS = 7 * 24 * 3600
 
-__all__ = ["STAGE_ENTRYPOINT", "SimpleWorker", "JSONSerializer", "stage_queue", "enqueue_stage"]
+__all__ = ["STAGE_ENTRYPOINT", "SimpleWorker", "JSONSerializer", "stage_queue", "enqueue_stage", "call_fields"]
 
 
 def transaction(conn: redis.Redis) -> Any:
@@ -44,16 +47,18 @@ def stage_queues_by_priority(
     return [stage_queue(conn, stage, priority, model) for priority in keys.PRIORITIES for model in models]
 
 
-def _stage_job_data(job_id: str, stage: Stage, attempt: int, upstream_attempt: int | None) -> Any:
+def _stage_job_data(secret: bytes, call: StageCall) -> Any:
+    rq_job_id = keys.stage_job_id(call.job_id, call.stage, call.attempt)
     return Queue.prepare_data(
         STAGE_ENTRYPOINT,
-        kwargs={"job_id": job_id, "stage": stage.value, "attempt": attempt, "upstream_attempt": upstream_attempt},
-        job_id=keys.stage_job_id(job_id, stage, attempt),
+        kwargs=call.kwargs(),
+        job_id=rq_job_id,
+        meta={SIGNATURE_META_KEY: sign_call(secret, rq_job_id, call)},
         # The farm enforces its own stage deadlines; rq's signal-based timeout would cut a DiT run.
         timeout=-1,
         result_ttl=RESULT_TTL_SECONDS,
         failure_ttl=FAILURE_TTL_SECONDS,
-        description=f"{stage.value} {job_id} attempt {attempt}",
+        description=f"{call.stage.value} {call.job_id} attempt {call.attempt}",
     )
 
 
@@ -66,9 +71,13 @@ def enqueue_stage(
     priority: str = "default",
     pipeline: Any | None = None,
     model: str = keys.DEFAULT_MODEL,
+    *,
+    secret: bytes,
 ) -> str:
-    """Put one attempt of one stage of a job on its queue; joins the caller's pipeline."""
-    enqueue_stages(conn, stage, [(job_id, attempt, upstream_attempt, priority, model)], pipeline=pipeline)
+    """Put one attempt of one stage of a job on its queue, signed with ``secret``; joins the caller's pipeline."""
+    enqueue_stages(
+        conn, stage, [(job_id, attempt, upstream_attempt, priority, model)], pipeline=pipeline, secret=secret
+    )
     return keys.stage_job_id(job_id, stage, attempt)
 
 
@@ -77,15 +86,54 @@ def enqueue_stages(
     stage: Stage,
     items: list[tuple[str, int, int | None, str, str]],
     pipeline: Any | None = None,
+    *,
+    secret: bytes,
 ) -> None:
-    """Enqueue many ``(job_id, attempt, upstream_attempt, priority, model)`` at once: one rq
-    ``enqueue_many`` per queue, which is what makes a 10,000-line batch take seconds."""
+    """Enqueue many ``(job_id, attempt, upstream_attempt, priority, model)`` at once, each signed with
+    ``secret``: one rq ``enqueue_many`` per queue, which is what makes a 10,000-line batch take seconds."""
     by_queue: dict[tuple[str, str], list[Any]] = {}
     for job_id, attempt, upstream_attempt, priority, model in items:
-        data = _stage_job_data(job_id, stage, attempt, upstream_attempt)
+        data = _stage_job_data(secret, StageCall(job_id, stage, attempt, upstream_attempt))
         by_queue.setdefault((priority, model), []).append(data)
     for (priority, model), datas in by_queue.items():
         stage_queue(conn, stage, priority, model).enqueue_many(datas, pipeline=pipeline)
+
+
+def call_fields(job: Job) -> CallFields:
+    """What a dequeued rq job asks for, read without importing or calling anything it names.
+
+    Raises ``ValueError`` when the job's data cannot be deserialised (rq's ``DeserializationError``).
+    """
+    try:
+        func_name, instance, args, kwargs = job.func_name, job.instance, job.args, job.kwargs
+    except Exception as exc:  # noqa: BLE001 - rq wraps any serializer failure; all mean "unreadable"
+        raise ValueError(f"the rq job's data cannot be read ({type(exc).__name__})") from None
+    callbacks = tuple(
+        name
+        for name in (job._success_callback_name, job._failure_callback_name, job._stopped_callback_name)
+        if name is not None
+    )
+    return CallFields(
+        rq_job_id=job.id,
+        func_name=func_name if isinstance(func_name, str) else repr(func_name),
+        instance=instance,
+        args=args,
+        kwargs=kwargs,
+        callbacks=callbacks,
+        webhooks=len(job.webhooks or ()),
+        # Dependents would be enqueued by rq when this job ends; the farm never attaches any.
+        dependency_ids=tuple(job._dependency_ids or ())
+        + tuple(f"dependent {d!r}" for d in job.connection.smembers(job.dependents_key)),  # type: ignore[union-attr]
+        meta=job.meta,
+    )
+
+
+def remove_refused(pipe: Any, queue: Queue, rq_job_id: str) -> None:
+    """Take a refused rq job out of rq entirely (joins the caller's pipeline): off the dequeued list, hash gone,
+    so no rq command -- requeue, a dashboard's retry -- can bring it back to a worker."""
+    pipe.lrem(queue.intermediate_queue_key, 0, rq_job_id)
+    pipe.lrem(queue.key, 0, rq_job_id)
+    pipe.delete(Job.key_for(rq_job_id), Job.dependents_key_for(rq_job_id))
 
 
 # Put a stranded dequeue back at the head of its queue -- unless a worker started it meanwhile: rq's

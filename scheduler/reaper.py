@@ -40,6 +40,8 @@ def reap_once(
     conn: redis.Redis,
     max_attempts: int = recovery.DEFAULT_MAX_ATTEMPTS,
     stranded_after_seconds: float = DEFAULT_STRANDED_AFTER_SECONDS,
+    *,
+    secret: bytes,
 ) -> list[str]:
     """One maintenance pass; returns a line per action taken (empty when the lock is held elsewhere)."""
     token = secrets.token_hex(8)
@@ -63,9 +65,10 @@ def reap_once(
                 f"worker {worker_id or '?'} stopped heartbeating",
                 max_attempts=max_attempts,
                 worker_id=worker_id,
+                secret=secret,
             )
             actions.append(f"{member}: {outcome}")
-        released = recovery.release_due(conn)
+        released = recovery.release_due(conn, secret=secret)
         if released:
             actions.append(f"released {released} delayed retries")
         for rq_job_id in queues.requeue_stranded(conn, stranded_after_seconds):
@@ -86,18 +89,22 @@ class ReaperThread(threading.Thread):
         interval: float = DEFAULT_INTERVAL_SECONDS,
         max_attempts: int = 3,
         stranded_after_seconds: float = DEFAULT_STRANDED_AFTER_SECONDS,
+        *,
+        secret: bytes,
     ) -> None:
         super().__init__(name="reaper", daemon=True)
         self.conn = conn
         self.interval = interval
         self.max_attempts = max_attempts
         self.stranded_after_seconds = stranded_after_seconds
+        # Restarts the reaper enqueues are signed like any other stage call.
+        self.secret = secret
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             try:
-                reap_once(self.conn, self.max_attempts, self.stranded_after_seconds)
+                reap_once(self.conn, self.max_attempts, self.stranded_after_seconds, secret=self.secret)
             except redis.RedisError as exc:
                 log.warning("reaper pass failed: %s", exc)
             except Exception:  # noqa: BLE001 - a bad record must not stop maintenance for the whole farm

@@ -79,6 +79,7 @@ def restart_job(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     delay_seconds: float = 0.0,
     worker_id: str = "",
+    secret: bytes,
 ) -> str:
     """Record the failure and restart the job, or quarantine it; returns what happened, for logs.
 
@@ -138,6 +139,7 @@ def restart_job(
                         spec.get("priority", "default"),
                         spec.get("model", keys.DEFAULT_MODEL),
                         delay_seconds,
+                        secret=secret,
                     )
                     outcome = f"restarted at {plan.stage.value} attempt {used + 1}"
                 pipe.execute()
@@ -159,12 +161,22 @@ def enqueue_later(
     priority: str,
     model: str,
     delay_seconds: float,
+    *,
+    secret: bytes,
 ) -> None:
-    """Enqueue now, or park the enqueue in the delayed set for the reaper to release when due."""
+    """Enqueue now (signed with ``secret``), or park it in the delayed set for the reaper to release when due."""
     jobs.mark_stage_queued(pipe, job_id, stage, attempt)
     if delay_seconds <= 0:
         queues.enqueue_stage(
-            conn, job_id, stage, attempt, upstream_attempt, priority=priority, pipeline=pipe, model=model
+            conn,
+            job_id,
+            stage,
+            attempt,
+            upstream_attempt,
+            priority=priority,
+            pipeline=pipe,
+            model=model,
+            secret=secret,
         )
         return
     entry = {
@@ -178,8 +190,9 @@ def enqueue_later(
     pipe.zadd(keys.delayed_key(), {json.dumps(entry, sort_keys=True): time.time() + delay_seconds})
 
 
-def release_due(conn: redis.Redis, now: float | None = None) -> int:
-    """Move delayed enqueues whose backoff has passed onto their queues; safe to run from many processes."""
+def release_due(conn: redis.Redis, now: float | None = None, *, secret: bytes) -> int:
+    """Move delayed enqueues whose backoff has passed onto their queues, signed with ``secret``; safe to run
+    from many processes."""
     released = 0
     due: list[bytes] = conn.zrangebyscore(keys.delayed_key(), "-inf", now or time.time())  # type: ignore[assignment]
     for raw in due:
@@ -201,6 +214,7 @@ def release_due(conn: redis.Redis, now: float | None = None) -> int:
                     priority=entry["priority"],
                     pipeline=pipe,
                     model=entry.get("model", keys.DEFAULT_MODEL),
+                    secret=secret,
                 )
                 pipe.execute()
                 released += 1

@@ -85,6 +85,19 @@ class WorkerSettings(BaseModel):
     models: list[str] = Field(default_factory=list)
 
 
+class FetchSettings(BaseModel):
+    """What the farm may fetch on a submitter's behalf (conditioning image URLs); see ``scheduler.fetch_policy``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Hosts (exact names) or CIDR ranges that may be fetched although they are loopback, private,
+    # link-local or reserved -- e.g. an image server inside the farm's own network.
+    allow: list[str] = Field(default_factory=list)
+    max_redirects: int = Field(default=3, ge=0, le=10)
+    # The whole fetch (every redirect hop, every byte) must finish within this.
+    timeout_seconds: float = Field(default=20.0, gt=0)
+
+
 class FarmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,11 +106,14 @@ class FarmSettings(BaseModel):
     # More models this farm serves, by name (jobs pick one with their `model` field).
     models: dict[str, Path] = Field(default_factory=dict)
     secret: str | None = None
+    # Rotation: workers also accept calls and descriptors signed with this one (see README, Security).
+    previous_secret: str | None = None
     home: Path = DEFAULT_HOME
     s3: S3Settings = S3Settings()
     transfer: TransferSettings = TransferSettings()
     worker: WorkerSettings = WorkerSettings()
     limits: SpecLimits = SpecLimits()
+    fetch: FetchSettings = FetchSettings()
     # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
     spec_defaults: dict[str, Any] = Field(default_factory=dict)
 
@@ -123,6 +139,11 @@ class FarmSettings(BaseModel):
             )
         return self.secret.encode()
 
+    def accepted_secrets(self) -> tuple[bytes, ...]:
+        """The secrets a signature may be made with: the current one first, then the previous one (rotation)."""
+        current = self.require_secret()
+        return (current, self.previous_secret.encode()) if self.previous_secret else (current,)
+
     def require_redis_url(self) -> str:
         if not self.redis_url:
             raise SettingsError(
@@ -135,6 +156,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "REELFARM_REDIS_URL": ("redis_url",),
     "REELFARM_MODEL_DIR": ("model_dir",),
     "REELFARM_SECRET": ("secret",),
+    "REELFARM_PREVIOUS_SECRET": ("previous_secret",),
     "REELFARM_HOME": ("home",),
     "REELFARM_S3_ENDPOINT": ("s3", "endpoint_url"),
     "REELFARM_S3_BUCKET": ("s3", "bucket"),

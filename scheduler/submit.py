@@ -59,6 +59,7 @@ def submit(
             priority=spec.priority,
             pipeline=pipe,
             model=spec.model,
+            secret=settings.require_secret(),
         )
         try:
             pipe.execute()

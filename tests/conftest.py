@@ -1,4 +1,34 @@
-"""Fixtures shared by the suite: real Valkey, real SeaweedFS S3, the tiny model directories."""
+"""Fixtures shared by the suite: real Valkey, real SeaweedFS S3, the tiny model directories -- and isolation.
 
-from tests.conftest_models import tiny_i2v_model_dir, tiny_model_dir  # noqa: F401
-from tests.service_fixtures import redis_url, s3_client, s3_config, s3_server, valkey_server  # noqa: F401
+Every test runs away from the user's farm: ``REELFARM_*`` variables are cleared
+(``REELFARM_TEST_*`` ones, which only the tests read, are kept), the farm home
+points into a fresh temporary directory, and the working directory is another
+one, so settings' relative defaults (``.reelfarm/...``) never resolve to a farm
+that ``make demo`` or ``reelfarm up`` left in the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.conftest_models", "tests.service_fixtures"]
+
+# Kept: knobs of the test suite itself, not farm settings.
+TEST_ONLY_PREFIX = "REELFARM_TEST_"
+
+
+@pytest.fixture(autouse=True)
+def isolated_from_the_users_farm(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    for name in list(os.environ):
+        if name.startswith("REELFARM_") and not name.startswith(TEST_ONLY_PREFIX):
+            monkeypatch.delenv(name)
+    home = tmp_path_factory.mktemp("farm-home")
+    monkeypatch.setenv("REELFARM_HOME", str(home))
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    yield home

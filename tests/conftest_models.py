@@ -1,7 +1,6 @@
 """Shared fixtures for model directories: one tiny Wan2.1 t2v and one tiny i2v model, built once per test session.
 
-Wire into ``tests/conftest.py`` with
-``from tests.conftest_models import tiny_i2v_model_dir, tiny_model_dir  # noqa: F401``.
+Loaded for the whole suite by ``pytest_plugins`` in ``tests/conftest.py``.
 Workers code (torch, diffusers) is imported inside the fixture, so collecting
 scheduler-only tests does not need the GPU stack.
 """

@@ -1,7 +1,8 @@
 """Pytest fixtures backed by real servers: one Valkey and one SeaweedFS S3 server per test session.
 
-``tests/conftest.py`` imports them by name, once for the whole suite (a second
-import site, e.g. another conftest, would make a second set of session servers).
+``tests/conftest.py`` loads this module once for the whole suite through
+``pytest_plugins`` (importing the fixtures in a second place, e.g. another
+conftest, would make a second set of session servers).
 
 - ``valkey_server`` (session): ``ValkeyService`` -- ``url`` (with the password),
   ``password``, ``server`` (the ``ManagedServer``).

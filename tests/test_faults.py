@@ -310,9 +310,9 @@ def test_malformed_input_at_every_entry_point(
                 "encode.attempt": "1",
             },
         )
-        queues.enqueue_stage(conn, "planted", Stage.ENCODE, 1, None)
+        queues.enqueue_stage(conn, "planted", Stage.ENCODE, 1, None, secret=settings.require_secret())
         # An rq job for a job that does not exist, and one with a garbage room.
-        queues.enqueue_stage(conn, "ghost", Stage.ENCODE, 1, None)
+        queues.enqueue_stage(conn, "ghost", Stage.ENCODE, 1, None, secret=settings.require_secret())
         planted = wait_finished(conn, "planted", timeout=60)
         assert planted["state"] == "failed" and "unreadable spec" in planted["error"]
         good = submit(conn, settings, {**JOB, "steps": 2})

@@ -51,7 +51,7 @@ def plant_room(conn: redis.Redis, settings: FarmSettings, job_id: str, producer_
     pipe = queues.transaction(conn)
     Rooms(conn).publish(desc, signature or desc.sign(settings.require_secret()), pipeline=pipe)
     pipe.hset(keys.job_key(job_id), mapping={"encode.state": "done", "transform.attempt": "1"})
-    queues.enqueue_stage(conn, job_id, Stage.TRANSFORM, 1, 1, pipeline=pipe)
+    queues.enqueue_stage(conn, job_id, Stage.TRANSFORM, 1, 1, pipeline=pipe, secret=settings.require_secret())
     pipe.execute()
     return keys.room_key(job_id, Stage.ENCODE, 1)
 

@@ -73,7 +73,7 @@ def test_cancel_queued_transform_frees_the_producers_slot(conn: redis.Redis, set
     queues.stage_queue(conn, Stage.ENCODE).remove(keys.stage_job_id(job_id, Stage.ENCODE, 1), pipeline=pipe)
     jobs.mark_stage_queued(pipe, job_id, Stage.TRANSFORM, 1)
     conn.hset(keys.job_key(job_id), mapping={"encode.state": "done", "state": "running"})
-    queues.enqueue_stage(conn, job_id, Stage.TRANSFORM, 1, 1, pipeline=pipe)
+    queues.enqueue_stage(conn, job_id, Stage.TRANSFORM, 1, 1, pipeline=pipe, secret=settings.require_secret())
     pipe.execute()
 
     assert job_admin.cancel_job(conn, job_id) == "cancelled"
@@ -107,12 +107,23 @@ def test_cancel_job_waiting_out_a_retry_backoff(conn: redis.Redis, settings: Far
     job_id = submit(conn, settings, TINY)
     queues.stage_queue(conn, Stage.ENCODE).pop_job_id()
     pipe = conn.pipeline(transaction=True)
-    recovery.enqueue_later(conn, pipe, job_id, Stage.ENCODE, 2, None, "default", "default", delay_seconds=60)
+    recovery.enqueue_later(
+        conn,
+        pipe,
+        job_id,
+        Stage.ENCODE,
+        2,
+        None,
+        "default",
+        "default",
+        delay_seconds=60,
+        secret=settings.require_secret(),
+    )
     pipe.execute()
     assert conn.zcard(keys.delayed_key()) == 1
     assert job_admin.cancel_job(conn, job_id) == "cancelled"
     assert conn.zcard(keys.delayed_key()) == 0
-    assert recovery.release_due(conn, now=time.time() + 120) == 0
+    assert recovery.release_due(conn, now=time.time() + 120, secret=settings.require_secret()) == 0
 
 
 def test_retry_failed_job_uses_a_higher_attempt(conn: redis.Redis, settings: FarmSettings, tmp_path: Path) -> None:
@@ -143,7 +154,7 @@ def test_retry_failed_job_uses_a_higher_attempt(conn: redis.Redis, settings: Far
 
     # A queued job is not retried twice.
     with pytest.raises(JobAdminError, match="only failed or cancelled"):
-        job_admin.resubmit(conn, job_id)
+        job_admin.resubmit(conn, job_id, secret=settings.require_secret())
     again = cli(settings, tmp_path, "retry", job_id)
     assert again.exit_code == 2 and again.output.count("\n") == 1 and "only failed or cancelled" in again.output
 

@@ -73,8 +73,8 @@ def test_a_dequeue_that_starts_between_passes_is_left_alone(conn: redis.Redis, j
 
 def test_the_reaper_pass_requeues_stranded_jobs(conn: redis.Redis, job_id: str) -> None:
     queue, rq_job_id = strand(conn)
-    assert reaper.reap_once(conn, stranded_after_seconds=0.0) == []
-    actions = reaper.reap_once(conn, stranded_after_seconds=0.0)
+    assert reaper.reap_once(conn, stranded_after_seconds=0.0, secret=b"reaper") == []
+    actions = reaper.reap_once(conn, stranded_after_seconds=0.0, secret=b"reaper")
     assert actions == [f"{rq_job_id}: dequeued but never started; put back on its queue"]
     assert queue.job_ids == [rq_job_id]
 

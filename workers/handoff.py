@@ -121,7 +121,9 @@ def _verified_pull(
 ) -> dict[str, torch.Tensor]:
     rooms = rt.rooms
     try:
-        desc = verify_descriptor(room.get("descriptor", ""), room.get("signature", ""), rt.secret, rt.descriptor_limits)
+        desc = verify_descriptor(
+            room.get("descriptor", ""), room.get("signature", ""), rt.accepted_secrets, rt.descriptor_limits
+        )
         if desc.job_id != job_id or desc.producer_stage != upstream.value or desc.attempt != upstream_attempt:
             raise DescriptorRefused("descriptor belongs to another room")
         state, registered_endpoint = rooms.begin_transfer(room_key, rt.worker_id, desc)

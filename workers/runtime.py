@@ -72,7 +72,9 @@ class StageRuntime:
     engine: MooncakeEngine
     pool: SlotPool
     worker_id: str
+    # Signs what this worker hands on (descriptors, next-stage calls); ``accepted_secrets`` verifies.
     secret: bytes
+    accepted_secrets: tuple[bytes, ...] = ()
     s3: Any = None
     model_loads: int = 1
     held: dict[str, HeldSlot] = field(default_factory=dict)
@@ -84,6 +86,10 @@ class StageRuntime:
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _reaper: ReaperThread | None = None
+
+    def __post_init__(self) -> None:
+        if not self.accepted_secrets:
+            self.accepted_secrets = (self.secret,)
 
     @functools.cached_property
     def rooms(self) -> Rooms:
@@ -137,6 +143,7 @@ class StageRuntime:
             self.settings.worker.max_attempts,
             # A worker that dies between dequeue and start is noticed on the same bound as one dying mid-job.
             stranded_after_seconds=self.settings.worker.worker_ttl_seconds,
+            secret=self.secret,
         )
         self._reaper.start()
 
@@ -272,7 +279,7 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     warning = eviction_warning(conn)
     if warning:
         log.warning(warning)
-    secret = settings.require_secret()
+    accepted = settings.accepted_secrets()
     computes, tasks = load_all(stage, settings)
     s3 = None
     # Decode uploads results; an i2v encoder reads each job's conditioning image from the bucket.
@@ -297,7 +304,8 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
         engine=engine,
         pool=pool,
         worker_id=make_worker_id(stage),
-        secret=secret,
+        secret=accepted[0],
+        accepted_secrets=accepted,
         s3=s3,
     )
     runtime.register()

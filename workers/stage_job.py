@@ -124,6 +124,7 @@ def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: 
                 max_attempts=rt.settings.worker.max_attempts,
                 delay_seconds=delay,
                 worker_id=rt.worker_id,
+                secret=rt.secret,
             )
         except redis.RedisError as exc:
             if time.monotonic() > deadline:
@@ -234,6 +235,7 @@ def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs:
                         priority=spec.priority,
                         pipeline=pipe,
                         model=spec.model,
+                        secret=rt.secret,
                     )
                 else:
                     jobs.mark_succeeded(pipe, job_id, outputs)

@@ -1,17 +1,41 @@
-"""The rq worker class of a stage: non-forking, and it takes a job only when a slot is free.
+"""The rq worker class of a stage: non-forking, takes a job only when a slot is free, runs only signed stage calls.
 
 Non-forking (rq's SimpleWorker) keeps the model resident across jobs. The
 backpressure rule sits in front of rq's dequeue: a producer whose slots are all
 held for consumers does not pop a job it could not hand off, leaving it queued
 for a worker that can.
+
+The side door rq leaves open -- it imports and calls any function, callback or
+webhook a Redis writer names -- is closed here, between dequeue and execution:
+every dequeued rq job is vetted by ``scheduler.stage_calls.vet_call`` before rq
+touches its function, and a job that fails is refused (never imported or
+called), recorded, counted, and the worker goes on. An rq job whose hash rq
+cannot even read is refused the same way instead of ending the work loop.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
-from scheduler.queues import SimpleWorker
+import redis
+
+from scheduler import jobs, metrics
+from scheduler.queues import SimpleWorker, call_fields, remove_refused
+from scheduler.stage_calls import (
+    CallFields,
+    CallRefused,
+    Refusal,
+    RefusalReason,
+    job_id_named,
+    printable,
+    record_refusal,
+    vet_call,
+)
 from workers.runtime import StageRuntime
+
+log = logging.getLogger("reelfarm.worker")
 
 
 class WarmExit(SystemExit):
@@ -32,8 +56,75 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
         super().request_stop(signum, frame)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
-        while self.runtime.produces and not self.runtime.wait_for_free_slot(timeout=1.0):
-            self.heartbeat()
-            if self._stop_requested:
-                return None
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while True:
+            while self.runtime.produces and not self.runtime.wait_for_free_slot(timeout=1.0):
+                self.heartbeat()
+                if self._stop_requested:
+                    return None
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - rq could not read the job hash it popped
+                rq_job_id, queue = getattr(exc, "job_id", None), getattr(exc, "queue", None)
+                if rq_job_id is None or queue is None:
+                    raise
+                fields = CallFields(rq_job_id=rq_job_id, func_name=None)
+                self._refuse(queue, fields, CallRefused(RefusalReason.UNREADABLE, f"rq cannot read it: {exc!r}"[:300]))
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        try:
+            fields = call_fields(job)
+        except ValueError as exc:
+            self._refuse(
+                queue, CallFields(rq_job_id=job.id, func_name=None), CallRefused(RefusalReason.UNREADABLE, str(exc))
+            )
+            return
+        try:
+            vet_call(fields, self.runtime.stage, self.runtime.accepted_secrets)
+        except CallRefused as refused:
+            self._refuse(queue, fields, refused)
+            return
+        super().execute_job(job, queue)
+
+    def _refuse(self, queue: Any, fields: CallFields, refused: CallRefused) -> None:
+        rt = self.runtime
+        job_id = job_id_named(fields)
+        refusal = Refusal(
+            at=time.time(),
+            queue=queue.name,
+            rq_job_id=fields.rq_job_id,
+            function=printable(fields.func_name),
+            reason=refused.reason.value,
+            detail=str(refused),
+            worker=rt.worker_id,
+            job_id=job_id,
+        )
+        log.error(
+            "refused rq job %s from queue %s: function %s: %s (%s); it was not run",
+            fields.rq_job_id,
+            queue.name,
+            refusal.function,
+            refused,
+            refused.reason,
+        )
+        with rt.conn.pipeline(transaction=True) as pipe:
+            remove_refused(pipe, queue, fields.rq_job_id)
+            record_refusal(pipe, refusal)
+            pipe.execute()
+        metrics.count_refused_call(rt.stage, refused.reason.value)
+        if refused.reason is RefusalReason.SIGNATURE and job_id:
+            # A well-formed call this worker cannot verify is most likely the farm's own, signed with a
+            # secret this worker lacks: fail the job it is for (if it still waits on exactly this attempt)
+            # with the fix, rather than leave it queued forever.
+            attempt = fields.kwargs.get("attempt") if isinstance(fields.kwargs, dict) else None
+            if isinstance(attempt, int) and jobs.fail_if_waiting(
+                rt.conn,
+                job_id,
+                rt.stage,
+                attempt,
+                f"stage call refused by worker {rt.worker_id}: {refused}; give every scheduler and worker the same "
+                "REELFARM_SECRET (or the old one as REELFARM_PREVIOUS_SECRET while rotating), then `reelfarm retry "
+                f"{job_id}`",
+            ):
+                log.error("job %s failed: its %s call was refused (%s)", job_id, rt.stage, refused)
