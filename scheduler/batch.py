@@ -34,11 +34,13 @@ from typing import Any
 
 import redis
 
-from scheduler import job_admin, jobs, keys, queues
+from scheduler import jobs, keys
+from scheduler.job_record import Routing, StageField, count_states, stage_fields
 from scheduler.keys import Stage
-from scheduler.model_catalog import check_job_model, model_for_task
-from scheduler.settings import FarmSettings
+from scheduler.model_catalog import ModelChooser
+from scheduler.settings import FarmSettings, deep_merge
 from scheduler.spec import JobSpec, SpecError, parse_spec
+from scheduler.stage_calls import StageCall
 
 CHUNK_SIZE = 500
 # Priority only orders the queue; it does not change the video, so it is not part of a job's identity.
@@ -134,13 +136,6 @@ def parse_default_options(options: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _check_default_fields(defaults: dict[str, Any], where: str) -> None:
     # An unknown field in the defaults would fail every line with the same message: say it once.
     unknown = sorted(set(defaults) - set(JobSpec.model_fields))
@@ -193,10 +188,10 @@ def parse_batch(
         raise BatchError(f"{exc} (choose one with --name)") from None
     _check_default_fields(header, "the batch header")
     _check_default_fields(defaults or {}, "--default")
-    layered = _deep_merge(_deep_merge(dict(settings.spec_defaults), header), defaults or {})
+    layered = deep_merge(deep_merge(dict(settings.spec_defaults), header), defaults or {})
 
     parsed = ParsedBatch(name=batch_name, entries=[], errors=[], lines=len(lines))
-    models = _ModelChooser(settings)
+    models = ModelChooser(settings)
     first_line_of: dict[str, int] = {}
     for line_no, line in lines:
         try:
@@ -223,35 +218,6 @@ def parse_batch(
     return parsed
 
 
-class _ModelChooser:
-    """``submit``'s model rules (a job naming no model gets one that does its task; the model must be
-    served and do the job's task), answered once per model and task: they read model dirs from disk."""
-
-    def __init__(self, settings: FarmSettings) -> None:
-        self.settings = settings
-        self._for_task: dict[str, str | None] = {}
-        self._refusals: dict[tuple[str, str], str | None] = {}
-
-    def resolve(self, spec: JobSpec, named: bool) -> JobSpec:
-        if not named:
-            if spec.task not in self._for_task:
-                self._for_task[spec.task] = model_for_task(self.settings, spec.task)
-            chosen = self._for_task[spec.task]
-            if chosen is not None:
-                spec = spec.model_copy(update={"model": chosen})
-        key = (spec.model, spec.task)
-        if key not in self._refusals:
-            try:
-                check_job_model(self.settings, spec)
-                self._refusals[key] = None
-            except SpecError as exc:
-                self._refusals[key] = str(exc)
-        refusal = self._refusals[key]
-        if refusal is not None:
-            raise SpecError(refusal)
-        return spec
-
-
 def _json_reason(exc: ValueError) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} at column {exc.colno}"
@@ -272,7 +238,7 @@ def read_source(settings: FarmSettings, source: str) -> str:
         if not bucket or not key:
             raise BatchError(f"{source!r} is not an s3://bucket/key URI")
         try:
-            data = get_bytes(store_client(settings), bucket, key)
+            data = get_bytes(settings.s3.client(), bucket, key)
         except ObjectStoreError as exc:
             raise BatchError(f"cannot read batch file {source}: {exc}") from None
     else:
@@ -286,17 +252,10 @@ def read_source(settings: FarmSettings, source: str) -> str:
         raise BatchError(f"batch file {source} is not UTF-8 text (expected JSON lines)") from None
 
 
-def store_client(settings: FarmSettings) -> Any:
-    from scheduler.object_store import S3Config, make_s3_client
-
-    s3 = settings.s3
-    return make_s3_client(S3Config(s3.endpoint_url, s3.bucket, s3.access_key, s3.secret_key, s3.region))
-
-
 # --------------------------------------------------------------------------- submission
 
 
-_STATE_FIELDS = ("state", "spec", *(f"{stage.value}.attempt" for stage in Stage))
+_STATE_FIELDS = ("state", "spec", *stage_fields(StageField.ATTEMPT))
 # One command for a whole chunk: the state of each job key, or false where there is no job.
 _STATES = "local out = {} for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, 'state') end return out"
 
@@ -378,7 +337,7 @@ def _submit_chunk(
                 new = [e for e, f in zip(chunk, current, strict=True) if f["state"] is None]
                 images.stage([e for e in new if e.spec.image is not None])
                 created, existing, retried = [], [], []
-                enqueues: list[tuple[str, int, int | None, str, str]] = []
+                enqueues: list[tuple[StageCall, Routing]] = []
                 pipe.multi()
                 for entry, fields in zip(chunk, current, strict=True):
                     if fields["state"] is None:
@@ -386,15 +345,17 @@ def _submit_chunk(
                         if spec is None:
                             continue  # its image was refused: reported in outcome.errors
                         jobs.create_job(pipe, entry.job_id, spec, index=False)
-                        enqueues.append((entry.job_id, 1, None, spec.priority, spec.model))
+                        enqueues.append(
+                            (StageCall(entry.job_id, Stage.ENCODE, 1, None), Routing(spec.priority, spec.model))
+                        )
                         created.append(entry.job_id)
-                    elif resume and fields["state"] in job_admin.RETRYABLE_STATES:
-                        job_admin.queue_retry(pipe, conn, entry.job_id, fields, secret=secret)
+                    elif resume and fields["state"] in jobs.RETRYABLE_STATES:
+                        jobs.queue_retry(pipe, conn, entry.job_id, fields, secret=secret)
                         retried.append(entry.job_id)
                     else:
                         existing.append(entry.job_id)
                 jobs.index_jobs(pipe, created)
-                queues.enqueue_stages(conn, Stage.ENCODE, enqueues, pipeline=pipe, secret=secret)
+                jobs.queue_stages(pipe, conn, enqueues, secret=secret)
                 batch_jobs = keys.batch_jobs_key(name)
                 members = {e.job_id: e.line_no for e in chunk if e.job_id not in images.refused}
                 if members:
@@ -450,7 +411,7 @@ def _text(value: bytes | None) -> str | None:
 
 def _read_retry_fields(conn: redis.Redis, job_keys: list[str], current: list[dict[str, str | None]]) -> None:
     """Fill in spec and attempts of the jobs ``resume`` will retry (few, so read only those)."""
-    wanted = [i for i, fields in enumerate(current) if fields["state"] in job_admin.RETRYABLE_STATES]
+    wanted = [i for i, fields in enumerate(current) if fields["state"] in jobs.RETRYABLE_STATES]
     reader = conn.pipeline(transaction=False)
     for i in wanted:
         reader.hmget(job_keys[i], _STATE_FIELDS)
@@ -486,7 +447,7 @@ def read_batch(conn: redis.Redis, name: str) -> dict[str, Any]:
         raise BatchNotFound(f"batch {name!r} not found (list batches with `reelfarm ls --batches`)")
     record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
     ids = batch_job_ids(conn, name)
-    record["states"] = job_admin.count_states(conn, ids)
+    record["states"] = count_states(conn, ids)
     return record
 
 

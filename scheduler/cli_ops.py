@@ -281,13 +281,13 @@ def cancel_command(settings: FarmSettings, job_id: str | None, batch_name: str |
 @ops_errors
 def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, batch_name: str | None) -> None:
     """Re-submit failed (or cancelled) jobs from encode with a fresh attempt."""
-    from scheduler import job_admin
+    from scheduler import job_admin, jobs
 
     if bool(job_id) == bool(all_failed or batch_name):
         fail("give a JOB id, or --failed and/or --batch NAME")
     conn = connect_redis(settings)
     if job_id:
-        attempt = job_admin.resubmit(conn, job_id, secret=settings.require_secret())
+        attempt = jobs.resubmit(conn, job_id, secret=settings.require_secret())
         click.echo(f"{job_id} re-queued from encode (attempt {attempt})")
         return
     # A named batch retries its cancelled jobs too (that is how a cancelled batch is resumed).
@@ -296,7 +296,7 @@ def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, 
     retried = 0
     for row in rows:
         try:
-            job_admin.resubmit(conn, row.job_id, secret=settings.require_secret())
+            jobs.resubmit(conn, row.job_id, secret=settings.require_secret())
             retried += 1
         except job_admin.JobAdminError:
             continue  # changed state since listed (retried elsewhere, or finished): nothing to do

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,54 +32,37 @@ from typing import Any, Literal
 import redis
 
 from scheduler import jobs, keys, queues, worker_registry
-from scheduler.jobs import JobNotFound, JobState
+from scheduler.job_record import (
+    StageField,
+    StageState,
+    attempt_of,
+    lua_finished,
+    read_records,
+    routing_of,
+    stage_field,
+    stage_fields,
+)
+from scheduler.jobs import JobAdminError, JobNotFound, JobState
 from scheduler.keys import Stage
-from scheduler.rooms import Rooms, RoomState
+from scheduler.rooms import Rooms
 
-RETRYABLE_STATES = frozenset({JobState.FAILED.value, JobState.CANCELLED.value})
-CANCEL_REASON = "cancelled by user"
-_READ_CHUNK = 1000
-
-# Per-attempt fields a retry clears, so status, progress and reports show only the new attempt.
-# ``<stage>.attempt`` is deliberately kept: the next attempt numbers are derived from it.
-_STALE_FIELDS = [
-    *(
-        f"{stage.value}.{name}"
-        for stage in Stage
-        for name in ("state", "worker", "started_at", "finished_at", "seconds", "progress")
-    ),
-    "error",
-    "result",
-    "cancel_requested",
-    "cancel_requested_at",
-    "cancelled_at",
-]
-_RETRY_READ_FIELDS = ("state", "spec", *(f"{stage.value}.attempt" for stage in Stage))
-
-
-class JobAdminError(ValueError):
-    """An action the job's state does not allow; the message says why and what to do instead."""
-
+CANCEL_REASON = jobs.CANCEL_REASON
 
 # --------------------------------------------------------------------------- cancel
 
-# KEYS: rq queue of the job's current stage, job record, delayed-retry set.
+# KEYS: rq queue of the job's current stage, job record, delayed-retry set, its parked calls.
 # ARGV: rq job id, stage, now, reason, job id.
 # Returns 1 cancelled (was queued), 0 cancel requested (running), -1 no such job, -2 already finished.
-_CANCEL = """
+_CANCEL = f"""
 local state = redis.call('HGET', KEYS[2], 'state')
 if not state then return -1 end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return -2 end
+if {lua_finished("state")} then return -2 end
 local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
--- A stage waiting out a retry backoff sits in the delayed set, not in its queue.
-for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  local ok, entry = pcall(cjson.decode, member)
-  if ok and type(entry) == 'table' and entry['job_id'] == ARGV[5] then
-    removed = removed + redis.call('ZREM', KEYS[3], member)
-  end
-end
+-- A stage waiting out a retry backoff is parked under its job id, not in its queue.
+removed = removed + redis.call('ZREM', KEYS[3], ARGV[5])
+redis.call('HDEL', KEYS[4], ARGV[5])
 if removed > 0 then
-  redis.call('HSET', KEYS[2], 'state', 'cancelled', ARGV[2] .. '.state', 'cancelled',
+  redis.call('HSET', KEYS[2], 'state', '{JobState.CANCELLED}', ARGV[2] .. '.{StageField.STATE}', '{StageState.CANCELLED}',
              'error', ARGV[2] .. ': ' .. ARGV[4], 'cancelled_at', ARGV[3], 'updated_at', ARGV[3])
   return 1
 end
@@ -89,10 +71,10 @@ return 0
 """
 
 # Sets the flag only on a job that can still stop; a finished job never carries a stale request.
-_REQUEST = """
+_REQUEST = f"""
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
+if {lua_finished("state")} then return 0 end
 redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'cancel_requested_at', ARGV[1], 'updated_at', ARGV[1])
 return 1
 """
@@ -115,17 +97,17 @@ def is_cancel_requested(conn: Any, job_id: str) -> bool:
 
 def cancel_job(conn: redis.Redis, job_id: str) -> CancelOutcome:
     """Cancel a queued job outright, or request that a running one stop; "finished" if there was nothing to stop."""
-    fields = _hmget(conn, job_id, ("state", "stage", "spec", *(f"{s.value}.attempt" for s in Stage)))
+    fields = _hmget(conn, job_id, ("state", "stage", "spec", *stage_fields(StageField.ATTEMPT)))
     if fields["state"] is None:
         raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
     stage = Stage(fields["stage"] or Stage.ENCODE.value)
-    attempt = int(fields[f"{stage.value}.attempt"] or 1)
-    spec = json.loads(fields["spec"] or "{}")
-    queue = queues.stage_queue(conn, stage, spec.get("priority", "default"), spec.get("model", keys.DEFAULT_MODEL))
+    attempt = attempt_of(fields, stage) or 1
+    routing = routing_of(fields["spec"])
+    queue = queues.stage_queue(conn, stage, routing.priority, routing.model)
     rq_id = keys.stage_job_id(job_id, stage, attempt)
     now = repr(time.time())
-    script_keys = (queue.key, keys.job_key(job_id), keys.delayed_key())
-    got = int(conn.eval(_CANCEL, 3, *script_keys, rq_id, stage.value, now, CANCEL_REASON, job_id))  # type: ignore[arg-type]
+    script_keys = (queue.key, keys.job_key(job_id), keys.delayed_key(), keys.delayed_calls_key())
+    got = int(conn.eval(_CANCEL, 4, *script_keys, rq_id, stage.value, now, CANCEL_REASON, job_id))  # type: ignore[arg-type]
     if got == -1:
         raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
     if got == -2:
@@ -138,91 +120,8 @@ def cancel_job(conn: redis.Redis, job_id: str) -> CancelOutcome:
         rq_job.cancel()
     upstream = stage.previous
     if upstream is not None:
-        release_input_room(conn, job_id, stage, int(fields[f"{upstream.value}.attempt"] or 1))
+        Rooms(conn).release_input(job_id, stage, attempt_of(fields, upstream) or 1)
     return "cancelled"
-
-
-def release_input_room(conn: redis.Redis, job_id: str, stage: Stage, upstream_attempt: int) -> None:
-    """Give up ``stage``'s unclaimed input room: fail it and tell its producer to free the slot now.
-
-    For a stage that will never run (cancelled while queued, or dequeued with a
-    cancel requested); without it the producer holds the slot until its lease runs out.
-    """
-    upstream = stage.previous
-    if upstream is None:
-        return
-    rooms = Rooms(conn)
-    room_key = keys.room_key(job_id, upstream, upstream_attempt)
-    producer = rooms.read(room_key).get("producer_id")
-    if rooms.fail(room_key, "job cancelled before the next stage pulled it") is RoomState.FAILED and producer:
-        conn.lpush(keys.acks_key(producer), room_key)
-
-
-# --------------------------------------------------------------------------- retry
-
-
-def next_stage_attempt(conn: Any, job_id: str, stage: Stage) -> int:
-    """The attempt number to queue ``stage`` of ``job_id`` at: one more than the stage has ever used."""
-    return int(conn.hget(keys.job_key(job_id), f"{stage.value}.attempt") or 0) + 1
-
-
-def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str | None], *, secret: bytes) -> int:
-    """Queue a retry of ``job_id`` from encode inside the caller's MULTI ``pipe``; returns the new attempt.
-
-    ``fields`` is the record's ``state``, ``spec`` and ``<stage>.attempt`` values, read
-    by the caller under WATCH so two retries can not both succeed.
-    """
-    attempt = max(int(fields.get(f"{stage.value}.attempt") or 0) for stage in Stage) + 1
-    spec = json.loads(fields.get("spec") or "{}")
-    key = keys.job_key(job_id)
-    pipe.hdel(key, *_STALE_FIELDS)
-    jobs.mark_stage_queued(pipe, job_id, Stage.ENCODE, attempt)
-    # attempt_base: attempts below it belong to runs before this retry, so an attempt budget
-    # (recovery's quarantine) can count only this run's attempts: ``used - attempt_base``.
-    pipe.hset(
-        key,
-        mapping={"state": JobState.QUEUED.value, "retried_at": repr(time.time()), "attempt_base": str(attempt - 1)},
-    )
-    pipe.hincrby(key, "retries", 1)
-    pipe.expire(key, jobs.JOB_RETENTION_SECONDS)
-    queues.enqueue_stage(
-        conn,
-        job_id,
-        Stage.ENCODE,
-        attempt=attempt,
-        upstream_attempt=None,
-        priority=spec.get("priority", "default"),
-        pipeline=pipe,
-        model=spec.get("model", keys.DEFAULT_MODEL),
-        secret=secret,
-    )
-    return attempt
-
-
-def resubmit(conn: redis.Redis, job_id: str, *, secret: bytes) -> int:
-    """Re-submit a failed or cancelled job from encode with a fresh attempt; returns the attempt number."""
-    key = keys.job_key(job_id)
-    with conn.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                pipe.watch(key)
-                values = pipe.hmget(key, _RETRY_READ_FIELDS)
-                fields = dict(zip(_RETRY_READ_FIELDS, _decode(values), strict=True))
-                state = fields["state"]
-                if state is None:
-                    raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
-                if state not in RETRYABLE_STATES:
-                    raise JobAdminError(
-                        f"job {job_id} is {state}: only failed or cancelled jobs can be retried"
-                        + (" (cancel it first)" if state != JobState.SUCCEEDED.value else "")
-                    )
-                pipe.multi()
-                attempt = queue_retry(pipe, conn, job_id, fields, secret=secret)
-                pipe.execute()
-                return attempt
-            except redis.WatchError:
-                # Someone changed the job between our read and EXEC (another retry, a worker): decide again.
-                continue
 
 
 # --------------------------------------------------------------------------- listing
@@ -241,7 +140,8 @@ class JobRow:
     cancel_requested: bool
 
 
-_ROW_FIELDS = ("state", "stage", "created_at", "updated_at", "spec", "error", "transform.progress", "cancel_requested")
+_TRANSFORM_PROGRESS = stage_field(Stage.TRANSFORM, StageField.PROGRESS)
+_ROW_FIELDS = ("state", "stage", "created_at", "updated_at", "spec", "error", _TRANSFORM_PROGRESS, "cancel_requested")
 
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -282,22 +182,16 @@ def _row(job_id: str, fields: dict[str, str | None]) -> JobRow:
         created_at=float(fields["created_at"] or 0),
         updated_at=float(fields["updated_at"] or 0),
         prompt=prompt,
-        progress=fields["transform.progress"] or "",
+        progress=fields[_TRANSFORM_PROGRESS] or "",
         error=fields["error"] or "",
         cancel_requested=fields["cancel_requested"] == "1",
     )
 
 
 def _read_rows(conn: redis.Redis, ids: list[str]) -> Iterator[JobRow]:
-    for offset in range(0, len(ids), _READ_CHUNK):
-        chunk = ids[offset : offset + _READ_CHUNK]
-        pipe = conn.pipeline(transaction=False)
-        for job_id in chunk:
-            pipe.hmget(keys.job_key(job_id), _ROW_FIELDS)
-        for job_id, values in zip(chunk, pipe.execute(), strict=True):
-            fields = dict(zip(_ROW_FIELDS, _decode(values), strict=True))
-            if fields["state"] is not None:  # expired since it was indexed
-                yield _row(job_id, fields)
+    for job_id, fields in read_records(conn, ids, _ROW_FIELDS):
+        if fields is not None and fields["state"] is not None:  # None: expired since it was indexed
+            yield _row(job_id, fields)
 
 
 def list_jobs(
@@ -327,16 +221,6 @@ def list_jobs(
         if limit is not None and len(rows) >= limit:
             break
     return rows
-
-
-def count_states(conn: redis.Redis, job_ids: list[str]) -> dict[str, int]:
-    counts: Counter[str] = Counter()
-    for offset in range(0, len(job_ids), _READ_CHUNK):
-        pipe = conn.pipeline(transaction=False)
-        for job_id in job_ids[offset : offset + _READ_CHUNK]:
-            pipe.hget(keys.job_key(job_id), "state")
-        counts.update((v or b"expired").decode() for v in pipe.execute())
-    return dict(counts)
 
 
 # --------------------------------------------------------------------------- farm overview

@@ -1,41 +1,41 @@
-"""The job record: one Redis hash per job holding its spec, state, per-stage story and result.
+"""The job record's reads and writes: one Redis hash per job holding its spec, state, per-stage story and result.
 
-Field layout (all values are strings)::
-
-    spec, state, created_at, updated_at, stage, error, result (JSON)
-    <stage>.state  <stage>.worker  <stage>.attempt  <stage>.started_at
-    <stage>.finished_at  <stage>.seconds  <stage>.progress ("done/total")
-
-Writes accept a caller's pipeline so a stage finishing and the next stage being
-enqueued land together.
+Field names and states are ``scheduler.job_record``'s (re-exported here:
+``JobState``, ``StageState``). Writes accept a caller's pipeline so a stage
+finishing and the next stage being enqueued land together.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from enum import StrEnum
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 
-from scheduler import keys
+from scheduler import keys, queues
+from scheduler.job_record import (
+    JobState,
+    Routing,
+    StageField,
+    StageState,
+    attempt_of,
+    lua_finished,
+    routing_of,
+    stage_field,
+    stage_fields,
+)
 from scheduler.keys import Stage
 from scheduler.spec import JobSpec
+from scheduler.stage_calls import StageCall
+
+__all__ = ["JobState", "StageState", "JobNotFound", "JobAdminError", "queue_stage", "resubmit"]
 
 JOB_RETENTION_SECONDS = 30 * 24 * 3600
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+CANCEL_REASON = "cancelled by user"
+_STATE = StageField.STATE
+_ATTEMPT = StageField.ATTEMPT
 
 
 class JobNotFound(LookupError):
@@ -47,7 +47,8 @@ def _now() -> str:
 
 
 def create_job(pipe: Any, job_id: str, spec: JobSpec, index: bool = True) -> None:
-    """Write a new job record; ``index=False`` leaves the jobs index to a caller adding many at once."""
+    """Write a new job record (its first stage is queued by ``queue_stage`` in the same MULTI);
+    ``index=False`` leaves the jobs index to a caller adding many at once."""
     key = keys.job_key(job_id)
     now = time.time()
     pipe.hset(
@@ -58,8 +59,6 @@ def create_job(pipe: Any, job_id: str, spec: JobSpec, index: bool = True) -> Non
             "stage": Stage.ENCODE.value,
             "created_at": repr(now),
             "updated_at": repr(now),
-            f"{Stage.ENCODE.value}.state": "queued",
-            f"{Stage.ENCODE.value}.attempt": "1",
         },
     )
     pipe.expire(key, JOB_RETENTION_SECONDS)
@@ -83,8 +82,8 @@ def mark_stage_queued(pipe: Any, job_id: str, stage: Stage, attempt: int) -> Non
         keys.job_key(job_id),
         mapping={
             "stage": stage.value,
-            f"{stage.value}.state": "queued",
-            f"{stage.value}.attempt": str(attempt),
+            stage_field(stage, _STATE): StageState.QUEUED.value,
+            stage_field(stage, _ATTEMPT): str(attempt),
             "updated_at": _now(),
         },
     )
@@ -93,13 +92,14 @@ def mark_stage_queued(pipe: Any, job_id: str, stage: Stage, attempt: int) -> Non
 # Start a stage attempt only if it is still the queued one: a second rq copy of the same attempt
 # (a stranded dequeue put back, an operator's requeue) then finds it running and skips, so one
 # attempt never runs twice. KEYS: job, inflight. ARGV: stage, attempt, worker, now, inflight member.
-_START_STAGE = """
-local state, stage_state, attempt = unpack(redis.call('HMGET', KEYS[1], 'state', ARGV[1] .. '.state', ARGV[1] .. '.attempt'))
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
-if stage_state == 'running' or stage_state == 'done' or attempt ~= ARGV[2] then return 0 end
+_START_STAGE = f"""
+local state, stage_state, attempt = unpack(redis.call('HMGET', KEYS[1], 'state', ARGV[1] .. '.{_STATE}',
+  ARGV[1] .. '.{_ATTEMPT}'))
+if {lua_finished("state")} then return 0 end
+if stage_state == '{StageState.RUNNING}' or stage_state == '{StageState.DONE}' or attempt ~= ARGV[2] then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
-redis.call('HSET', KEYS[1], 'state', 'running', 'stage', ARGV[1], ARGV[1] .. '.state', 'running',
-  ARGV[1] .. '.worker', ARGV[3], ARGV[1] .. '.started_at', ARGV[4], 'updated_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'state', '{JobState.RUNNING}', 'stage', ARGV[1], ARGV[1] .. '.{_STATE}', '{StageState.RUNNING}',
+  ARGV[1] .. '.{StageField.WORKER}', ARGV[3], ARGV[1] .. '.{StageField.STARTED_AT}', ARGV[4], 'updated_at', ARGV[4])
 return 1
 """
 
@@ -126,7 +126,10 @@ def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, att
 
 
 def set_progress(conn: Any, job_id: str, stage: Stage, done: int, total: int) -> None:
-    conn.hset(keys.job_key(job_id), mapping={f"{stage.value}.progress": f"{done}/{total}", "updated_at": _now()})
+    conn.hset(
+        keys.job_key(job_id),
+        mapping={stage_field(stage, StageField.PROGRESS): f"{done}/{total}", "updated_at": _now()},
+    )
 
 
 def mark_stage_finished(pipe: Any, job_id: str, stage: Stage, attempt: int, seconds: float) -> None:
@@ -134,9 +137,9 @@ def mark_stage_finished(pipe: Any, job_id: str, stage: Stage, attempt: int, seco
     pipe.hset(
         keys.job_key(job_id),
         mapping={
-            f"{stage.value}.state": "done",
-            f"{stage.value}.finished_at": _now(),
-            f"{stage.value}.seconds": f"{seconds:.3f}",
+            stage_field(stage, _STATE): StageState.DONE.value,
+            stage_field(stage, StageField.FINISHED_AT): _now(),
+            stage_field(stage, StageField.SECONDS): f"{seconds:.3f}",
             "updated_at": _now(),
         },
     )
@@ -155,7 +158,7 @@ def _mark_ended(conn: Any, job_id: str, stage: Stage, state: JobState, reason: s
         mapping={
             "state": state.value,
             "error": f"{stage.value}: {reason}",
-            f"{stage.value}.state": state.value,
+            stage_field(stage, _STATE): StageState(state.value).value,
             "updated_at": _now(),
         },
     )
@@ -169,13 +172,12 @@ def mark_failed(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
 # Fail a stage attempt only while the farm is still waiting for it to start. KEYS: job.
 # ARGV: stage, attempt, error, now.
 _FAIL_WAITING = f"""
-local state, stage_state, attempt = unpack(redis.call('HMGET', KEYS[1], 'state', ARGV[1] .. '.state', ARGV[1] .. '.attempt'))
-if not state or state == '{JobState.SUCCEEDED}' or state == '{JobState.FAILED}' or state == '{JobState.CANCELLED}' then
-  return 0
-end
-if stage_state ~= 'queued' or attempt ~= ARGV[2] then return 0 end
+local state, stage_state, attempt = unpack(redis.call('HMGET', KEYS[1], 'state', ARGV[1] .. '.{_STATE}',
+  ARGV[1] .. '.{_ATTEMPT}'))
+if not state or {lua_finished("state")} then return 0 end
+if stage_state ~= '{StageState.QUEUED}' or attempt ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'state', '{JobState.FAILED}', 'error', ARGV[1] .. ': ' .. ARGV[3],
-  ARGV[1] .. '.state', '{JobState.FAILED}', 'updated_at', ARGV[4])
+  ARGV[1] .. '.{_STATE}', '{StageState.FAILED}', 'updated_at', ARGV[4])
 return 1
 """
 
@@ -231,7 +233,7 @@ def clear_inflight(conn: Any, job_id: str, stage: Stage, attempt: int) -> None:
 
 
 def stage_attempt(conn: redis.Redis, job_id: str, stage: Stage) -> int:
-    value = conn.hget(keys.job_key(job_id), f"{stage.value}.attempt")
+    value = conn.hget(keys.job_key(job_id), stage_field(stage, _ATTEMPT))
     return int(value) if value is not None else 0  # type: ignore[arg-type]
 
 
@@ -255,10 +257,104 @@ def waiting_note(conn: redis.Redis, fields: dict[str, str], spec: Any) -> str | 
     from scheduler.worker_registry import live_workers
 
     stage = fields.get("stage", "")
-    if fields.get("state") not in (JobState.QUEUED, JobState.RUNNING) or fields.get(f"{stage}.state") != "queued":
+    if stage not in set(Stage):
+        return None
+    if (
+        fields.get("state") not in (JobState.QUEUED, JobState.RUNNING)
+        or fields.get(stage_field(stage, _STATE)) != StageState.QUEUED
+    ):
         return None
     model = spec.get("model", keys.DEFAULT_MODEL) if isinstance(spec, dict) else keys.DEFAULT_MODEL
     for worker in live_workers(conn):
         if worker.get("stage") == stage and model in worker.get("models", keys.DEFAULT_MODEL).split(","):
             return None
     return f"waiting: no live {stage} worker serves model {model!r}; start one with `reelfarm worker {stage} --models {model}`"
+
+
+class JobAdminError(ValueError):
+    """An action the job's state does not allow; the message says why and what to do instead."""
+
+
+RETRYABLE_STATES = frozenset({JobState.FAILED.value, JobState.CANCELLED.value})
+# Per-attempt fields a retry clears, so status, progress and reports show only the new attempt.
+# ``<stage>.attempt`` is deliberately kept: the next attempt numbers are derived from it.
+_STALE_FIELDS = [
+    *(stage_field(stage, name) for stage in Stage for name in StageField if name is not StageField.ATTEMPT),
+    "error",
+    "result",
+    "cancel_requested",
+    "cancel_requested_at",
+    "cancelled_at",
+]
+_RETRY_READ_FIELDS = ("state", "spec", *stage_fields(StageField.ATTEMPT))
+
+
+# --------------------------------------------------------------------------- queueing and retry
+
+
+def queue_stages(pipe: Any, conn: redis.Redis, calls: Sequence[tuple[StageCall, Routing]], *, secret: bytes) -> None:
+    """The one way a stage attempt enters the pipeline: mark it queued in its job record and put its signed
+    call on the queue for its priority and model, both in the caller's MULTI ``pipe``."""
+    for call, _ in calls:
+        mark_stage_queued(pipe, call.job_id, call.stage, call.attempt)
+    queues.enqueue_stages(conn, calls, pipeline=pipe, secret=secret)
+
+
+def queue_stage(pipe: Any, conn: redis.Redis, call: StageCall, routing: Routing, *, secret: bytes) -> None:
+    queue_stages(pipe, conn, [(call, routing)], secret=secret)
+
+
+def next_stage_attempt(conn: Any, job_id: str, stage: Stage) -> int:
+    """The attempt number to queue ``stage`` of ``job_id`` at: one more than the stage has ever used."""
+    return stage_attempt(conn, job_id, stage) + 1
+
+
+def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str | None], *, secret: bytes) -> int:
+    """Queue a retry of ``job_id`` from encode inside the caller's MULTI ``pipe``; returns the new attempt.
+
+    ``fields`` is the record's ``state``, ``spec`` and ``<stage>.attempt`` values, read
+    by the caller under WATCH so two retries can not both succeed.
+    """
+    attempt = max(attempt_of(fields, stage) for stage in Stage) + 1
+    key = keys.job_key(job_id)
+    pipe.hdel(key, *_STALE_FIELDS)
+    # attempt_base: attempts below it belong to runs before this retry, so an attempt budget
+    # (recovery's quarantine) can count only this run's attempts: ``used - attempt_base``.
+    pipe.hset(
+        key,
+        mapping={"state": JobState.QUEUED.value, "retried_at": repr(time.time()), "attempt_base": str(attempt - 1)},
+    )
+    pipe.hincrby(key, "retries", 1)
+    pipe.expire(key, JOB_RETENTION_SECONDS)
+    queue_stage(
+        pipe, conn, StageCall(job_id, Stage.ENCODE, attempt, None), routing_of(fields.get("spec")), secret=secret
+    )
+    return attempt
+
+
+def resubmit(conn: redis.Redis, job_id: str, *, secret: bytes) -> int:
+    """Re-submit a failed or cancelled job from encode with a fresh attempt; returns the attempt number."""
+    key = keys.job_key(job_id)
+    with conn.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                values = pipe.hmget(key, _RETRY_READ_FIELDS)
+                fields = dict(
+                    zip(_RETRY_READ_FIELDS, (v.decode() if isinstance(v, bytes) else v for v in values), strict=True)
+                )
+                state = fields["state"]
+                if state is None:
+                    raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
+                if state not in RETRYABLE_STATES:
+                    raise JobAdminError(
+                        f"job {job_id} is {state}: only failed or cancelled jobs can be retried"
+                        + (" (cancel it first)" if state != JobState.SUCCEEDED.value else "")
+                    )
+                pipe.multi()
+                attempt = queue_retry(pipe, conn, job_id, fields, secret=secret)
+                pipe.execute()
+                return attempt
+            except redis.WatchError:
+                # Someone changed the job between our read and EXEC (another retry, a worker): decide again.
+                continue

@@ -122,6 +122,11 @@ def stranded_seen_key(queue: str, rq_job_id: str) -> str:
     return f"{PREFIX}:stranded:{queue}:{rq_job_id}"
 
 
+def delayed_calls_key() -> str:
+    """Hash: job id -> the stage call (JSON) parked in ``delayed_key`` until its backoff ends."""
+    return f"{PREFIX}:delayed:calls"
+
+
 def refused_calls_key() -> str:
     """List of refused rq jobs (JSON records, newest first, capped): calls a stage worker would not run."""
     return f"{PREFIX}:refused"

@@ -47,3 +47,34 @@ def model_for_task(settings: FarmSettings, task: Literal["t2v", "i2v"]) -> str |
         if read_model_task(model_dir) == task:
             return name
     return None
+
+
+class ModelChooser:
+    """The model rules of submission: a job naming no model gets one that does its task, and the model must
+    be served and do the job's task. Answers are kept per model and task (they read model dirs from disk),
+    so one chooser serves a whole batch."""
+
+    def __init__(self, settings: FarmSettings) -> None:
+        self.settings = settings
+        self._for_task: dict[str, str | None] = {}
+        self._refusals: dict[tuple[str, str], str | None] = {}
+
+    def resolve(self, spec: JobSpec, named: bool) -> JobSpec:
+        """``spec`` with its model chosen (unless ``named``) and checked; raises ``SpecError`` if refused."""
+        if not named:
+            if spec.task not in self._for_task:
+                self._for_task[spec.task] = model_for_task(self.settings, spec.task)
+            chosen = self._for_task[spec.task]
+            if chosen is not None:
+                spec = spec.model_copy(update={"model": chosen})
+        key = (spec.model, spec.task)
+        if key not in self._refusals:
+            try:
+                check_job_model(self.settings, spec)
+                self._refusals[key] = None
+            except SpecError as exc:
+                self._refusals[key] = str(exc)
+        refusal = self._refusals[key]
+        if refusal is not None:
+            raise SpecError(refusal)
+        return spec

@@ -19,12 +19,22 @@ from typing import Any, TextIO
 
 import redis
 
-from scheduler import jobs, keys
+from scheduler import jobs
+from scheduler.job_record import (
+    FINISHED_STATES,
+    VANISHED,
+    JobState,
+    StageField,
+    StageState,
+    read_records,
+    stage_field,
+    stage_fields,
+    stage_state_of,
+)
 from scheduler.keys import Stage
 
-_FIELDS = ("state", *(f"{stage.value}.state" for stage in Stage), "transform.progress")
-_FINISHED = {state.value for state in jobs.JobState if state.finished}
-_READ_CHUNK = 1000
+_TRANSFORM_PROGRESS = stage_field(Stage.TRANSFORM, StageField.PROGRESS)
+_FIELDS = ("state", *stage_fields(StageField.STATE), _TRANSFORM_PROGRESS)
 # Throughput is measured over this window so the ETA follows the farm's current pace.
 _RATE_WINDOW_SECONDS = 120.0
 
@@ -45,7 +55,7 @@ class Snapshot:
 
     @property
     def finished(self) -> int:
-        return sum(n for state, n in self.states.items() if state in _FINISHED)
+        return sum(n for state, n in self.states.items() if state in FINISHED_STATES)
 
     @property
     def all_finished(self) -> bool:
@@ -73,38 +83,29 @@ class JobPoller:
 
     def poll(self) -> Snapshot:
         pending = [j for j in self.job_ids if j not in self._finished]
-        for offset in range(0, len(pending), _READ_CHUNK):
-            chunk = pending[offset : offset + _READ_CHUNK]
-            pipe = self.conn.pipeline(transaction=False)
-            for job_id in chunk:
-                pipe.hmget(keys.job_key(job_id), _FIELDS)
-            for job_id, values in zip(chunk, pipe.execute(), strict=True):
-                fields = {name: v.decode() if v is not None else None for name, v in zip(_FIELDS, values, strict=True)}
-                if fields["state"] is None:
-                    fields["state"] = "missing"  # expired or never created: counts as finished
-                self.last_fields[job_id] = fields
-                if fields["state"] in _FINISHED or fields["state"] == "missing":
-                    self._finished[job_id] = fields
+        for job_id, record in read_records(self.conn, pending, _FIELDS):
+            # Expired or never created: it can never progress, so it counts as finished.
+            fields: dict[str, str | None] = record if record is not None else {"state": VANISHED}
+            self.last_fields[job_id] = fields
+            if fields["state"] in FINISHED_STATES or fields["state"] == VANISHED:
+                self._finished[job_id] = fields
         snap = Snapshot(total=len(self.job_ids), at=time.monotonic())
         snap.stage_done = {stage.value: 0.0 for stage in Stage}
         snap.stage_running = {stage.value: 0 for stage in Stage}
         for job_id in self.job_ids:
             fields = self.last_fields.get(job_id, {})
-            state = fields.get("state") or "missing"
+            state = fields.get("state") or VANISHED
             snap.states[state] = snap.states.get(state, 0) + 1
             for stage in Stage:
-                stage_state = fields.get(f"{stage.value}.state")
-                if stage_state == "done" or state == jobs.JobState.SUCCEEDED.value:
+                stage_state = stage_state_of(fields, stage)
+                if stage_state == StageState.DONE or state == JobState.SUCCEEDED:
                     snap.stage_done[stage.value] += 1
-                elif stage_state == "running":
+                elif stage_state == StageState.RUNNING:
                     snap.stage_running[stage.value] += 1
                     if stage is Stage.TRANSFORM:
-                        snap.stage_done[stage.value] += _parse_progress(fields.get("transform.progress"))
+                        snap.stage_done[stage.value] += _parse_progress(fields.get(_TRANSFORM_PROGRESS))
         if len(self.job_ids) == 1 and snap.stage_running[Stage.TRANSFORM.value]:
-            snap.step = self.last_fields.get(self.job_ids[0], {}).get("transform.progress") or ""
-        if "missing" in snap.states:
-            # Missing records count as finished (they can never progress), but say so.
-            snap.states["expired"] = snap.states.pop("missing")
+            snap.step = self.last_fields.get(self.job_ids[0], {}).get(_TRANSFORM_PROGRESS) or ""
         return snap
 
 
@@ -200,7 +201,7 @@ class ProgressView:
             self._update_plain(snap, rate, eta)
 
     def _summary(self, snap: Snapshot) -> str:
-        order = ["succeeded", "failed", "cancelled", "running", "queued", "expired"]
+        order = [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RUNNING, JobState.QUEUED, VANISHED]
         parts = [f"{snap.states[s]} {s}" for s in order if snap.states.get(s)]
         return ", ".join(parts)
 

@@ -12,6 +12,7 @@ and refuse what the farm did not sign.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -20,6 +21,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from scheduler import keys
+from scheduler.job_record import Routing
 from scheduler.keys import Stage
 from scheduler.stage_calls import SIGNATURE_META_KEY, STAGE_ENTRYPOINT, CallFields, StageCall, sign_call
 
@@ -74,28 +76,24 @@ def enqueue_stage(
     *,
     secret: bytes,
 ) -> str:
-    """Put one attempt of one stage of a job on its queue, signed with ``secret``; joins the caller's pipeline."""
-    enqueue_stages(
-        conn, stage, [(job_id, attempt, upstream_attempt, priority, model)], pipeline=pipeline, secret=secret
-    )
+    """Put one attempt of one stage of a job on its queue, signed with ``secret``; joins the caller's pipeline.
+
+    Only the rq side: the farm's own code goes through ``jobs.queue_stage``, which records it in the job too.
+    """
+    call = StageCall(job_id, stage, attempt, upstream_attempt)
+    enqueue_stages(conn, [(call, Routing(priority, model))], pipeline=pipeline, secret=secret)
     return keys.stage_job_id(job_id, stage, attempt)
 
 
 def enqueue_stages(
-    conn: redis.Redis,
-    stage: Stage,
-    items: list[tuple[str, int, int | None, str, str]],
-    pipeline: Any | None = None,
-    *,
-    secret: bytes,
+    conn: redis.Redis, calls: Sequence[tuple[StageCall, Routing]], pipeline: Any | None = None, *, secret: bytes
 ) -> None:
-    """Enqueue many ``(job_id, attempt, upstream_attempt, priority, model)`` at once, each signed with
-    ``secret``: one rq ``enqueue_many`` per queue, which is what makes a 10,000-line batch take seconds."""
-    by_queue: dict[tuple[str, str], list[Any]] = {}
-    for job_id, attempt, upstream_attempt, priority, model in items:
-        data = _stage_job_data(secret, StageCall(job_id, stage, attempt, upstream_attempt))
-        by_queue.setdefault((priority, model), []).append(data)
-    for (priority, model), datas in by_queue.items():
+    """Enqueue many stage calls at once, each signed with ``secret``: one rq ``enqueue_many`` per queue,
+    which is what makes a 10,000-line batch take seconds."""
+    by_queue: dict[tuple[Stage, str, str], list[Any]] = {}
+    for call, routing in calls:
+        by_queue.setdefault((call.stage, routing.priority, routing.model), []).append(_stage_job_data(secret, call))
+    for (stage, priority, model), datas in by_queue.items():
         stage_queue(conn, stage, priority, model).enqueue_many(datas, pipeline=pipeline)
 
 

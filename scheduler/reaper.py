@@ -24,6 +24,7 @@ import threading
 import redis
 
 from scheduler import jobs, keys, queues, recovery, worker_registry
+from scheduler.job_record import StageField, stage_field
 
 log = logging.getLogger("reelfarm.reaper")
 
@@ -54,7 +55,7 @@ def reap_once(
             member = raw.decode()
             job_id, stage, attempt = keys.parse_inflight_member(member)
             fields = jobs.job_fields(conn, job_id)
-            worker_id = fields.get(f"{stage.value}.worker", "")
+            worker_id = fields.get(stage_field(stage, StageField.WORKER), "")
             if worker_id and worker_registry.get_worker(conn, worker_id) is not None:
                 continue
             outcome = recovery.restart_job(

@@ -26,8 +26,19 @@ from dataclasses import dataclass
 import redis
 
 from scheduler import jobs, keys, metrics, queues, worker_registry
+from scheduler.job_record import (
+    Routing,
+    StageField,
+    StageState,
+    attempt_of,
+    is_finished,
+    routing_of,
+    stage_field,
+    stage_state_of,
+)
 from scheduler.keys import Stage
 from scheduler.rooms import Rooms, RoomState
+from scheduler.stage_calls import StageCall
 
 log = logging.getLogger("reelfarm.recovery")
 
@@ -45,8 +56,8 @@ def input_room_available(conn: redis.Redis, job_id: str, stage: Stage, fields: d
     upstream = stage.previous
     if upstream is None:
         return None
-    attempt = int(fields.get(f"{upstream.value}.attempt", "0"))
-    if attempt < 1 or fields.get(f"{upstream.value}.state") != "done":
+    attempt = attempt_of(fields, upstream)
+    if attempt < 1 or stage_state_of(fields, upstream) != StageState.DONE:
         return None
     rooms = Rooms(conn)
     key = keys.room_key(job_id, upstream, attempt)
@@ -93,20 +104,20 @@ def restart_job(
             try:
                 pipe.watch(key)
                 fields = jobs.job_fields(pipe, job_id)
-                if not fields or jobs.JobState(fields["state"]).finished:
+                if not fields or is_finished(fields):
                     pipe.unwatch()
                     conn.zrem(keys.inflight_key(), member)
                     return "job already finished"
-                if int(fields.get(f"{failed.value}.attempt", "0")) != failed_attempt:
+                if attempt_of(fields, failed) != failed_attempt:
                     pipe.unwatch()
                     conn.zrem(keys.inflight_key(), member)
                     return "already recovered"
                 plan = plan_restart(conn, job_id, failed, fields)
-                used = int(fields.get(f"{plan.stage.value}.attempt", "0"))
+                used = attempt_of(fields, plan.stage)
                 failure = {
                     "stage": failed.value,
                     "attempt": failed_attempt,
-                    "worker": worker_id or fields.get(f"{failed.value}.worker", ""),
+                    "worker": worker_id or fields.get(stage_field(failed, StageField.WORKER), ""),
                     "reason": reason,
                     "at": time.time(),
                 }
@@ -125,19 +136,12 @@ def restart_job(
                     )
                     outcome = "quarantined"
                 else:
-                    try:
-                        spec = json.loads(fields["spec"])
-                    except ValueError:
-                        spec = {}  # unreadable record: the restarted stage will fail it with the reason
                     enqueue_later(
                         conn,
                         pipe,
-                        job_id,
-                        plan.stage,
-                        used + 1,
-                        plan.upstream_attempt,
-                        spec.get("priority", "default"),
-                        spec.get("model", keys.DEFAULT_MODEL),
+                        StageCall(job_id, plan.stage, used + 1, plan.upstream_attempt),
+                        # An unreadable spec routes to the defaults; the restarted stage fails it with the reason.
+                        routing_of(fields.get("spec")),
                         delay_seconds,
                         secret=secret,
                     )
@@ -154,70 +158,59 @@ def restart_job(
 def enqueue_later(
     conn: redis.Redis,
     pipe: redis.client.Pipeline,
-    job_id: str,
-    stage: Stage,
-    attempt: int,
-    upstream_attempt: int | None,
-    priority: str,
-    model: str,
+    call: StageCall,
+    routing: Routing,
     delay_seconds: float,
     *,
     secret: bytes,
 ) -> None:
-    """Enqueue now (signed with ``secret``), or park it in the delayed set for the reaper to release when due."""
-    jobs.mark_stage_queued(pipe, job_id, stage, attempt)
+    """Queue ``call`` now (signed with ``secret``), or park it for the reaper to release when its backoff ends.
+
+    Parked calls are keyed by job id (a job has at most one stage waiting out a backoff), so a cancel
+    removes one member instead of decoding the whole set.
+    """
     if delay_seconds <= 0:
-        queues.enqueue_stage(
-            conn,
-            job_id,
-            stage,
-            attempt,
-            upstream_attempt,
-            priority=priority,
-            pipeline=pipe,
-            model=model,
-            secret=secret,
-        )
+        jobs.queue_stage(pipe, conn, call, routing, secret=secret)
         return
-    entry = {
-        "job_id": job_id,
-        "stage": stage.value,
-        "attempt": attempt,
-        "upstream_attempt": upstream_attempt,
-        "priority": priority,
-        "model": model,
-    }
-    pipe.zadd(keys.delayed_key(), {json.dumps(entry, sort_keys=True): time.time() + delay_seconds})
+    jobs.mark_stage_queued(pipe, call.job_id, call.stage, call.attempt)
+    parked = {**call.kwargs(), "priority": routing.priority, "model": routing.model}
+    pipe.zadd(keys.delayed_key(), {call.job_id: time.time() + delay_seconds})
+    pipe.hset(keys.delayed_calls_key(), call.job_id, json.dumps(parked, sort_keys=True))
+
+
+def _parked_call(raw: bytes | None) -> tuple[StageCall, Routing] | None:
+    try:
+        entry = json.loads(raw or b"")
+        call = StageCall(entry["job_id"], Stage(entry["stage"]), int(entry["attempt"]), entry["upstream_attempt"])
+        return call, Routing(entry["priority"], entry["model"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def release_due(conn: redis.Redis, now: float | None = None, *, secret: bytes) -> int:
-    """Move delayed enqueues whose backoff has passed onto their queues, signed with ``secret``; safe to run
+    """Move parked calls whose backoff has passed onto their queues, signed with ``secret``; safe to run
     from many processes."""
     released = 0
     due: list[bytes] = conn.zrangebyscore(keys.delayed_key(), "-inf", now or time.time())  # type: ignore[assignment]
-    for raw in due:
-        entry = json.loads(raw)
+    for raw_id in due:
+        job_id = raw_id.decode()
         with conn.pipeline() as pipe:
             try:
                 # Remove and enqueue in one transaction: a crash between them must not lose the retry.
                 pipe.watch(keys.delayed_key())
-                if pipe.zscore(keys.delayed_key(), raw) is None:
+                if pipe.zscore(keys.delayed_key(), job_id) is None:
                     continue
+                parked = _parked_call(pipe.hget(keys.delayed_calls_key(), job_id))  # type: ignore[arg-type]
                 pipe.multi()
-                pipe.zrem(keys.delayed_key(), raw)
-                queues.enqueue_stage(
-                    conn,
-                    entry["job_id"],
-                    Stage(entry["stage"]),
-                    entry["attempt"],
-                    entry["upstream_attempt"],
-                    priority=entry["priority"],
-                    pipeline=pipe,
-                    model=entry.get("model", keys.DEFAULT_MODEL),
-                    secret=secret,
-                )
+                pipe.zrem(keys.delayed_key(), job_id)
+                pipe.hdel(keys.delayed_calls_key(), job_id)
+                if parked is None:
+                    log.error("job %s: its parked retry is unreadable; dropped", job_id)
+                else:
+                    # The record already says queued (enqueue_later marked it): only rq's side is left.
+                    queues.enqueue_stages(conn, [parked], pipeline=pipe, secret=secret)
+                    released += 1
                 pipe.execute()
-                released += 1
             except redis.WatchError:
                 continue
     return released

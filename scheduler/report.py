@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from scheduler import batch, keys
+from scheduler.job_record import FINISHED_STATES, VANISHED, JobState, StageField, attempt_of, read_records, stage_field
 from scheduler.keys import Stage
 from scheduler.settings import FarmSettings
 
@@ -50,7 +51,8 @@ CSV_COLUMNS = [
     "retries",
     "error",
 ]
-_READ_CHUNK = 500
+# A job that stopped before it finished: its last stage span ends at its last update.
+_STOPPED = frozenset({JobState.FAILED, JobState.CANCELLED})
 
 
 class ReportError(RuntimeError):
@@ -81,7 +83,7 @@ class JobTimeline:
 
     @property
     def state(self) -> str:
-        return self.fields.get("state", "expired")
+        return self.fields.get("state", VANISHED)
 
     @property
     def created_at(self) -> float:
@@ -99,13 +101,13 @@ class JobTimeline:
 
 
 def _spans(fields: dict[str, str]) -> list[StageSpan]:
-    stopped = fields.get("state") in ("failed", "cancelled")
+    stopped = fields.get("state") in _STOPPED
     spans = []
     for stage in Stage:
-        start = fields.get(f"{stage.value}.started_at")
+        start = fields.get(stage_field(stage, StageField.STARTED_AT))
         if start is None:
             continue
-        end = fields.get(f"{stage.value}.finished_at")
+        end = fields.get(stage_field(stage, StageField.FINISHED_AT))
         interrupted = end is None and stopped
         if interrupted:
             end = fields.get("updated_at", start)
@@ -114,8 +116,8 @@ def _spans(fields: dict[str, str]) -> list[StageSpan]:
                 stage=stage.value,
                 start=float(start),
                 end=float(end) if end is not None else None,
-                worker=fields.get(f"{stage.value}.worker", ""),
-                attempt=int(fields.get(f"{stage.value}.attempt", "1") or 1),
+                worker=fields.get(stage_field(stage, StageField.WORKER), ""),
+                attempt=attempt_of(fields, stage) or 1,
                 interrupted=interrupted,
             )
         )
@@ -129,14 +131,9 @@ def load_timelines(conn: redis.Redis, name: str) -> list[JobTimeline]:
         batch.batch_job_ids(conn, name)  # raises BatchNotFound for an unknown batch
     ids = sorted(lines, key=lambda j: lines[j])
     timelines = []
-    for offset in range(0, len(ids), _READ_CHUNK):
-        chunk = ids[offset : offset + _READ_CHUNK]
-        pipe = conn.pipeline(transaction=False)
-        for job_id in chunk:
-            pipe.hgetall(keys.job_key(job_id))
-        for job_id, raw in zip(chunk, pipe.execute(), strict=True):
-            fields = {k.decode(): v.decode() for k, v in raw.items()}
-            timelines.append(JobTimeline(job_id, lines[job_id], fields, _spans(fields)))
+    for job_id, record in read_records(conn, ids):
+        fields = {k: v for k, v in (record or {}).items() if v is not None}
+        timelines.append(JobTimeline(job_id, lines[job_id], fields, _spans(fields)))
     return timelines
 
 
@@ -149,12 +146,14 @@ def manifest_row(job: JobTimeline) -> dict[str, Any]:
     spec = json.loads(fields.get("spec", "{}"))
     result = json.loads(fields["result"]) if "result" in fields else {}
     seconds = {
-        stage.value: float(fields[f"{stage.value}.seconds"]) for stage in Stage if f"{stage.value}.seconds" in fields
+        stage.value: float(fields[name])
+        for stage in Stage
+        if (name := stage_field(stage, StageField.SECONDS)) in fields
     }
     first_start = min((s.start for s in job.spans), default=None)
-    finished = job.finished_at if job.state == "succeeded" else None
+    finished = job.finished_at if job.state == JobState.SUCCEEDED else None
     attempts = {
-        stage.value: int(fields[f"{stage.value}.attempt"]) for stage in Stage if f"{stage.value}.attempt" in fields
+        stage.value: attempt_of(fields, stage) for stage in Stage if stage_field(stage, StageField.ATTEMPT) in fields
     }
     row: dict[str, Any] = {
         "job_id": job.job_id,
@@ -243,7 +242,7 @@ def write_manifest(
     if upload:
         from scheduler.object_store import put_bytes, s3_uri
 
-        client = client if client is not None else batch.store_client(settings)
+        client = client if client is not None else settings.s3.client()
         bucket = settings.s3.bucket
         jsonl_key, csv_key = manifest_keys(settings.s3.key_prefix, name)
         put_bytes(client, bucket, jsonl_key, jsonl, "application/x-ndjson", retry_seconds=settings.s3.retry_seconds)
@@ -330,7 +329,7 @@ class BatchReport:
     stages: dict[str, StageUtilisation]
 
     def describe(self) -> str:
-        finished = sum(n for s, n in self.states.items() if s in ("succeeded", "failed", "cancelled"))
+        finished = sum(n for s, n in self.states.items() if s in FINISHED_STATES)
         rate = 60.0 * finished / self.processing_seconds if self.processing_seconds > 0 else 0.0
         states = ", ".join(f"{n} {s}" for s, n in sorted(self.states.items()))
         lines = [
@@ -413,7 +412,7 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
                 zorder=2,
             )
             previous_end = end
-        if job.state in ("failed", "cancelled"):
+        if job.state in _STOPPED:
             where = (job.finished_at or previous_end or t1) - t0
             ax.plot([where], [row], marker="x", color="#C44E52", markersize=7, mew=2, zorder=3)
     labels = [f"line {j.line}" if j.line else j.job_id[-10:] for j in timelines]
@@ -421,14 +420,14 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
     ax.set_yticks(range(0, rows, step))
     ax.set_yticklabels(labels[::step], fontsize=8)
     for tick, job in zip(ax.get_yticklabels(), timelines[::step], strict=False):
-        if job.state in ("failed", "cancelled"):
+        if job.state in _STOPPED:
             tick.set_color("#C44E52")
     ax.set_ylim(rows - 0.5, -0.5)
     ax.set_ylabel("job (batch file line)")
     ax.grid(axis="x", color="#EEEEEE", zorder=0)
     legend: list[Any] = [Patch(color=c, label=s) for s, c in STAGE_COLOURS.items()]
     legend.append(Patch(color="#BBBBBB", label="waiting in queue"))
-    if any(j.state in ("failed", "cancelled") for j in timelines):
+    if any(j.state in _STOPPED for j in timelines):
         legend.append(
             plt.Line2D([], [], marker="x", color="#C44E52", linestyle="none", mew=2, label="failed / cancelled")
         )

@@ -182,3 +182,17 @@ class Rooms:
             keys=[key], args=[int(RoomState.FAILED), "", "reason", reason, "failed_at", repr(time.time())]
         )
         return RoomState(int(got))
+
+    def release_input(self, job_id: str, stage: Stage, upstream_attempt: int) -> None:
+        """Give up ``stage``'s unclaimed input room: fail it and tell its producer to free the slot now.
+
+        For a stage that will never run (cancelled while queued, or dequeued with a
+        cancel requested); without it the producer holds the slot until its lease runs out.
+        """
+        upstream = stage.previous
+        if upstream is None:
+            return
+        room_key = keys.room_key(job_id, upstream, upstream_attempt)
+        producer = self.read(room_key).get("producer_id")
+        if self.fail(room_key, "job cancelled before the next stage pulled it") is RoomState.FAILED and producer:
+            self.conn.lpush(keys.acks_key(producer), room_key)

@@ -177,11 +177,12 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, nested mappings merged rather than replaced (settings layers, batch defaults)."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -212,12 +213,12 @@ def load_settings(config: Path | None = None, env: dict[str, str] | None = None)
             if var == "REELFARM_WORKER_MODELS":
                 value = [m.strip() for m in value.split(",") if m.strip()]
             _set_path(from_env, path, value)
-    tree = _deep_merge(tree, from_env)
+    tree = deep_merge(tree, from_env)
     home = Path(tree.get("home", DEFAULT_HOME))
     state_file = home / STATE_FILE_NAME
     if not tree.get("redis_url") and state_file.exists():
         # The embedded farm (`reelfarm up`) is the fallback, never an override.
-        tree = _deep_merge(json.loads(state_file.read_text())["settings"], tree)
+        tree = deep_merge(json.loads(state_file.read_text())["settings"], tree)
     try:
         return FarmSettings.model_validate(tree)
     except ValidationError as exc:

@@ -12,11 +12,13 @@ from typing import Any
 
 import redis
 
-from scheduler import jobs, keys, queues
+from scheduler import jobs, keys
+from scheduler.job_record import Routing
 from scheduler.keys import Stage
-from scheduler.model_catalog import check_job_model, model_for_task
+from scheduler.model_catalog import ModelChooser
 from scheduler.settings import FarmSettings
 from scheduler.spec import JobSpec, parse_spec
+from scheduler.stage_calls import StageCall
 
 
 def new_job_id() -> str:
@@ -30,12 +32,8 @@ def submit(
     if isinstance(raw_spec, JobSpec):
         raw_spec = raw_spec.model_dump()
     spec = parse_spec(raw_spec, settings.limits, settings.spec_defaults)
-    if "model" not in raw_spec:
-        # A job that names no model goes to one that does its task (an image job to an i2v model).
-        chosen = model_for_task(settings, spec.task)
-        if chosen is not None:
-            spec = spec.model_copy(update={"model": chosen})
-    check_job_model(settings, spec)
+    # A job that names no model goes to one that does its task (an image job to an i2v model).
+    spec = ModelChooser(settings).resolve(spec, named="model" in raw_spec)
     job_id = keys.check_id(job_id or new_job_id(), "job id")
     if jobs.job_exists(conn, job_id):
         return job_id
@@ -50,15 +48,11 @@ def submit(
             return job_id
         pipe.multi()
         jobs.create_job(pipe, job_id, spec)
-        queues.enqueue_stage(
+        jobs.queue_stage(
+            pipe,
             conn,
-            job_id,
-            Stage.ENCODE,
-            attempt=1,
-            upstream_attempt=None,
-            priority=spec.priority,
-            pipeline=pipe,
-            model=spec.model,
+            StageCall(job_id, Stage.ENCODE, 1, None),
+            Routing(spec.priority, spec.model),
             secret=settings.require_secret(),
         )
         try:

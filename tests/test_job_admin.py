@@ -17,10 +17,12 @@ from scheduler import job_admin, jobs, keys, queues, recovery, worker_registry
 from scheduler.cli import main
 from scheduler.embedded import write_settings_file
 from scheduler.job_admin import JobAdminError
+from scheduler.job_record import Routing
 from scheduler.keys import Stage
 from scheduler.progress_view import JobPoller, WaitTimedOut, wait_for_job, watch_jobs
 from scheduler.rooms import Rooms, RoomState
 from scheduler.settings import FarmSettings
+from scheduler.stage_calls import StageCall
 from scheduler.submit import submit
 
 TINY: dict[str, Any] = {"prompt": "a kite over a beach", "width": 64, "height": 48, "frames": 17, "steps": 2}
@@ -110,12 +112,8 @@ def test_cancel_job_waiting_out_a_retry_backoff(conn: redis.Redis, settings: Far
     recovery.enqueue_later(
         conn,
         pipe,
-        job_id,
-        Stage.ENCODE,
-        2,
-        None,
-        "default",
-        "default",
+        StageCall(job_id, Stage.ENCODE, 2, None),
+        Routing("default", "default"),
         delay_seconds=60,
         secret=settings.require_secret(),
     )
@@ -147,14 +145,14 @@ def test_retry_failed_job_uses_a_higher_attempt(conn: redis.Redis, settings: Far
     assert status["stages"]["encode"] == {"state": "queued", "attempt": "3"}
     # Old timings are gone; the attempt counter stays so the next transform is attempt 3 too.
     assert status["stages"]["transform"] == {"attempt": "2"}
-    assert job_admin.next_stage_attempt(conn, job_id, Stage.TRANSFORM) == 3
+    assert jobs.next_stage_attempt(conn, job_id, Stage.TRANSFORM) == 3
     fields = jobs.job_fields(conn, job_id)
     assert fields["retries"] == "1" and fields["attempt_base"] == "2"
     assert queues.stage_queue(conn, Stage.ENCODE).job_ids == [keys.stage_job_id(job_id, Stage.ENCODE, 3)]
 
     # A queued job is not retried twice.
     with pytest.raises(JobAdminError, match="only failed or cancelled"):
-        job_admin.resubmit(conn, job_id, secret=settings.require_secret())
+        jobs.resubmit(conn, job_id, secret=settings.require_secret())
     again = cli(settings, tmp_path, "retry", job_id)
     assert again.exit_code == 2 and again.output.count("\n") == 1 and "only failed or cancelled" in again.output
 

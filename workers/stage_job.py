@@ -19,10 +19,12 @@ from typing import Any
 import redis
 import torch
 
-from scheduler import job_admin, jobs, keys, metrics, queues, recovery, worker_registry
+from scheduler import jobs, keys, metrics, recovery, worker_registry
+from scheduler.job_record import Routing, attempt_of, is_finished
 from scheduler.keys import Stage
 from scheduler.logging_setup import log_context
 from scheduler.spec import JobSpec
+from scheduler.stage_calls import StageCall
 from workers.fault_injection import crash_if_injected, pause_if_injected
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
 from workers.runtime import StageRuntime, current_runtime
@@ -46,14 +48,14 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
     if this_stage is not rt.stage:
         raise RuntimeError(f"a {stage} job reached a {rt.stage.value} worker: check the queue names in settings")
     fields = jobs.job_fields(rt.conn, job_id)
-    if not fields or jobs.JobState(fields["state"]).finished or int(fields.get(f"{stage}.attempt", "0")) != attempt:
+    if not fields or is_finished(fields) or attempt_of(fields, this_stage) != attempt:
         log.info("job %s: %s attempt %d is stale or finished; skipped", job_id, stage, attempt)
         return {"job_id": job_id, "stage": stage, "outcome": "skipped"}
     if jobs.cancel_requested(rt.conn, job_id):
         # Cancelled between stages: free the producer's slot now instead of at lease expiry.
         if upstream_attempt is not None:
-            job_admin.release_input_room(rt.conn, job_id, this_stage, upstream_attempt)
-        jobs.mark_cancelled(rt.conn, job_id, this_stage, job_admin.CANCEL_REASON)
+            rt.rooms.release_input(job_id, this_stage, upstream_attempt)
+        jobs.mark_cancelled(rt.conn, job_id, this_stage, jobs.CANCEL_REASON)
         return {"job_id": job_id, "stage": stage, "outcome": "cancelled"}
     started = time.monotonic()
     if not jobs.mark_stage_started(rt.conn, job_id, this_stage, rt.worker_id, attempt):
@@ -212,8 +214,7 @@ def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs:
             try:
                 pipe.watch(keys.job_key(job_id))
                 fields = jobs.job_fields(pipe, job_id)
-                current = int(fields.get(f"{rt.stage.value}.attempt", "0"))
-                if current != attempt or jobs.JobState(fields["state"]).finished:
+                if attempt_of(fields, rt.stage) != attempt or is_finished(fields):
                     pipe.unwatch()
                     log.warning("job %s: %s attempt %d was superseded; output discarded", job_id, rt.stage, attempt)
                     if room_key is not None:
@@ -223,20 +224,9 @@ def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs:
                 pipe.multi()
                 jobs.mark_stage_finished(pipe, job_id, rt.stage, attempt, time.monotonic() - started)
                 if next_stage is not None:
-                    next_attempt = int(fields.get(f"{next_stage.value}.attempt", "0")) + 1
+                    next_call = StageCall(job_id, next_stage, attempt_of(fields, next_stage) + 1, attempt)
                     rt.rooms.publish(desc, signature, pipeline=pipe)
-                    jobs.mark_stage_queued(pipe, job_id, next_stage, next_attempt)
-                    queues.enqueue_stage(
-                        rt.conn,
-                        job_id,
-                        next_stage,
-                        next_attempt,
-                        attempt,
-                        priority=spec.priority,
-                        pipeline=pipe,
-                        model=spec.model,
-                        secret=rt.secret,
-                    )
+                    jobs.queue_stage(pipe, rt.conn, next_call, Routing(spec.priority, spec.model), secret=rt.secret)
                 else:
                     jobs.mark_succeeded(pipe, job_id, outputs)
                 worker_registry.increment(pipe, rt.worker_id, "jobs_done")

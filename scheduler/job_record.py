@@ -1,0 +1,158 @@
+"""The job record's vocabulary: its field names, its states, and how many records are read at once.
+
+One Redis hash per job (``keys.job_key``); all values are strings::
+
+    spec, state, stage, created_at, updated_at, error, result (JSON), failures (JSON),
+    cancel_requested, retries, attempt_base, ...
+    <stage>.state  <stage>.worker  <stage>.attempt  <stage>.started_at
+    <stage>.finished_at  <stage>.seconds  <stage>.progress ("done/total")
+
+Nothing else in the project spells a per-stage field or a state: code names a
+field with ``stage_field(stage, StageField.ATTEMPT)`` and a state with the
+enums below, and Lua scripts get state values injected from the same enums
+(``lua_finished``), so a renamed state cannot leave a script behind. Many
+records are read through ``read_records`` (pipelined, in chunks); a record
+that expired after it was indexed is ``None`` there and ``VANISHED`` in counts.
+``scheduler.jobs`` owns the writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from scheduler import keys
+from scheduler.keys import Stage
+from scheduler.spec import JobSpec
+
+# Reads of many records go in pipelined chunks of this many: one round trip each, bounded memory.
+READ_CHUNK = 1000
+# What counts and reports call a record that expired (retention) after its id was indexed.
+VANISHED = "expired"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class StageState(StrEnum):
+    """One stage of one job: queued, then running, then done -- or failed/cancelled with the job."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class StageField(StrEnum):
+    STATE = "state"
+    WORKER = "worker"
+    ATTEMPT = "attempt"
+    STARTED_AT = "started_at"
+    FINISHED_AT = "finished_at"
+    SECONDS = "seconds"
+    PROGRESS = "progress"
+
+
+def stage_field(stage: Stage | str, name: StageField) -> str:
+    """The record field holding ``name`` for ``stage``, e.g. ``transform.attempt``."""
+    return f"{Stage(stage).value}.{name.value}"
+
+
+def stage_fields(name: StageField) -> tuple[str, ...]:
+    """``name`` for every stage, in pipeline order (``encode.attempt``, ``transform.attempt``, ...)."""
+    return tuple(stage_field(stage, name) for stage in Stage)
+
+
+def lua_finished(var: str) -> str:
+    """A Lua condition true when ``var`` holds a finished job state (injected, never spelled in a script)."""
+    return "(" + " or ".join(f"{var} == '{state.value}'" for state in sorted(FINISHED_STATES)) + ")"
+
+
+def attempt_of(fields: Mapping[str, Any], stage: Stage) -> int:
+    """The stage's current attempt number (0 when it never ran)."""
+    return int(fields.get(stage_field(stage, StageField.ATTEMPT)) or 0)
+
+
+def stage_state_of(fields: Mapping[str, Any], stage: Stage) -> str | None:
+    value = fields.get(stage_field(stage, StageField.STATE))
+    return str(value) if value is not None else None
+
+
+def is_finished(fields: Mapping[str, Any]) -> bool:
+    """True for a finished job -- and for a record whose state this farm does not know (planted by hand)."""
+    try:
+        return JobState(str(fields.get("state"))).finished
+    except ValueError:
+        return True
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which queues a job's stages go to."""
+
+    priority: str = "default"
+    model: str = keys.DEFAULT_MODEL
+
+
+def routing_of(raw_spec: str | None) -> Routing:
+    """The priority and model of a stored spec, parsed through ``JobSpec``; an unreadable spec routes to the
+    defaults (the stage that takes it fails the job with the reason)."""
+    try:
+        spec = JobSpec.model_validate_json(raw_spec or "")
+    except ValueError:
+        return Routing()
+    return Routing(spec.priority, spec.model)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_records(
+    conn: Any, job_ids: Sequence[str], fields: Sequence[str] | None = None
+) -> Iterator[tuple[str, dict[str, str | None] | None]]:
+    """``(job_id, fields)`` for each id, in order; ``None`` for a record that vanished.
+
+    ``fields=None`` reads whole records (HGETALL); otherwise just those fields
+    (HMGET, missing ones ``None``). One pipelined round trip per ``READ_CHUNK`` ids.
+    """
+    for offset in range(0, len(job_ids), READ_CHUNK):
+        chunk = job_ids[offset : offset + READ_CHUNK]
+        pipe = conn.pipeline(transaction=False)
+        for job_id in chunk:
+            if fields is None:
+                pipe.hgetall(keys.job_key(job_id))
+            else:
+                pipe.hmget(keys.job_key(job_id), list(fields))
+        for job_id, raw in zip(chunk, pipe.execute(), strict=True):
+            if fields is None:
+                record = {_text(k) or "": _text(v) for k, v in raw.items()}
+                yield job_id, (record or None)
+            else:
+                values = dict(zip(fields, (_text(v) for v in raw), strict=True))
+                # A live record has at least its state and spec: all-missing means it expired.
+                yield job_id, (values if any(v is not None for v in values.values()) else None)
+
+
+def count_states(conn: Any, job_ids: Iterable[str]) -> dict[str, int]:
+    """How many of ``job_ids`` are in each job state (``VANISHED`` for expired records)."""
+    counts: dict[str, int] = {}
+    for _, record in read_records(conn, list(job_ids), ("state",)):
+        state = (record or {}).get("state") or VANISHED
+        counts[state] = counts.get(state, 0) + 1
+    return counts
