@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from scheduler import jobs, keys
+from scheduler.errors import UserError
 from scheduler.job_record import Routing, StageField, count_states, stage_fields
 from scheduler.keys import Stage
 from scheduler.model_catalog import ModelChooser
@@ -47,7 +48,7 @@ CHUNK_SIZE = 500
 _NOT_IDENTITY: set[str] = {"priority"}
 
 
-class BatchError(ValueError):
+class BatchError(UserError, ValueError):
     """A batch that cannot be read or submitted at all; the message is one line saying what to do."""
 
 
@@ -89,6 +90,37 @@ class SubmitOutcome:
     existing: list[str] = field(default_factory=list)  # present already and left alone
     retried: list[str] = field(default_factory=list)  # failed/cancelled, re-submitted (resume)
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What one run of a batch file did: every refused line (at parse or at submission) and the jobs it names."""
+
+    parsed: ParsedBatch
+    outcome: SubmitOutcome
+
+    @property
+    def invalid(self) -> list[LineError]:
+        return sorted(self.parsed.errors + self.outcome.errors, key=lambda e: e.line_no)
+
+    @property
+    def job_ids(self) -> list[str]:
+        """The batch's jobs, in line order: every valid line except those refused at submission."""
+        refused = {e.line_no for e in self.outcome.errors}
+        return [e.job_id for e in self.parsed.entries if e.line_no not in refused]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "batch": self.parsed.name,
+            "lines": self.parsed.lines,
+            "invalid": [{"line": e.line_no, "reason": e.reason} for e in self.invalid],
+            "duplicates": [{"line": line, "same_as": first} for line, first in self.parsed.duplicates],
+            "jobs": len(self.job_ids),
+            "created": len(self.outcome.created),
+            "existing": len(self.outcome.existing),
+            "retried": len(self.outcome.retried),
+            "seconds": round(self.outcome.seconds, 3),
+        }
 
 
 # --------------------------------------------------------------------------- names and ids
@@ -422,7 +454,7 @@ def _read_retry_fields(conn: redis.Redis, job_keys: list[str], current: list[dic
 # --------------------------------------------------------------------------- reading batches back
 
 
-class BatchNotFound(LookupError):
+class BatchNotFound(UserError, LookupError):
     pass
 
 

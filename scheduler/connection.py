@@ -6,10 +6,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from scheduler.errors import UserError
 from scheduler.settings import FarmSettings
 
 
-class FarmUnreachable(RuntimeError):
+class FarmUnreachable(UserError, RuntimeError):
     pass
 
 

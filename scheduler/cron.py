@@ -40,6 +40,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scheduler import batch, keys
+from scheduler.errors import UserError
 from scheduler.settings import FarmSettings, read_yaml
 from scheduler.spec import PREFIX_PATTERN, JobSpec
 
@@ -52,7 +53,7 @@ SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 _PLACEHOLDER = re.compile(r"\{(schedule|date|time)\}")
 
 
-class CronConfigError(ValueError):
+class CronConfigError(UserError, ValueError):
     """A cron file that cannot work; the message says where and what to fix."""
 
 

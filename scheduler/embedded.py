@@ -21,6 +21,7 @@ from typing import Any
 
 from scheduler import worker_registry
 from scheduler.connection import connect_redis
+from scheduler.errors import UserError
 from scheduler.keys import Stage
 from scheduler.local_servers import S3_STOP_TIMEOUT, free_port, start_s3_server, start_valkey, stop_pid
 from scheduler.settings import STATE_FILE_NAME, FarmSettings
@@ -30,7 +31,7 @@ TINY_SPEC_DEFAULTS: dict[str, Any] = {"width": 128, "height": 96, "frames": 33, 
 WORKER_START_TIMEOUT = 180.0
 
 
-class EmbeddedFarmError(RuntimeError):
+class EmbeddedFarmError(UserError, RuntimeError):
     pass
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from scheduler import keys, queues
+from scheduler.errors import UserError
 from scheduler.job_record import (
     JobState,
     Routing,
@@ -38,7 +39,7 @@ _STATE = StageField.STATE
 _ATTEMPT = StageField.ATTEMPT
 
 
-class JobNotFound(LookupError):
+class JobNotFound(UserError, LookupError):
     pass
 
 
@@ -271,7 +272,7 @@ def waiting_note(conn: redis.Redis, fields: dict[str, str], spec: Any) -> str | 
     return f"waiting: no live {stage} worker serves model {model!r}; start one with `reelfarm worker {stage} --models {model}`"
 
 
-class JobAdminError(ValueError):
+class JobAdminError(UserError, ValueError):
     """An action the job's state does not allow; the message says why and what to do instead."""
 
 

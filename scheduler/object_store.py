@@ -47,6 +47,8 @@ from botocore.exceptions import (
     ConnectTimeoutError as BotoConnectTimeoutError,
 )
 
+from scheduler.errors import UserError
+
 # boto3 ships no type information; every client here is a botocore S3 client.
 S3Client = Any
 
@@ -67,7 +69,7 @@ _ENV_HINT = "check REELFARM_S3_ENDPOINT and that the server is running"
 _CRED_HINT = "check REELFARM_S3_ACCESS_KEY and REELFARM_S3_SECRET_KEY"
 
 
-class ObjectStoreError(RuntimeError):
+class ObjectStoreError(UserError, RuntimeError):
     """An object-store operation failed; the message is one line saying what and what to do."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import redis
 
 from scheduler import jobs
+from scheduler.errors import UserError
 from scheduler.job_record import (
     FINISHED_STATES,
     VANISHED,
@@ -39,8 +40,10 @@ _FIELDS = ("state", *stage_fields(StageField.STATE), _TRANSFORM_PROGRESS)
 _RATE_WINDOW_SECONDS = 120.0
 
 
-class WaitTimedOut(RuntimeError):
+class WaitTimedOut(UserError, RuntimeError):
     """Waiting ran out of time; the jobs keep running. The message says how to keep watching."""
+
+    exit_code = 3
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from scheduler import batch, keys
+from scheduler.errors import UserError
 from scheduler.job_record import FINISHED_STATES, VANISHED, JobState, StageField, attempt_of, read_records, stage_field
 from scheduler.keys import Stage
 from scheduler.settings import FarmSettings
@@ -55,7 +56,7 @@ CSV_COLUMNS = [
 _STOPPED = frozenset({JobState.FAILED, JobState.CANCELLED})
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """A report that cannot be drawn; the message says what to install or fix."""
 
 

@@ -17,13 +17,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from scheduler.errors import UserError
 from scheduler.spec import SpecLimits
 
 DEFAULT_HOME = Path(".reelfarm")
 STATE_FILE_NAME = "farm.json"
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """Settings that cannot work; the message says which and how to fix it."""
 
 

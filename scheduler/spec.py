@@ -13,10 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from scheduler.errors import UserError
+
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$")
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec the farm refuses; the message is one line saying what to change."""
 
 

@@ -1,0 +1,146 @@
+"""The farm itself: ``up``/``down`` (the embedded farm), ``worker``, ``model``, ``info`` and ``metrics``.
+
+Commands that need torch (``worker``, ``model``) exec a ``python -m workers`` process, so the CLI
+runs on a machine with no GPU stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from scheduler.cli.common import farm_command, stop_on_signals, table
+from scheduler.connection import connect_redis
+from scheduler.settings import FarmSettings
+
+
+@click.group()
+def model() -> None:
+    """Model directories."""
+
+
+@model.command("tiny")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+def model_tiny(model_dir: Path) -> None:
+    """Write a tiny Wan2.1 text-to-video model in diffusers format (random weights, no downloads)."""
+    os.execv(sys.executable, [sys.executable, "-m", "workers.models", "tiny", str(model_dir)])
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("stage", type=click.Choice(["encode", "transform", "decode"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker(stage: str, args: tuple[str, ...]) -> None:
+    """Run one stage worker (keeps its model loaded; serves jobs until stopped)."""
+    os.execv(sys.executable, [sys.executable, "-m", "workers", stage, *args])
+
+
+@click.command()
+@farm_command
+def up(settings: FarmSettings) -> None:
+    """Start the embedded farm (Valkey, S3 server, one worker per stage) in the background."""
+    from scheduler.embedded import farm_up
+
+    farm = farm_up(settings)
+    click.echo(
+        f"reelfarm is up: redis 127.0.0.1 (password in {farm.state_file}), S3 {farm.s3.endpoint_url}, logs in {farm.home / 'logs'}"
+    )
+
+
+@click.command()
+@farm_command
+def down(settings: FarmSettings) -> None:
+    """Stop the embedded farm started by `reelfarm up`."""
+    from scheduler.embedded import farm_down
+
+    stopped = farm_down(settings.home)
+    click.echo("stopped: " + ", ".join(stopped) if stopped else "no embedded farm is running")
+
+
+@click.command("info")
+@click.option("--json", "as_json", is_flag=True)
+@farm_command
+def info_command(settings: FarmSettings, as_json: bool) -> None:
+    """Queue depths per stage and priority; live workers with model, device, heartbeat, state and job; refused calls."""
+    from scheduler import job_admin, keys, stage_calls
+
+    conn = connect_redis(settings)
+    queue_rows = job_admin.queue_rows(conn, list(settings.model_dirs()))
+    workers = job_admin.worker_rows(conn)
+    inflight = int(conn.zcard(keys.inflight_key()))  # type: ignore[arg-type]
+    delayed = int(conn.zcard(keys.delayed_key()))  # type: ignore[arg-type]
+    refused_counts = stage_calls.refusal_counts(conn)
+    refused = stage_calls.recent_refusals(conn, limit=10)
+    if as_json:
+        queues_json: dict[str, dict[str, dict[str, int]]] = {}
+        for row in queue_rows:
+            queues_json.setdefault(row.stage, {})[row.model] = row.depths
+        body = {
+            "queues": queues_json,
+            "workers": [asdict(w) for w in workers],
+            "inflight": inflight,
+            "delayed_retries": delayed,
+            "refused_calls": {"counts": refused_counts, "recent": [asdict(r) for r in refused]},
+        }
+        click.echo(json.dumps(body, indent=2))
+        return
+    several = len(settings.model_dirs()) > 1
+    rows = [["QUEUE", *(["MODEL"] if several else []), *[p.upper() for p in keys.PRIORITIES], "TOTAL"]]
+    for row in queue_rows:
+        label = [row.stage, *([row.model] if several else [])]
+        rows.append([*label, *[str(row.depths[p]) for p in keys.PRIORITIES], str(row.total)])
+    click.echo(table(rows))
+    click.echo(f"in flight: {inflight} stage executions; waiting out a retry backoff: {delayed}")
+    click.echo("")
+    if refused_counts:
+        by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(refused_counts.items()))
+        click.echo(f"REFUSED rq jobs (not run; someone who can write to Redis queued them): {by_reason}")
+        rows = [["WHEN", "QUEUE", "RQ JOB", "FUNCTION", "REASON", "DETAIL"]]
+        for r in refused:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.at))
+            rows.append([when, r.queue, r.rq_job_id, r.function, r.reason, r.detail])
+        click.echo(table(rows))
+        click.echo("")
+    if not workers:
+        click.echo("no live workers (start them with `reelfarm worker STAGE` or `reelfarm up`)")
+        return
+    rows = [["WORKER", "STAGE", "STATE", "JOB", "MODEL", "DEVICE", "HEARTBEAT", "DONE", "FREE SLOTS", "RECEIVE"]]
+    for w in workers:
+        rows.append(
+            [
+                w.worker_id,
+                w.stage,
+                w.state,
+                w.current_job or "-",
+                w.model,
+                w.device,
+                f"{w.heartbeat_age:.1f}s ago",
+                str(w.jobs_done),
+                w.free_slots,
+                w.receive,
+            ]
+        )
+    click.echo(table(rows))
+
+
+@click.command("metrics")
+@click.option("--port", type=int, default=9464, show_default=True)
+@click.option("--addr", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 to expose)")
+@farm_command
+def metrics_command(settings: FarmSettings, port: int, addr: str) -> None:
+    """Serve the farm's Prometheus metrics (queues, jobs, workers), read from Redis at each scrape."""
+    from scheduler.metrics import serve_farm_metrics
+
+    conn = connect_redis(settings)
+    bound = serve_farm_metrics(conn, port, addr, models=list(settings.model_dirs()))
+    click.echo(
+        f"serving farm metrics at http://{addr}:{bound}/metrics (started {datetime.now(UTC):%H:%M:%SZ})", err=True
+    )
+    stop = stop_on_signals()
+    stop.wait()
