@@ -1,10 +1,11 @@
 # Two commands on a fresh Debian machine with Python 3.11:
 #   make demo   - set up, then render "a red fox running through snow" on the embedded farm
 #   make test   - set up, then run the whole test suite against real Valkey, Mooncake, S3 and ffmpeg
+#   (make test-fast: unit tests only; make lint: ruff, mypy and the import contracts)
 VENV ?= .venv
 PROMPT ?= a red fox running through snow
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 setup: $(VENV)/.reelfarm-installed
 $(VENV)/.reelfarm-installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -15,9 +16,14 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra
 
+# Unit tests only: no servers, no worker processes (under a minute).
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -ra -m "not integration"
+
 lint: setup
 	$(VENV)/bin/ruff check scheduler workers tests bench
 	$(VENV)/bin/mypy scheduler workers
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(VENV)/bin/python -m bench.handoff

@@ -32,3 +32,13 @@ def isolated_from_the_users_farm(
     monkeypatch.setenv("REELFARM_HOME", str(home))
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     yield home
+
+
+# A test that asks for one of these needs a real server; it is an integration test (`make test-fast` skips it).
+SERVER_FIXTURES = frozenset({"valkey_server", "redis_url", "s3_server", "s3_config", "s3_client"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)

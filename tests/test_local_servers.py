@@ -13,8 +13,6 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from scheduler import local_servers
 from scheduler.local_servers import (
     LocalServerError,
     ManagedServer,
@@ -27,6 +25,8 @@ from scheduler.local_servers import (
     start_valkey,
     stop_pid,
 )
+
+from scheduler import local_servers
 from scheduler.object_store import (
     ObjectStoreError,
     S3Config,
@@ -37,6 +37,9 @@ from scheduler.object_store import (
     put_bytes,
 )
 from tests.service_fixtures import S3Service, ValkeyService
+
+# starts real Valkey and SeaweedFS servers
+pytestmark = pytest.mark.integration
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

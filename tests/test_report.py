@@ -15,9 +15,10 @@ import redis
 
 from scheduler import keys
 from scheduler.batch import parse_batch, submit_batch
+from scheduler.manifest import manifest_keys, write_manifest
 from scheduler.object_store import get_bytes
-from scheduler.report import batch_report, load_timelines, manifest_keys, utilisation, write_manifest
 from scheduler.settings import FarmSettings, S3Settings
+from scheduler.timeline import batch_report, load_timelines, utilisation
 
 TINY = {"width": 64, "height": 48, "frames": 17, "steps": 2}
 

@@ -48,6 +48,9 @@ from workers.transfer import (
 from workers.transfer.packing import COPY_HASH_CHUNK
 from workers.transfer.slot_pool import fresh_landing_buffer
 
+# real Mooncake engines in several processes
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 SLOT_BYTES = 1 << 20
 

@@ -80,8 +80,8 @@ def batch_command(
             )
     failed_jobs = 0
     if wait and job_ids:
+        from scheduler.manifest import write_manifest
         from scheduler.progress_view import watch_jobs
-        from scheduler.report import write_manifest
 
         # Each poll reads every unfinished job: poll a big batch less often so watching stays cheap for Redis.
         poll = min(5.0, max(0.5, len(job_ids) / 2000))
@@ -237,7 +237,7 @@ def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, 
 @farm_command
 def report_command(settings: FarmSettings, batch_name: str, out: Path | None) -> None:
     """Draw a batch's timeline (a bar per job and stage) and print each stage's utilisation."""
-    from scheduler.report import batch_report
+    from scheduler.timeline import batch_report
 
     conn = connect_redis(settings)
     png = out or DEFAULT_OUTPUTS / batch_name / "timeline.png"
@@ -253,7 +253,7 @@ def report_command(settings: FarmSettings, batch_name: str, out: Path | None) ->
 @farm_command
 def manifest_command(settings: FarmSettings, batch_name: str, manifest_dir: Path | None, no_upload: bool) -> None:
     """Write a batch's results manifest (JSONL and CSV) locally and to the bucket."""
-    from scheduler.report import write_manifest
+    from scheduler.manifest import write_manifest
 
     conn = connect_redis(settings)
     files = write_manifest(

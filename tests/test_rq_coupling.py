@@ -1,0 +1,59 @@
+"""The places reelfarm leans on rq's internals, checked against the installed rq, so an upgrade that moves
+them fails here rather than silently reopening the queue side door.
+
+``pyproject.toml`` pins rq to the minor release these pass on.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import redis
+from rq import Callback, Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
+
+from scheduler import keys, queues
+from scheduler.keys import Stage
+from workers.stage_worker import StageWorker
+
+
+def test_the_worker_hooks_stage_worker_overrides_keep_their_shape() -> None:
+    for name in ("dequeue_job_and_maintain_ttl", "execute_job", "request_stop"):
+        ours = inspect.signature(getattr(StageWorker, name))
+        theirs = inspect.signature(getattr(SimpleWorker, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+        assert name in vars(StageWorker), f"StageWorker no longer overrides {name}"
+
+
+def test_call_fields_sees_callbacks_webhooks_and_arguments_without_importing(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    queue = Queue(keys.queue_name(Stage.ENCODE), connection=conn, serializer=JSONSerializer)
+    planted = queue.enqueue(
+        "no.such.module.function",
+        1,
+        two=2,
+        on_success=Callback("os.system"),
+        on_failure=Callback("os.remove"),
+        on_stopped=Callback("os.kill"),
+    )
+    fetched = Job.fetch(planted.id, connection=conn, serializer=JSONSerializer)
+    fields = queues.call_fields(fetched)
+    assert fields.func_name == "no.such.module.function" and list(fields.args) == [1] and fields.kwargs == {"two": 2}
+    assert sorted(fields.callbacks) == ["os.kill", "os.remove", "os.system"]
+
+
+def test_a_job_hash_rq_cannot_read_names_its_id_and_queue(redis_url: str) -> None:
+    # StageWorker refuses such a job by the id and queue rq attaches to the error (rather than ending its loop).
+    conn = redis.Redis.from_url(redis_url)
+    queue = Queue(keys.queue_name(Stage.ENCODE), connection=conn, serializer=JSONSerializer)
+    job = queue.enqueue("os.getcwd")
+    conn.hset(Job.key_for(job.id), "success_callback_timeout", "not a number")
+    try:
+        Queue.dequeue_any([queue], None, connection=conn, serializer=JSONSerializer)
+    except Exception as exc:  # noqa: BLE001 - whatever rq raises, it must carry these
+        assert getattr(exc, "job_id", None) == job.id
+        assert getattr(exc, "queue", None) is not None and exc.queue.name == queue.name  # type: ignore[attr-defined]
+    else:
+        raise AssertionError("rq read a job hash with a malformed field; pick another malformation for this test")
