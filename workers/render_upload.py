@@ -34,6 +34,7 @@ from scheduler.settings import FarmSettings
 from scheduler.spec import JobSpec
 from workers.fault_injection import UPLOAD_POINT, pause_if_injected
 from workers.runtime import StageRuntime
+from workers.stages.decode import StreamingVaeDecoder
 from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encode_jpeg
 
 log = logging.getLogger("reelfarm.decode")
@@ -61,7 +62,7 @@ def _upload_sink(upload: StreamingMultipartUpload) -> Callable[[bytes], None]:
 
 
 def render_and_upload(
-    rt: StageRuntime, decoder: Any, job_id: str, spec: JobSpec, latents: torch.Tensor
+    rt: StageRuntime, decoder: StreamingVaeDecoder, job_id: str, spec: JobSpec, latents: torch.Tensor
 ) -> dict[str, Any]:
     bucket = rt.settings.s3.bucket
     out = output_keys(rt.settings.s3.key_prefix, spec.output_prefix, job_id)

@@ -37,6 +37,7 @@ from scheduler.reaper import ReaperThread
 from scheduler.rooms import Rooms
 from scheduler.settings import FarmSettings
 from workers.slot_sizing import slot_bytes_for
+from workers.stage_seam import StageCompute
 from workers.transfer.mooncake_engine import MooncakeEngine
 from workers.transfer.slot_pool import SlotPool
 
@@ -67,7 +68,7 @@ class StageRuntime:
     stage: Stage
     settings: FarmSettings
     conn: redis.Redis
-    computes: dict[str, Any]
+    computes: dict[str, StageCompute]
     tasks: dict[str, str]
     engine: MooncakeEngine
     pool: SlotPool
