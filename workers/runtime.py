@@ -229,12 +229,7 @@ class StageRuntime:
             self.free_slot_of(room, "lease expired")
 
     def wait_for_free_slot(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.pool.free_count == 0:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        return self.pool.wait_for_free(timeout)
 
     # -- shutdown ------------------------------------------------------------------
 
