@@ -19,6 +19,7 @@ import torch
 from scheduler import jobs
 from scheduler.keys import Stage
 from scheduler.settings import FarmSettings
+from workers.models.loading import Component, ModelTask, check_model_dir, model_task
 from workers.render_upload import render_and_upload
 from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
 
@@ -118,38 +119,43 @@ def load_job_image(rt: StageRuntime, uri: str) -> Any:
         raise MalformedJob(f"conditioning image {uri}: {exc}") from None
 
 
-def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) -> StageCompute:
-    from workers.models.loading import check_model_dir, model_task
+# What each stage loads of a model dir, by task, in the order a missing piece is reported. Checked
+# once, before any weights load: a dir without its VAE fails at start-up, not after the text encoder.
+STAGE_COMPONENTS: dict[Stage, dict[ModelTask, tuple[Component, ...]]] = {
+    Stage.ENCODE: {
+        "t2v": ("text_encoder", "tokenizer"),
+        "i2v": ("text_encoder", "tokenizer", "image_encoder", "image_processor", "vae"),
+    },
+    Stage.TRANSFORM: {"t2v": ("transformer", "scheduler"), "i2v": ("transformer", "scheduler")},
+    Stage.DECODE: {"t2v": ("vae",), "i2v": ("vae",)},
+}
 
+
+def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) -> StageCompute:
     device, dtype = settings.worker.device, torch_dtype(settings.worker.dtype)
     check_model_dir(model_dir, [])
     task = model_task(model_dir)
+    check_model_dir(model_dir, STAGE_COMPONENTS[stage][task])
     if stage is Stage.ENCODE:
         from workers.stages.encode import TextEncodeStage
 
-        check_model_dir(model_dir, ["text_encoder", "tokenizer"])
         image = None
         if task == "i2v":
             from workers.stages.image_encode import ImageConditionStage
 
-            check_model_dir(model_dir, ["image_encoder", "image_processor", "vae"])
             image = ImageConditionStage(model_dir, device=device, dtype=dtype)
         return EncodeCompute(TextEncodeStage(model_dir, device=device, dtype=dtype), image)
     if stage is Stage.TRANSFORM:
         from workers.stages.transform import DenoiseStage
 
-        check_model_dir(model_dir, ["transformer", "scheduler"])
         return TransformCompute(DenoiseStage(model_dir, device=device, dtype=dtype))
     from workers.stages.decode import StreamingVaeDecoder
 
-    check_model_dir(model_dir, ["vae"])
     return DecodeCompute(StreamingVaeDecoder(model_dir, device=device, dtype=dtype))
 
 
 def load_all(stage: Stage, settings: FarmSettings) -> tuple[dict[str, StageCompute], dict[str, str]]:
     """Compute objects and tasks for every model this worker serves."""
-    from workers.models.loading import model_task
-
     computes: dict[str, StageCompute] = {}
     tasks: dict[str, str] = {}
     for name, model_dir in settings.served_models().items():

@@ -36,7 +36,7 @@ import PIL.Image
 import torch
 from diffusers.video_processor import VideoProcessor
 
-from workers.models.loading import check_model_dir, load_image_encoder, load_vae
+from workers.models.loading import load_image_encoder, load_vae
 from workers.stages.payloads import CONDITION, IMAGE_EMBEDS, IMAGE_INPUT_NAMES
 from workers.stages.transform import VAE_SCALE_SPATIAL, latent_shape
 
@@ -107,7 +107,6 @@ class ImageConditionStage:
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
-        check_model_dir(model_dir, ("image_processor", "image_encoder", "vae"))
         self.device = torch.device(device)
         self.image_processor, self.image_encoder = load_image_encoder(model_dir, self.device, dtype)
         self.vae = load_vae(model_dir, self.device, dtype)

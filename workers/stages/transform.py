@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from workers.models.loading import check_model_dir, fresh_scheduler, load_scheduler, load_transformer
+from workers.models.loading import fresh_scheduler, load_scheduler, load_transformer
 from workers.stages import StageCancelled
 from workers.stages.payloads import (
     CONDITION,
@@ -80,7 +80,6 @@ class DenoiseStage:
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
-        check_model_dir(model_dir, ("transformer", "scheduler"))
         self.device = torch.device(device)
         self.transformer = load_transformer(model_dir, self.device, dtype)
         # A template only: schedulers keep per-job state, so each job gets its own copy.
