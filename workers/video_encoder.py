@@ -30,28 +30,15 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, Literal, cast
 
 import numpy as np
 
+# The job spec owns the codec rules, so what a spec accepts is exactly what this module encodes.
+from scheduler.spec import CODEC_NAMES, DEFAULT_CRF, DEFAULT_PRESET, MAX_CRF, X264_PRESETS, CodecName
+
 MiB = 1024 * 1024
 
-CodecName = Literal["h264", "lossless"]
-CODEC_NAMES: tuple[CodecName, ...] = ("h264", "lossless")
-X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-    "placebo",
-)
-DEFAULT_CRF = 18  # visually lossless for x264; generated video has fine detail worth keeping
-DEFAULT_PRESET = "medium"
 # Fragmented MP4: a moov with no samples first, then one moof+mdat per keyframe,
 # so bytes leave ffmpeg (and reach S3) while frames are still being produced.
 FRAGMENTED_MP4_FLAGS = "frag_keyframe+empty_moov+default_base_moof"
@@ -82,10 +69,9 @@ class VideoCodec:
     preset: str = DEFAULT_PRESET
 
     def __post_init__(self) -> None:
-        if self.name not in CODEC_NAMES:
-            raise ValueError(f"unknown video codec {self.name!r}; use one of {', '.join(CODEC_NAMES)}")
-        if not 0 <= self.crf <= 51:
-            raise ValueError(f"crf must be between 0 and 51 (x264's scale), got {self.crf}")
+        known_codec(self.name)
+        if not 0 <= self.crf <= MAX_CRF:
+            raise ValueError(f"crf must be between 0 and {MAX_CRF} (x264's scale), got {self.crf}")
 
     @property
     def pix_fmt(self) -> str:
@@ -124,15 +110,19 @@ class VideoCodec:
         ]
 
 
-def codec_from_options(name: str = "h264", crf: int | None = None, preset: str | None = None) -> VideoCodec:
-    """Build a ``VideoCodec`` from user-facing options, with one-line errors saying what is allowed."""
+def known_codec(name: str) -> CodecName:
+    """``name`` if the job spec allows it, else a one-line error naming the codecs it does."""
     if name not in CODEC_NAMES:
         raise ValueError(f"unknown video codec {name!r}; use one of {', '.join(CODEC_NAMES)}")
+    return cast(CodecName, name)
+
+
+def codec_from_options(name: str = "h264", crf: int | None = None, preset: str | None = None) -> VideoCodec:
+    """Build a ``VideoCodec`` from user-facing options (the spec's rules), with one-line errors saying what is allowed."""
+    codec_name = known_codec(name)
     if preset is not None and preset not in X264_PRESETS:
         raise ValueError(f"unknown x264 preset {preset!r}; use one of {', '.join(X264_PRESETS)}")
-    if crf is not None and not 0 <= crf <= 51:
-        raise ValueError(f"crf must be between 0 and 51 (x264's scale), got {crf}")
-    codec_name: CodecName = "lossless" if name == "lossless" else "h264"
+    # crf is checked by VideoCodec itself.
     return VideoCodec(
         name=codec_name,
         crf=DEFAULT_CRF if crf is None else crf,
