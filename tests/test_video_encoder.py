@@ -13,14 +13,13 @@ from PIL import Image
 from pydantic import ValidationError
 
 from scheduler.spec import CodecOptions, X264Preset
+from tests.video_probe import decode_video_frames, probe_frame_count
 from workers.video_encoder import (
     FfmpegStreamEncoder,
     VideoCodec,
     VideoEncodeError,
     codec_from_options,
-    decode_video_frames,
     encode_jpeg,
-    probe_frame_count,
 )
 
 

@@ -1,9 +1,9 @@
 """Video encoding with ffmpeg: the only module that runs ffmpeg (the binary bundled by imageio-ffmpeg).
 
-It owns the codec choices (``VideoCodec``), the streaming encoder the decode
-stage feeds frame chunks into while the MP4 bytes flow out to a sink (the S3
-multipart upload), frame decoding for tests and verification, and the JPEG
-poster frame.
+It owns the codec choices (``VideoCodec``, within the job spec's rules), the
+streaming encoder the decode stage feeds frame chunks into while the MP4 bytes
+flow out to a sink (the S3 multipart upload), and the JPEG poster frame.
+Reading videos back is for tests only (``tests/video_probe.py``).
 
 ``FfmpegStreamEncoder`` lifecycle:
 
@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, cast
 
@@ -46,7 +45,7 @@ _STDERR_TAIL_CHARS = 2000
 
 
 class VideoEncodeError(RuntimeError):
-    """ffmpeg could not encode or decode; the message carries ffmpeg's own words."""
+    """ffmpeg could not encode (or, in tests, read back); the message carries ffmpeg's own words."""
 
 
 @dataclass(frozen=True)
@@ -341,81 +340,6 @@ class FfmpegStreamEncoder:
             self.close()
         else:
             self.abort()
-
-
-# --------------------------------------------------------------------------- decoding (tests, verification)
-
-
-def _run_ffmpeg(args: list[str], source: str | Path | bytes) -> bytes:
-    """Run ffmpeg on a file path or on bytes (via a temp file: plain MP4 needs a seekable input)."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
-            tmp.write(source)
-            tmp.flush()
-            return _run_ffmpeg(args, tmp.name)
-    path = Path(source)
-    if not path.is_file():
-        raise VideoEncodeError(f"no video at {path}")
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path), *args]
-    done = subprocess.run(cmd, capture_output=True, check=False)
-    if done.returncode != 0:
-        raise VideoEncodeError(f"ffmpeg could not read {path.name}: {_tail_text(done.stderr)}")
-    return done.stdout
-
-
-def decode_video_frames(source: str | Path | bytes) -> np.ndarray:
-    """Decode every frame of the first video stream to uint8 RGB ``[n, H, W, 3]``."""
-    # PPM frames carry their own size in a text header, so nothing has to parse
-    # ffmpeg's human-readable stream description.
-    raw = _run_ffmpeg(["-map", "0:v:0", "-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"], source)
-    frames: list[np.ndarray] = []
-    stream = io.BytesIO(raw)
-    while True:
-        header = _read_ppm_header(stream)
-        if header is None:
-            break
-        width, height = header
-        data = stream.read(width * height * 3)
-        if len(data) != width * height * 3:
-            raise VideoEncodeError("ffmpeg's decoded frame stream ended in the middle of a frame")
-        frames.append(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3))
-    if not frames:
-        raise VideoEncodeError("the video has no frames")
-    return np.stack(frames)
-
-
-def _read_ppm_header(stream: io.BytesIO) -> tuple[int, int] | None:
-    tokens: list[bytes] = []
-    while len(tokens) < 4:
-        token = bytearray()
-        while True:
-            ch = stream.read(1)
-            if not ch:
-                if not tokens and not token:
-                    return None
-                raise VideoEncodeError("ffmpeg's decoded frame stream has a truncated PPM header")
-            if ch.isspace():
-                if token:
-                    break
-                continue
-            token += ch
-        tokens.append(bytes(token))
-    # After the maxval exactly one whitespace byte was consumed above: the pixel data starts here.
-    if tokens[0] != b"P6" or tokens[3] != b"255":
-        raise VideoEncodeError(f"unexpected PPM header from ffmpeg: {b' '.join(tokens)!r}")
-    return int(tokens[1]), int(tokens[2])
-
-
-def probe_frame_count(source: str | Path | bytes) -> int:
-    """Number of frames in the first video stream (counted by demuxing, without decoding)."""
-    out = _run_ffmpeg(["-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"], source)
-    count = None
-    for line in out.decode(errors="replace").splitlines():
-        if line.startswith("frame="):
-            count = int(line.split("=", 1)[1])
-    if count is None:
-        raise VideoEncodeError("ffmpeg reported no frame count")
-    return count
 
 
 # --------------------------------------------------------------------------- poster
