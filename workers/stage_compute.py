@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +24,8 @@ from workers.render_upload import render_and_upload
 from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
 
 if TYPE_CHECKING:
+    import PIL.Image
+
     from workers.runtime import StageRuntime
     from workers.stages.decode import StreamingVaeDecoder
     from workers.stages.encode import TextEncodeStage
@@ -104,7 +106,7 @@ class DecodeCompute:
         return render_and_upload(job.rt, self.decoder, job.job_id, job.spec, inputs["latents"])
 
 
-def load_job_image(rt: StageRuntime, uri: str) -> Any:
+def load_job_image(rt: StageRuntime, uri: str) -> PIL.Image.Image:
     """The conditioning image submission stored in the bucket (checked again: the bucket is not trusted more)."""
     from scheduler.image_input import ImageInputError, load_and_check_image
     from scheduler.object_store import get_bytes
