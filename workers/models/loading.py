@@ -38,9 +38,6 @@ TASK_COMPONENTS: dict[ModelTask, tuple[Component, ...]] = {
     "t2v": ("tokenizer", "text_encoder", "transformer", "vae", "scheduler"),
     "i2v": ("tokenizer", "text_encoder", "transformer", "vae", "scheduler", "image_encoder", "image_processor"),
 }
-# model_index.json's _class_name -> task comes from the scheduler's table (it checks jobs against it
-# too). Wan2.2's two-expert and expand_timesteps variants use the same class names with settings the
-# stages do not implement, so `model_task` refuses those.
 MODEL_INDEX_FILE = "model_index.json"
 
 TINY_MODEL_HINT = (
@@ -129,6 +126,9 @@ def model_task(model_dir: Path) -> ModelTask:
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"cannot read {index_path} ({exc}); {TINY_MODEL_HINT}") from None
     name = index.get("_class_name") if isinstance(index, dict) else None
+    # The scheduler's table, so submit and workers agree on a dir's task. Wan2.2's two-expert and
+    # expand_timesteps variants use the same class names with settings the stages do not implement:
+    # refused below.
     task = PIPELINE_TASKS.get(name) if isinstance(name, str) else None
     if task is None:
         known = " or ".join(PIPELINE_TASKS)
