@@ -9,7 +9,7 @@ settings because a CPU test farm and an H100 farm allow very different sizes.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -22,14 +22,25 @@ class SpecError(UserError, ValueError):
     """A spec the farm refuses; the message is one line saying what to change."""
 
 
+# The codec choices a job may make; the video encoder takes its rules from here, so what a spec
+# accepts is exactly what gets encoded. "lossless" is RGB H.264 at qp 0: bit-exact frames for
+# masters and for the farm's own correctness checks; "h264" is the compact delivery format.
+CodecName = Literal["h264", "lossless"]
+CODEC_NAMES: tuple[CodecName, ...] = get_args(CodecName)
+# The x264 presets a job may pick (x264's slower ones are not offered).
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"]
+X264_PRESETS: tuple[X264Preset, ...] = get_args(X264Preset)
+MAX_CRF = 51  # the top of x264's constant-quality scale
+DEFAULT_CRF = 18  # visually lossless for x264; generated video has fine detail worth keeping
+DEFAULT_PRESET: X264Preset = "medium"
+
+
 class CodecOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # "lossless" is RGB H.264 at qp 0: bit-exact frames for masters and for the
-    # farm's own correctness checks; "h264" is the compact delivery format.
-    name: Literal["h264", "lossless"] = "h264"
-    crf: int = Field(default=18, ge=0, le=51)
-    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "medium"
+    name: CodecName = "h264"
+    crf: int = Field(default=DEFAULT_CRF, ge=0, le=MAX_CRF)
+    preset: X264Preset = DEFAULT_PRESET
 
 
 class SpecLimits(BaseModel):

@@ -24,7 +24,7 @@ from scheduler.spec import SpecError
 from scheduler.submit import submit
 from scheduler.worker_registry import live_workers
 from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, wait_until, worker_logs
-from workers.video_encoder import probe_frame_count
+from tests.video_probe import probe_frame_count
 
 pytestmark = pytest.mark.slow
 

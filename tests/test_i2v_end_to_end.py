@@ -21,7 +21,7 @@ from scheduler.submit import submit
 from scheduler.worker_registry import live_workers
 from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, worker_logs
 from tests.reference_pipeline import reference_frames
-from workers.video_encoder import decode_video_frames
+from tests.video_probe import decode_video_frames
 
 pytestmark = pytest.mark.slow
 

@@ -442,6 +442,26 @@ def test_pool_blocks_at_capacity_and_wakes_on_release(
             pool.release(7)
 
 
+def test_waiting_for_a_free_slot_wakes_on_release_and_takes_nothing(consumer: tuple[MooncakeEngine, SlotPool]) -> None:
+    engine, _ = consumer
+    with SlotPool(engine, 4096, num_slots=1) as pool:
+        assert pool.wait_for_free(timeout=0)
+        slot = pool.acquire(timeout=0)
+        assert slot is not None
+        started = time.monotonic()
+        assert not pool.wait_for_free(timeout=0.2)
+        assert time.monotonic() - started >= 0.2
+
+        woke: list[bool] = []
+        waiter = threading.Thread(target=lambda: woke.append(pool.wait_for_free(timeout=5)))
+        waiter.start()
+        time.sleep(0.1)
+        assert not woke  # still blocked
+        pool.release(slot.index)
+        waiter.join(5)
+        assert woke == [True] and pool.free_count == 1
+
+
 def test_slots_are_disjoint_views_of_one_buffer(consumer: tuple[MooncakeEngine, SlotPool]) -> None:
     engine, _ = consumer
     with SlotPool(engine, 1024, num_slots=3) as pool:

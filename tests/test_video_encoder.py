@@ -5,19 +5,21 @@ from __future__ import annotations
 import io
 import threading
 import time
+from typing import get_args
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
+from scheduler.spec import CodecOptions, X264Preset
+from tests.video_probe import decode_video_frames, probe_frame_count
 from workers.video_encoder import (
     FfmpegStreamEncoder,
     VideoCodec,
     VideoEncodeError,
     codec_from_options,
-    decode_video_frames,
     encode_jpeg,
-    probe_frame_count,
 )
 
 
@@ -186,6 +188,15 @@ def test_codec_from_options_validates() -> None:
         codec_from_options("h264", preset="turbo")
     with pytest.raises(ValueError, match="crf must be between 0 and 51"):
         codec_from_options("h264", crf=60)
+
+
+def test_codec_options_accept_exactly_what_the_spec_accepts() -> None:
+    for preset in get_args(X264Preset):
+        assert CodecOptions(preset=preset).preset == codec_from_options("h264", preset=preset).preset
+    with pytest.raises(ValidationError):
+        CodecOptions(preset="veryslow")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown x264 preset 'veryslow'"):
+        codec_from_options("h264", preset="veryslow")
 
 
 def test_decoding_garbage_is_a_video_encode_error() -> None:

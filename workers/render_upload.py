@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,26 +24,20 @@ from scheduler.object_store import (
     ObjectStoreError,
     StreamingMultipartUpload,
     abort_incomplete_uploads,
-    check_reachable,
-    ensure_bucket,
     put_bytes,
     s3_uri,
 )
 from scheduler.output_keys import output_keys
-from scheduler.settings import FarmSettings
 from scheduler.spec import JobSpec
 from workers.fault_injection import UPLOAD_POINT, pause_if_injected
-from workers.runtime import StageRuntime
+from workers.stages.decode import StreamingVaeDecoder
 from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encode_jpeg
 
+if TYPE_CHECKING:
+    # Only the type: the runtime builds the stages that call this module, so a real import would loop back.
+    from workers.runtime import StageRuntime
+
 log = logging.getLogger("reelfarm.decode")
-
-
-def connect_store(settings: FarmSettings) -> Any:
-    client = settings.s3.client()
-    ensure_bucket(client, settings.s3.bucket)
-    check_reachable(client, settings.s3.bucket)
-    return client
 
 
 def _upload_sink(upload: StreamingMultipartUpload) -> Callable[[bytes], None]:
@@ -61,7 +55,7 @@ def _upload_sink(upload: StreamingMultipartUpload) -> Callable[[bytes], None]:
 
 
 def render_and_upload(
-    rt: StageRuntime, decoder: Any, job_id: str, spec: JobSpec, latents: torch.Tensor
+    rt: StageRuntime, decoder: StreamingVaeDecoder, job_id: str, spec: JobSpec, latents: torch.Tensor
 ) -> dict[str, Any]:
     bucket = rt.settings.s3.bucket
     out = output_keys(rt.settings.s3.key_prefix, spec.output_prefix, job_id)

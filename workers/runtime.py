@@ -37,6 +37,7 @@ from scheduler.reaper import ReaperThread
 from scheduler.rooms import Rooms
 from scheduler.settings import FarmSettings
 from workers.slot_sizing import slot_bytes_for
+from workers.stage_seam import StageCompute
 from workers.transfer.mooncake_engine import MooncakeEngine
 from workers.transfer.slot_pool import SlotPool
 
@@ -67,7 +68,7 @@ class StageRuntime:
     stage: Stage
     settings: FarmSettings
     conn: redis.Redis
-    computes: dict[str, Any]
+    computes: dict[str, StageCompute]
     tasks: dict[str, str]
     engine: MooncakeEngine
     pool: SlotPool
@@ -228,12 +229,7 @@ class StageRuntime:
             self.free_slot_of(room, "lease expired")
 
     def wait_for_free_slot(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.pool.free_count == 0:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        return self.pool.wait_for_free(timeout)
 
     # -- shutdown ------------------------------------------------------------------
 
@@ -270,6 +266,17 @@ def transfer_engine(settings: FarmSettings, log_level: str | None = None) -> Moo
     )
 
 
+def connect_store(settings: FarmSettings) -> Any:
+    """A client for the farm's bucket, created if missing and checked reachable before any job arrives."""
+    # Imported here: boto3 enters only with a stage that needs the store.
+    from scheduler.object_store import check_reachable, ensure_bucket
+
+    client = settings.s3.client()
+    ensure_bucket(client, settings.s3.bucket)
+    check_reachable(client, settings.s3.bucket)
+    return client
+
+
 def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     """Steps 1-4 of the lifecycle; raises ``WorkerStartupError`` with a one-line reason."""
     global _CURRENT
@@ -284,8 +291,6 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     s3 = None
     # Decode uploads results; an i2v encoder reads each job's conditioning image from the bucket.
     if stage is Stage.DECODE or (stage is Stage.ENCODE and "i2v" in tasks.values()):
-        from workers.render_upload import connect_store
-
         s3 = connect_store(settings)
     engine = transfer_engine(settings)
     slot_bytes = (

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from scheduler.keys import Stage
 from scheduler.spec import SpecLimits
+from workers.stages.payloads import TEXT_LENGTH
 
-TEXT_TOKENS = 512  # Wan pads every prompt's embeddings to 512 tokens
 FLOAT32 = 4
 SLACK_PER_TENSOR = 256  # packing aligns each tensor to 256 bytes
 
@@ -37,7 +37,7 @@ def latent_bytes(model_dir: Path, limits: SpecLimits, channels: int | None = Non
 
 def encode_output_bytes(model_dir: Path, limits: SpecLimits) -> int:
     d_model = _int(_config(model_dir, "text_encoder"), "d_model", 4096)
-    total = 2 * TEXT_TOKENS * d_model * FLOAT32 + 2 * SLACK_PER_TENSOR
+    total = 2 * TEXT_LENGTH * d_model * FLOAT32 + 2 * SLACK_PER_TENSOR
     image = _config(model_dir, "image_encoder")
     if image:
         tokens = (_int(image, "image_size", 224) // _int(image, "patch_size", 14)) ** 2 + 1

@@ -1,19 +1,36 @@
-"""Loads what a stage needs for each model it serves, once per worker process.
+"""Loads what a stage needs for each model it serves, once per worker process, behind `StageCompute`.
 
 A worker may serve several models (say a t2v and an i2v checkpoint); each gets
-its own compute object, keyed by the model name jobs use.
+its own compute object, keyed by the model name jobs use. The adapters here
+wire a job's spec to the stage classes in `workers.stages` (which know nothing
+of jobs) and to what the farm provides around them: the conditioning image from
+the bucket, progress and cancellation through the job record, the upload.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from scheduler import jobs
 from scheduler.keys import Stage
 from scheduler.settings import FarmSettings
+from workers.models.loading import Component, ModelTask, check_model_dir, model_task
+from workers.render_upload import render_and_upload
+from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from workers.runtime import StageRuntime
+    from workers.stages.decode import StreamingVaeDecoder
+    from workers.stages.encode import TextEncodeStage
+    from workers.stages.image_encode import ImageConditionStage
+    from workers.stages.transform import DenoiseStage
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -27,44 +44,121 @@ def torch_dtype(name: str) -> torch.dtype:
 class EncodeCompute:
     """The encode stage of one model: the text encoder, plus the image encoders for an i2v model."""
 
-    task: str
-    text: Any
-    image: Any | None
+    text: TextEncodeStage
+    image: ImageConditionStage | None
+
+    def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
+        spec = job.spec
+        # 1. Encode: text embeddings (and the negative ones when CFG is on); for i2v also the image
+        #    features and the VAE-encoded first-frame condition.
+        tensors: dict[str, torch.Tensor] = self.text.encode(spec.prompt, spec.negative_prompt, spec.guidance_scale)
+        if spec.image is not None:
+            if self.image is None:
+                raise MalformedJob(f"model {spec.model!r} has no image encoder; the job is {spec.task}")
+            image = load_job_image(job.rt, spec.image)
+            tensors.update(
+                self.image.encode(
+                    image, height=spec.height, width=spec.width, num_frames=spec.frames, policy=spec.resize
+                )
+            )
+        return tensors
 
 
-def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) -> Any:
-    from workers.models.loading import check_model_dir, model_task
+@dataclass
+class TransformCompute:
+    """The transform stage of one model: the DiT's denoising loop, reporting through the job record."""
 
+    denoiser: DenoiseStage
+
+    def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
+        rt, spec = job.rt, job.spec
+
+        # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries.
+        def on_step(done: int, total: int) -> None:
+            jobs.set_progress(rt.conn, job.job_id, Stage.TRANSFORM, done, total)
+
+        def should_stop() -> bool:
+            return jobs.cancel_requested(rt.conn, job.job_id)
+
+        latents = self.denoiser.denoise(
+            inputs,
+            height=spec.height,
+            width=spec.width,
+            num_frames=spec.frames,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            seed=spec.seed,
+            flow_shift=spec.flow_shift,
+            on_step=on_step,
+            should_stop=should_stop,
+        )
+        return {"latents": latents}
+
+
+@dataclass
+class DecodeCompute:
+    """The decode stage of one model: the streaming VAE, feeding the encoder and the upload."""
+
+    decoder: StreamingVaeDecoder
+
+    def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
+        # 3. Decode: streaming VAE decode -> ffmpeg -> multipart upload.
+        return render_and_upload(job.rt, self.decoder, job.job_id, job.spec, inputs["latents"])
+
+
+def load_job_image(rt: StageRuntime, uri: str) -> PIL.Image.Image:
+    """The conditioning image submission stored in the bucket (checked again: the bucket is not trusted more)."""
+    from scheduler.image_input import ImageInputError, load_and_check_image
+    from scheduler.object_store import get_bytes
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    limits = rt.settings.limits
+    try:
+        return load_and_check_image(
+            get_bytes(rt.s3, bucket, key), max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+        )
+    except ImageInputError as exc:
+        raise MalformedJob(f"conditioning image {uri}: {exc}") from None
+
+
+# What each stage loads of a model dir, by task, in the order a missing piece is reported. Checked
+# once, before any weights load: a dir without its VAE fails at start-up, not after the text encoder.
+STAGE_COMPONENTS: dict[Stage, dict[ModelTask, tuple[Component, ...]]] = {
+    Stage.ENCODE: {
+        "t2v": ("text_encoder", "tokenizer"),
+        "i2v": ("text_encoder", "tokenizer", "image_encoder", "image_processor", "vae"),
+    },
+    Stage.TRANSFORM: {"t2v": ("transformer", "scheduler"), "i2v": ("transformer", "scheduler")},
+    Stage.DECODE: {"t2v": ("vae",), "i2v": ("vae",)},
+}
+
+
+def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) -> StageCompute:
     device, dtype = settings.worker.device, torch_dtype(settings.worker.dtype)
     check_model_dir(model_dir, [])
     task = model_task(model_dir)
+    check_model_dir(model_dir, STAGE_COMPONENTS[stage][task])
     if stage is Stage.ENCODE:
         from workers.stages.encode import TextEncodeStage
 
-        check_model_dir(model_dir, ["text_encoder", "tokenizer"])
         image = None
         if task == "i2v":
             from workers.stages.image_encode import ImageConditionStage
 
-            check_model_dir(model_dir, ["image_encoder", "image_processor", "vae"])
             image = ImageConditionStage(model_dir, device=device, dtype=dtype)
-        return EncodeCompute(task, TextEncodeStage(model_dir, device=device, dtype=dtype), image)
+        return EncodeCompute(TextEncodeStage(model_dir, device=device, dtype=dtype), image)
     if stage is Stage.TRANSFORM:
         from workers.stages.transform import DenoiseStage
 
-        check_model_dir(model_dir, ["transformer", "scheduler"])
-        return DenoiseStage(model_dir, device=device, dtype=dtype)
+        return TransformCompute(DenoiseStage(model_dir, device=device, dtype=dtype))
     from workers.stages.decode import StreamingVaeDecoder
 
-    check_model_dir(model_dir, ["vae"])
-    return StreamingVaeDecoder(model_dir, device=device, dtype=dtype)
+    return DecodeCompute(StreamingVaeDecoder(model_dir, device=device, dtype=dtype))
 
 
-def load_all(stage: Stage, settings: FarmSettings) -> tuple[dict[str, Any], dict[str, str]]:
+def load_all(stage: Stage, settings: FarmSettings) -> tuple[dict[str, StageCompute], dict[str, str]]:
     """Compute objects and tasks for every model this worker serves."""
-    from workers.models.loading import model_task
-
-    computes: dict[str, Any] = {}
+    computes: dict[str, StageCompute] = {}
     tasks: dict[str, str] = {}
     for name, model_dir in settings.served_models().items():
         computes[name] = load_stage_compute(stage, model_dir, settings)

@@ -1,8 +1,10 @@
 """The function rq runs for every stage job: pull inputs, compute, hand off or upload.
 
 rq calls ``run_stage`` by name inside the (non-forking) stage worker, so the
-model loaded at start-up is the one used here. Compute is delegated to the
-stage classes; hand-off to ``workers.handoff``; storage to ``render_upload``.
+model loaded at start-up is the one used here. Compute -- the decode stage's
+upload included -- is one call on the model's `StageCompute`
+(`workers.stage_seam`), the same for every stage; hand-off is
+``workers.handoff``'s.
 
 Outcomes never escape as exceptions to rq: the job record is the source of
 truth. Lost inputs and failed attempts go back through ``recovery.restart_job``
@@ -28,13 +30,10 @@ from scheduler.stage_calls import StageCall
 from workers.fault_injection import crash_if_injected, pause_if_injected
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
 from workers.runtime import StageRuntime, current_runtime
+from workers.stage_seam import MalformedJob, StageJob, StageOutputs
 from workers.stages import StageCancelled
 
 log = logging.getLogger("reelfarm.stage")
-
-
-class MalformedJob(ValueError):
-    """A job record no retry can fix (e.g. written into Redis by something other than the farm)."""
 
 
 def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | None) -> dict[str, Any]:
@@ -136,7 +135,7 @@ def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: 
             time.sleep(1.0)
 
 
-def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, torch.Tensor]) -> Any:
+def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, torch.Tensor]) -> StageOutputs:
     compute = rt.computes.get(spec.model)
     if compute is None:
         raise MalformedJob(
@@ -144,65 +143,10 @@ def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, tor
         )
     if (spec.image is not None) != (rt.tasks[spec.model] == "i2v"):
         raise MalformedJob(f"model {spec.model!r} is a {rt.tasks[spec.model]} model; the job is {spec.task}")
-
-    # 1. Encode: text embeddings (and the negative ones when CFG is on); for i2v also the image
-    #    features and the VAE-encoded first-frame condition.
-    if rt.stage is Stage.ENCODE:
-        tensors: dict[str, torch.Tensor] = compute.text.encode(spec.prompt, spec.negative_prompt, spec.guidance_scale)
-        if spec.image is not None:
-            image = load_job_image(rt, spec.image)
-            tensors.update(
-                compute.image.encode(
-                    image, height=spec.height, width=spec.width, num_frames=spec.frames, policy=spec.resize
-                )
-            )
-        return tensors
-
-    # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries.
-    if rt.stage is Stage.TRANSFORM:
-
-        def on_step(done: int, total: int) -> None:
-            jobs.set_progress(rt.conn, job_id, Stage.TRANSFORM, done, total)
-
-        def should_stop() -> bool:
-            return jobs.cancel_requested(rt.conn, job_id)
-
-        latents = compute.denoise(
-            inputs,
-            height=spec.height,
-            width=spec.width,
-            num_frames=spec.frames,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            seed=spec.seed,
-            flow_shift=spec.flow_shift,
-            on_step=on_step,
-            should_stop=should_stop,
-        )
-        return {"latents": latents}
-
-    # 3. Decode: streaming VAE decode -> ffmpeg -> multipart upload.
-    from workers.render_upload import render_and_upload
-
-    return render_and_upload(rt, compute, job_id, spec, inputs["latents"])
+    return compute.outputs_for(StageJob(rt, job_id, spec), inputs)
 
 
-def load_job_image(rt: StageRuntime, uri: str) -> Any:
-    """The conditioning image submission stored in the bucket (checked again: the bucket is not trusted more)."""
-    from scheduler.image_input import ImageInputError, load_and_check_image
-    from scheduler.object_store import get_bytes
-
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    limits = rt.settings.limits
-    try:
-        return load_and_check_image(
-            get_bytes(rt.s3, bucket, key), max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
-        )
-    except ImageInputError as exc:
-        raise MalformedJob(f"conditioning image {uri}: {exc}") from None
-
-
-def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: Any, started: float) -> bool:
+def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: StageOutputs, started: float) -> bool:
     """Publish and enqueue the next stage (or record the result), fenced on this attempt still being current."""
     next_stage = rt.stage.next
     room_key = None

@@ -1,9 +1,9 @@
 """Video encoding with ffmpeg: the only module that runs ffmpeg (the binary bundled by imageio-ffmpeg).
 
-It owns the codec choices (``VideoCodec``), the streaming encoder the decode
-stage feeds frame chunks into while the MP4 bytes flow out to a sink (the S3
-multipart upload), frame decoding for tests and verification, and the JPEG
-poster frame.
+It owns the codec choices (``VideoCodec``, within the job spec's rules), the
+streaming encoder the decode stage feeds frame chunks into while the MP4 bytes
+flow out to a sink (the S3 multipart upload), and the JPEG poster frame.
+Reading videos back is for tests only (``tests/video_probe.py``).
 
 ``FfmpegStreamEncoder`` lifecycle:
 
@@ -28,30 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, Literal, cast
 
 import numpy as np
 
+# The job spec owns the codec rules, so what a spec accepts is exactly what this module encodes.
+from scheduler.spec import CODEC_NAMES, DEFAULT_CRF, DEFAULT_PRESET, MAX_CRF, X264_PRESETS, CodecName
+
 MiB = 1024 * 1024
 
-CodecName = Literal["h264", "lossless"]
-CODEC_NAMES: tuple[CodecName, ...] = ("h264", "lossless")
-X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-    "placebo",
-)
-DEFAULT_CRF = 18  # visually lossless for x264; generated video has fine detail worth keeping
-DEFAULT_PRESET = "medium"
 # Fragmented MP4: a moov with no samples first, then one moof+mdat per keyframe,
 # so bytes leave ffmpeg (and reach S3) while frames are still being produced.
 FRAGMENTED_MP4_FLAGS = "frag_keyframe+empty_moov+default_base_moof"
@@ -59,7 +45,7 @@ _STDERR_TAIL_CHARS = 2000
 
 
 class VideoEncodeError(RuntimeError):
-    """ffmpeg could not encode or decode; the message carries ffmpeg's own words."""
+    """ffmpeg could not encode (or, in tests, read back); the message carries ffmpeg's own words."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +68,9 @@ class VideoCodec:
     preset: str = DEFAULT_PRESET
 
     def __post_init__(self) -> None:
-        if self.name not in CODEC_NAMES:
-            raise ValueError(f"unknown video codec {self.name!r}; use one of {', '.join(CODEC_NAMES)}")
-        if not 0 <= self.crf <= 51:
-            raise ValueError(f"crf must be between 0 and 51 (x264's scale), got {self.crf}")
+        known_codec(self.name)
+        if not 0 <= self.crf <= MAX_CRF:
+            raise ValueError(f"crf must be between 0 and {MAX_CRF} (x264's scale), got {self.crf}")
 
     @property
     def pix_fmt(self) -> str:
@@ -124,15 +109,19 @@ class VideoCodec:
         ]
 
 
-def codec_from_options(name: str = "h264", crf: int | None = None, preset: str | None = None) -> VideoCodec:
-    """Build a ``VideoCodec`` from user-facing options, with one-line errors saying what is allowed."""
+def known_codec(name: str) -> CodecName:
+    """``name`` if the job spec allows it, else a one-line error naming the codecs it does."""
     if name not in CODEC_NAMES:
         raise ValueError(f"unknown video codec {name!r}; use one of {', '.join(CODEC_NAMES)}")
+    return cast(CodecName, name)
+
+
+def codec_from_options(name: str = "h264", crf: int | None = None, preset: str | None = None) -> VideoCodec:
+    """Build a ``VideoCodec`` from user-facing options (the spec's rules), with one-line errors saying what is allowed."""
+    codec_name = known_codec(name)
     if preset is not None and preset not in X264_PRESETS:
         raise ValueError(f"unknown x264 preset {preset!r}; use one of {', '.join(X264_PRESETS)}")
-    if crf is not None and not 0 <= crf <= 51:
-        raise ValueError(f"crf must be between 0 and 51 (x264's scale), got {crf}")
-    codec_name: CodecName = "lossless" if name == "lossless" else "h264"
+    # crf is checked by VideoCodec itself.
     return VideoCodec(
         name=codec_name,
         crf=DEFAULT_CRF if crf is None else crf,
@@ -351,81 +340,6 @@ class FfmpegStreamEncoder:
             self.close()
         else:
             self.abort()
-
-
-# --------------------------------------------------------------------------- decoding (tests, verification)
-
-
-def _run_ffmpeg(args: list[str], source: str | Path | bytes) -> bytes:
-    """Run ffmpeg on a file path or on bytes (via a temp file: plain MP4 needs a seekable input)."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
-            tmp.write(source)
-            tmp.flush()
-            return _run_ffmpeg(args, tmp.name)
-    path = Path(source)
-    if not path.is_file():
-        raise VideoEncodeError(f"no video at {path}")
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path), *args]
-    done = subprocess.run(cmd, capture_output=True, check=False)
-    if done.returncode != 0:
-        raise VideoEncodeError(f"ffmpeg could not read {path.name}: {_tail_text(done.stderr)}")
-    return done.stdout
-
-
-def decode_video_frames(source: str | Path | bytes) -> np.ndarray:
-    """Decode every frame of the first video stream to uint8 RGB ``[n, H, W, 3]``."""
-    # PPM frames carry their own size in a text header, so nothing has to parse
-    # ffmpeg's human-readable stream description.
-    raw = _run_ffmpeg(["-map", "0:v:0", "-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"], source)
-    frames: list[np.ndarray] = []
-    stream = io.BytesIO(raw)
-    while True:
-        header = _read_ppm_header(stream)
-        if header is None:
-            break
-        width, height = header
-        data = stream.read(width * height * 3)
-        if len(data) != width * height * 3:
-            raise VideoEncodeError("ffmpeg's decoded frame stream ended in the middle of a frame")
-        frames.append(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3))
-    if not frames:
-        raise VideoEncodeError("the video has no frames")
-    return np.stack(frames)
-
-
-def _read_ppm_header(stream: io.BytesIO) -> tuple[int, int] | None:
-    tokens: list[bytes] = []
-    while len(tokens) < 4:
-        token = bytearray()
-        while True:
-            ch = stream.read(1)
-            if not ch:
-                if not tokens and not token:
-                    return None
-                raise VideoEncodeError("ffmpeg's decoded frame stream has a truncated PPM header")
-            if ch.isspace():
-                if token:
-                    break
-                continue
-            token += ch
-        tokens.append(bytes(token))
-    # After the maxval exactly one whitespace byte was consumed above: the pixel data starts here.
-    if tokens[0] != b"P6" or tokens[3] != b"255":
-        raise VideoEncodeError(f"unexpected PPM header from ffmpeg: {b' '.join(tokens)!r}")
-    return int(tokens[1]), int(tokens[2])
-
-
-def probe_frame_count(source: str | Path | bytes) -> int:
-    """Number of frames in the first video stream (counted by demuxing, without decoding)."""
-    out = _run_ffmpeg(["-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"], source)
-    count = None
-    for line in out.decode(errors="replace").splitlines():
-        if line.startswith("frame="):
-            count = int(line.split("=", 1)[1])
-    if count is None:
-        raise VideoEncodeError("ffmpeg reported no frame count")
-    return count
 
 
 # --------------------------------------------------------------------------- poster

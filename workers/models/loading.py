@@ -28,6 +28,8 @@ from diffusers.utils import is_accelerate_available
 from transformers import AutoTokenizer, BaseImageProcessor, CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderModel
 from transformers.utils import logging as transformers_logging
 
+from scheduler.model_catalog import PIPELINE_TASKS
+
 Component = Literal["tokenizer", "text_encoder", "transformer", "vae", "scheduler", "image_encoder", "image_processor"]
 ModelTask = Literal["t2v", "i2v"]
 
@@ -36,10 +38,6 @@ TASK_COMPONENTS: dict[ModelTask, tuple[Component, ...]] = {
     "t2v": ("tokenizer", "text_encoder", "transformer", "vae", "scheduler"),
     "i2v": ("tokenizer", "text_encoder", "transformer", "vae", "scheduler", "image_encoder", "image_processor"),
 }
-# model_index.json's _class_name -> task. Only the Wan2.1 pipelines: Wan2.2's
-# two-expert and expand_timesteps variants use the same class names with
-# settings the stages do not implement, so `model_task` refuses those.
-_PIPELINE_TASKS: dict[str, ModelTask] = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
 MODEL_INDEX_FILE = "model_index.json"
 
 TINY_MODEL_HINT = (
@@ -128,9 +126,12 @@ def model_task(model_dir: Path) -> ModelTask:
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"cannot read {index_path} ({exc}); {TINY_MODEL_HINT}") from None
     name = index.get("_class_name") if isinstance(index, dict) else None
-    task = _PIPELINE_TASKS.get(name) if isinstance(name, str) else None
+    # The scheduler's table, so submit and workers agree on a dir's task. Wan2.2's two-expert and
+    # expand_timesteps variants use the same class names with settings the stages do not implement:
+    # refused below.
+    task = PIPELINE_TASKS.get(name) if isinstance(name, str) else None
     if task is None:
-        known = " or ".join(_PIPELINE_TASKS)
+        known = " or ".join(PIPELINE_TASKS)
         raise ModelDirError(f"{index_path} names pipeline {name!r}, not {known}; {TINY_MODEL_HINT}")
     # save_pretrained writes an absent optional component as [null, null].
     unsupported = [key for key in ("boundary_ratio", "expand_timesteps") if index.get(key)]
@@ -192,6 +193,21 @@ def load_vae(model_dir: Path, device: str | torch.device, dtype: torch.dtype) ->
     check_model_dir(model_dir, ("vae",))
     vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype, local_files_only=True)
     return vae.to(device).eval()
+
+
+def vae_latent_stats(
+    vae: AutoencoderKLWan, device: str | torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's ``latents_mean`` and the reciprocal of its ``latents_std``, shaped [1, z_dim, 1, 1, 1].
+
+    The reciprocal, not the std: the Wan pipelines multiply by it to normalise and
+    divide by it to denormalise, and keeping that keeps their rounding.
+    """
+    config = vae.config
+    shape = (1, int(config["z_dim"]), 1, 1, 1)
+    mean = torch.tensor(config["latents_mean"]).view(shape).to(device, dtype)
+    inv_std = 1.0 / torch.tensor(config["latents_std"]).view(shape).to(device, dtype)
+    return mean, inv_std
 
 
 def load_scheduler(model_dir: Path, flow_shift: float | None) -> DenoisingScheduler:

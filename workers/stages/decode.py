@@ -24,7 +24,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from diffusers.video_processor import VideoProcessor
 
-from workers.models.loading import load_vae
+from workers.models.loading import load_vae, vae_latent_stats
 
 
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -43,13 +43,7 @@ class StreamingVaeDecoder:
             raise ValueError("patchified VAEs (Wan2.2) are not supported by the streaming decoder; use a Wan2.1 VAE")
         self.z_dim = int(config["z_dim"])
         self.frames_per_latent_frame = int(config["scale_factor_temporal"])
-        stats_shape = (1, self.z_dim, 1, 1, 1)
-        self.latents_mean = torch.tensor(config["latents_mean"]).view(stats_shape).to(self.device, self.vae.dtype)
-        # WanPipeline divides by the reciprocal of the std rather than multiplying
-        # by the std; kept so the rounding is the same.
-        self.latents_inv_std = 1.0 / torch.tensor(config["latents_std"]).view(stats_shape).to(
-            self.device, self.vae.dtype
-        )
+        self.latents_mean, self.latents_inv_std = vae_latent_stats(self.vae, self.device, self.vae.dtype)
         # One cache slot per causal convolution in the decoder, as AutoencoderKLWan.clear_cache sizes it.
         self.cache_slots = sum(isinstance(module, WanCausalConv3d) for module in self.vae.decoder.modules())
         self.video_processor = VideoProcessor(vae_scale_factor=int(config["scale_factor_spatial"]))

@@ -21,7 +21,13 @@ import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from workers.models.loading import load_text_encoder
-from workers.stages.payloads import NEGATIVE_PROMPT_EMBEDS, PROMPT_EMBEDS, transform_input_names, uses_cfg
+from workers.stages.payloads import (
+    NEGATIVE_PROMPT_EMBEDS,
+    PROMPT_EMBEDS,
+    TEXT_LENGTH,
+    transform_input_names,
+    uses_cfg,
+)
 
 __all__ = ["NEGATIVE_PROMPT_EMBEDS", "PROMPT_EMBEDS", "TextEncodeStage", "output_names", "uses_cfg"]
 
@@ -44,7 +50,7 @@ class TextEncodeStage:
         return dtype
 
     def encode(
-        self, prompt: str, negative_prompt: str, guidance_scale: float, max_sequence_length: int = 512
+        self, prompt: str, negative_prompt: str, guidance_scale: float, max_sequence_length: int = TEXT_LENGTH
     ) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` (and ``negative_prompt_embeds`` when CFG is on), each [1, max_sequence_length, d_model]."""
         embeds = {PROMPT_EMBEDS: self.embed(prompt, max_sequence_length)}

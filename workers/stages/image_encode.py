@@ -36,7 +36,7 @@ import PIL.Image
 import torch
 from diffusers.video_processor import VideoProcessor
 
-from workers.models.loading import check_model_dir, load_image_encoder, load_vae
+from workers.models.loading import load_image_encoder, load_vae, vae_latent_stats
 from workers.stages.payloads import CONDITION, IMAGE_EMBEDS, IMAGE_INPUT_NAMES
 from workers.stages.transform import VAE_SCALE_SPATIAL, latent_shape
 
@@ -107,7 +107,6 @@ class ImageConditionStage:
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
-        check_model_dir(model_dir, ("image_processor", "image_encoder", "vae"))
         self.device = torch.device(device)
         self.image_processor, self.image_encoder = load_image_encoder(model_dir, self.device, dtype)
         self.vae = load_vae(model_dir, self.device, dtype)
@@ -117,13 +116,8 @@ class ImageConditionStage:
         self.z_dim = int(config["z_dim"])
         # One mask channel per frame a latent frame stands for (the VAE's temporal factor, 4).
         self.mask_channels = int(config["scale_factor_temporal"])
-        stats_shape = (1, self.z_dim, 1, 1, 1)
-        # Kept in float32 on the stage's device: the pipeline normalises the condition in float32
-        # (and, as for decoding, multiplies by the reciprocal of the std, rounding included).
-        self.latents_mean = torch.tensor(config["latents_mean"]).view(stats_shape).to(self.device, torch.float32)
-        self.latents_inv_std = 1.0 / torch.tensor(config["latents_std"]).view(stats_shape).to(
-            self.device, torch.float32
-        )
+        # In float32 whatever the VAE's dtype: the pipeline normalises the condition in float32.
+        self.latents_mean, self.latents_inv_std = vae_latent_stats(self.vae, self.device, torch.float32)
 
     @property
     def condition_channels(self) -> int:

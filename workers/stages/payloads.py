@@ -25,13 +25,20 @@ does the image stage. CFG is on when guidance_scale > 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from workers.models.loading import ModelTask
+if TYPE_CHECKING:
+    # Only the type: slot sizing reads this table without loading any model code.
+    from workers.models.loading import ModelTask
 
 PROMPT_EMBEDS = "prompt_embeds"
 NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"
 IMAGE_EMBEDS = "image_embeds"
 CONDITION = "condition"
+
+# ``L`` above: WanPipeline pads every prompt to it, and diffusers' Wan i2v attention assumes it
+# to tell image tokens from text ones.
+TEXT_LENGTH = 512
 
 
 @dataclass(frozen=True)

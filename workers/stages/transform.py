@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from workers.models.loading import check_model_dir, fresh_scheduler, load_scheduler, load_transformer
+from workers.models.loading import fresh_scheduler, load_scheduler, load_transformer
 from workers.stages import StageCancelled
 from workers.stages.payloads import (
     CONDITION,
@@ -33,15 +33,13 @@ from workers.stages.payloads import (
     IMAGE_INPUT_NAMES,
     NEGATIVE_PROMPT_EMBEDS,
     PROMPT_EMBEDS,
+    TEXT_LENGTH,
     uses_cfg,
 )
 
 # Wan2.1's VAE: 8x spatial and 4x temporal compression (1 + 4k frames -> 1 + k latent frames).
 VAE_SCALE_SPATIAL = 8
 VAE_SCALE_TEMPORAL = 4
-
-# diffusers' Wan attention splits image from text tokens by assuming 512 text tokens.
-I2V_TEXT_LENGTH = 512
 
 OnStep = Callable[[int, int], None]
 ShouldStop = Callable[[], bool]
@@ -80,7 +78,6 @@ class DenoiseStage:
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
-        check_model_dir(model_dir, ("transformer", "scheduler"))
         self.device = torch.device(device)
         self.transformer = load_transformer(model_dir, self.device, dtype)
         # A template only: schedulers keep per-job state, so each job gets its own copy.
@@ -193,10 +190,11 @@ class DenoiseStage:
                 "submit an image-to-video job (with an image) or serve a t2v model"
             )
         for name, tensor in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_embeds)):
-            if tensor is not None and tensor.shape[1] != I2V_TEXT_LENGTH:
+            # diffusers' Wan i2v attention takes all but the last TEXT_LENGTH context tokens as image tokens.
+            if tensor is not None and tensor.shape[1] != TEXT_LENGTH:
                 raise ValueError(
-                    f"{name} has {tensor.shape[1]} tokens; image-to-video needs them padded to {I2V_TEXT_LENGTH} "
-                    "(encode with max_sequence_length=512)"
+                    f"{name} has {tensor.shape[1]} tokens; image-to-video needs them padded to {TEXT_LENGTH} "
+                    f"(encode with max_sequence_length={TEXT_LENGTH})"
                 )
         return Conditioning(
             prompt_embeds,

@@ -122,6 +122,11 @@ class SlotPool:
                 raise RuntimeError("the slot pool is closed")
             return self._slot(self._free.pop())
 
+    def wait_for_free(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until a slot is free, without taking it; False if none came free."""
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self._free), timeout)
+
     def release(self, slot_index: int) -> None:
         """Return a slot. Releasing a slot that is already free is a logged no-op (acks can be repeated)."""
         if not 0 <= slot_index < self._num_slots:
@@ -131,7 +136,9 @@ class SlotPool:
                 logger.warning("slot %d released while already free; ignoring", slot_index)
                 return
             self._free.append(slot_index)
-            self._cond.notify()
+            # All, not one: a `wait_for_free` waiter takes no slot, so waking only it could leave an
+            # `acquire` asleep beside a free slot.
+            self._cond.notify_all()
 
     def slot(self, slot_index: int) -> Slot:
         """The slot at ``slot_index`` whether lent or not (for a producer that kept only the index)."""
