@@ -6,7 +6,7 @@ Both sides put the same number of encode-stage jobs on the same rq queue of
 the same Valkey (started by the bench in a temporary folder, stopped on the way
 out), with the same job payload rq stores:
 
-1. **farm** -- ``scheduler.batch``: parse and validate every JSONL line
+1. **farm** -- ``scheduler.ops.batch``: parse and validate every JSONL line
    (pydantic spec + farm limits), derive each job id, check which jobs exist
    (WATCH + one pipelined read per chunk), then per chunk one MULTI with the job
    records, the rq enqueues and the batch record.
@@ -38,10 +38,11 @@ from typing import Any
 
 import redis
 
-from scheduler import batch, keys, queues
-from scheduler.keys import Stage
-from scheduler.local_servers import start_valkey
-from scheduler.settings import FarmSettings
+from scheduler.core import keys, queues
+from scheduler.core.keys import Stage
+from scheduler.core.settings import FarmSettings
+from scheduler.local.valkey import start_valkey
+from scheduler.ops import batch
 
 TARGET_RATIO = 0.5
 

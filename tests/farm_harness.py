@@ -13,10 +13,10 @@ from typing import Any
 
 import redis
 
-from scheduler import jobs
-from scheduler.embedded import start_worker, wait_for_workers
-from scheduler.keys import Stage
-from scheduler.settings import FarmSettings, S3Settings, TransferSettings, WorkerSettings
+from scheduler.core import jobs
+from scheduler.core.keys import Stage
+from scheduler.core.settings import FarmSettings, S3Settings, TransferSettings, WorkerSettings
+from scheduler.local.embedded import start_worker, wait_for_workers
 
 
 def farm_settings(redis_url: str, s3: Any, model_dir: Path, home: Path, **overrides: Any) -> FarmSettings:

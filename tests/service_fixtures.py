@@ -28,8 +28,10 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler.local_servers import ManagedServer, start_s3_server, start_valkey
-from scheduler.object_store import S3Config, ensure_bucket, make_s3_client, remove_bucket
+from scheduler.core.object_store import S3Config, ensure_bucket, make_s3_client, remove_bucket
+from scheduler.local.processes import ManagedServer
+from scheduler.local.seaweedfs import start_s3_server
+from scheduler.local.valkey import start_valkey
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,15 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from scheduler import batch, jobs, keys, queues
-from scheduler.batch import BatchError, parse_batch, parse_default_options, submit_batch
 from scheduler.cli import main
-from scheduler.embedded import write_settings_file
-from scheduler.keys import Stage
-from scheduler.metrics import serve_farm_metrics
-from scheduler.object_store import get_bytes, make_s3_client, object_exists
-from scheduler.settings import FarmSettings
+from scheduler.core import jobs, keys, queues
+from scheduler.core.keys import Stage
+from scheduler.core.object_store import get_bytes, make_s3_client, object_exists
+from scheduler.core.settings import FarmSettings
+from scheduler.local.embedded import write_settings_file
+from scheduler.ops import batch
+from scheduler.ops.batch import BatchError, parse_batch, parse_default_options, submit_batch
+from scheduler.ops.metrics import serve_farm_metrics
 from tests.farm_harness import farm_settings, running_workers, wait_finished, worker_logs
 from tests.test_metrics import scrape
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from scheduler.queues import queue_depths
+from scheduler.core.queues import queue_depths
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

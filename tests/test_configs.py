@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scheduler.settings import load_settings
+from scheduler.core.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 

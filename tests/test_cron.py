@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from scheduler import batch, jobs, keys, queues
-from scheduler.cron import CronConfigError, CronRunner, load_cron_config, parse_when, tick_batch_name
-from scheduler.embedded import write_settings_file
-from scheduler.keys import Stage
-from scheduler.settings import FarmSettings
+from scheduler.core import jobs, keys, queues
+from scheduler.core.keys import Stage
+from scheduler.core.settings import FarmSettings
+from scheduler.local.embedded import write_settings_file
+from scheduler.ops import batch
+from scheduler.ops.cron import CronConfigError, CronRunner, load_cron_config, parse_when, tick_batch_name
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"width": 64, "height": 48, "frames": 17, "steps": 2}

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.descriptors import (
+from scheduler.core.descriptors import (
     Descriptor,
     DescriptorLimits,
     DescriptorRefused,

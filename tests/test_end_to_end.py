@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import redis
 
-from scheduler.object_store import get_bytes, list_incomplete_uploads, make_s3_client
-from scheduler.submit import submit
-from scheduler.worker_registry import live_workers
+from scheduler.core.object_store import get_bytes, list_incomplete_uploads, make_s3_client
+from scheduler.core.worker_registry import live_workers
+from scheduler.intake.submit import submit
 from tests.farm_harness import farm_settings, running_workers, wait_finished, worker_logs
 from tests.reference_pipeline import reference_frames
 from tests.video_probe import decode_video_frames

@@ -16,13 +16,15 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler import jobs, keys, queues
-from scheduler.keys import Stage
-from scheduler.local_servers import free_port, start_s3_server, start_valkey
-from scheduler.object_store import S3Config, ensure_bucket, get_bytes, list_incomplete_uploads, make_s3_client
-from scheduler.spec import SpecError
-from scheduler.submit import submit
-from scheduler.worker_registry import live_workers
+from scheduler.core import jobs, keys, queues
+from scheduler.core.keys import Stage
+from scheduler.core.object_store import S3Config, ensure_bucket, get_bytes, list_incomplete_uploads, make_s3_client
+from scheduler.core.spec import SpecError
+from scheduler.core.worker_registry import live_workers
+from scheduler.intake.submit import submit
+from scheduler.local.processes import free_port
+from scheduler.local.seaweedfs import start_s3_server
+from scheduler.local.valkey import start_valkey
 from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, wait_until, worker_logs
 from tests.video_probe import probe_frame_count
 

@@ -19,11 +19,11 @@ from typing import Any
 import PIL.Image
 import pytest
 
-from scheduler.fetch_policy import FetchPolicy, FetchRefused, fetch
-from scheduler.input_images import stage_input_image
-from scheduler.object_store import S3Config, get_bytes
-from scheduler.settings import FarmSettings, FetchSettings, S3Settings
-from scheduler.spec import JobSpec, SpecError
+from scheduler.core.object_store import S3Config, get_bytes
+from scheduler.core.settings import FarmSettings, FetchSettings, S3Settings
+from scheduler.core.spec import JobSpec, SpecError
+from scheduler.intake.fetch_policy import FetchPolicy, FetchRefused, fetch
+from scheduler.intake.image_staging import stage_input_image
 
 
 def png_bytes() -> bytes:

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler import keys, queues, worker_registry
-from scheduler.descriptors import Descriptor, TensorEntry
-from scheduler.jobs import read_status
-from scheduler.keys import Stage
-from scheduler.rooms import Rooms, RoomState
-from scheduler.settings import FarmSettings
-from scheduler.submit import submit
+from scheduler.core import keys, queues, worker_registry
+from scheduler.core.descriptors import Descriptor, TensorEntry
+from scheduler.core.jobs import read_status
+from scheduler.core.keys import Stage
+from scheduler.core.rooms import Rooms, RoomState
+from scheduler.core.settings import FarmSettings
+from scheduler.intake.submit import submit
 from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, wait_until, worker_logs
 
 pytestmark = pytest.mark.slow

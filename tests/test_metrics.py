@@ -13,11 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from scheduler import jobs, keys, metrics, worker_registry
-from scheduler.keys import Stage
-from scheduler.logging_setup import configure_logging, log_context
-from scheduler.settings import FarmSettings
-from scheduler.submit import submit
+from scheduler.core import jobs, keys, worker_metrics, worker_registry
+from scheduler.core.keys import Stage
+from scheduler.core.logging_setup import configure_logging, log_context
+from scheduler.core.settings import FarmSettings
+from scheduler.intake.submit import submit
+from scheduler.ops import metrics
 
 TINY = {"prompt": "a paper boat", "width": 64, "height": 48, "frames": 17, "steps": 2}
 
@@ -64,18 +65,18 @@ def test_farm_metrics_endpoint(redis_url: str) -> None:
 def test_farm_metrics_say_when_redis_is_down() -> None:
     conn = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     registry = metrics.farm_registry(conn)
-    port = metrics.start_metrics_server(0, registry=registry)
+    port = worker_metrics.start_metrics_server(0, registry=registry)
     assert scrape(port)[("reelfarm_up", ())] == 0
 
 
 def test_worker_metrics_endpoint() -> None:
     # The module-level metrics live in the default registry; serve that, as a worker process does.
-    metrics.observe_stage(Stage.TRANSFORM, 2.0, "done")
-    metrics.observe_stage("decode", 0.3, "failed: RuntimeError: boom")
-    metrics.observe_handoff(Stage.DECODE, 4096, 0.004)
-    metrics.observe_upload(25_000)
-    metrics.count_retry(Stage.ENCODE)
-    port = metrics.start_metrics_server(0)
+    worker_metrics.observe_stage(Stage.TRANSFORM, 2.0, "done")
+    worker_metrics.observe_stage("decode", 0.3, "failed: RuntimeError: boom")
+    worker_metrics.observe_handoff(Stage.DECODE, 4096, 0.004)
+    worker_metrics.observe_upload(25_000)
+    worker_metrics.count_retry(Stage.ENCODE)
+    port = worker_metrics.start_metrics_server(0)
     samples = scrape(port)
     assert samples[("reelfarm_stage_seconds_count", (("outcome", "done"), ("stage", "transform")))] >= 1
     assert samples[("reelfarm_stage_seconds_count", (("outcome", "failed"), ("stage", "decode")))] >= 1

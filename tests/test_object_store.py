@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from scheduler.local_servers import free_port
-from scheduler.object_store import (
+from scheduler.core.object_store import (
     MiB,
     ObjectStoreError,
     S3Config,
@@ -27,6 +26,7 @@ from scheduler.object_store import (
     put_bytes,
     s3_uri,
 )
+from scheduler.local.processes import free_port
 
 
 def chunks(data: bytes, size: int) -> list[bytes]:

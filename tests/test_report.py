@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler import keys
-from scheduler.batch import parse_batch, submit_batch
-from scheduler.manifest import manifest_keys, write_manifest
-from scheduler.object_store import get_bytes
-from scheduler.settings import FarmSettings, S3Settings
-from scheduler.timeline import batch_report, load_timelines, utilisation
+from scheduler.core import keys
+from scheduler.core.object_store import get_bytes
+from scheduler.core.settings import FarmSettings, S3Settings
+from scheduler.ops.batch import parse_batch, submit_batch
+from scheduler.ops.manifest import manifest_keys, write_manifest
+from scheduler.ops.timeline import batch_report, load_timelines, utilisation
 
 TINY = {"width": 64, "height": 48, "frames": 17, "steps": 2}
 

@@ -9,8 +9,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.descriptors import Descriptor, TensorEntry
-from scheduler.rooms import Rooms, RoomState
+from scheduler.core.descriptors import Descriptor, TensorEntry
+from scheduler.core.rooms import Rooms, RoomState
 
 
 def descriptor(job_id: str = "job1", attempt: int = 1) -> Descriptor:
@@ -119,7 +119,7 @@ def test_states_never_go_backwards(redis_url: str, ops: list[tuple[str, str]]) -
 
 
 def test_eviction_policy_is_checked(redis_url: str) -> None:
-    from scheduler.connection import eviction_warning
+    from scheduler.core.connection import eviction_warning
 
     conn = redis.Redis.from_url(redis_url)
     assert eviction_warning(conn) is None, "the embedded/test server runs with noeviction"

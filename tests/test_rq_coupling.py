@@ -14,8 +14,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from scheduler import keys, queues
-from scheduler.keys import Stage
+from scheduler.core import keys, queues
+from scheduler.core.keys import Stage
 from workers.stage_worker import StageWorker
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from scheduler.keys import Stage
-from scheduler.spec import SpecLimits
+from scheduler.core.keys import Stage
+from scheduler.core.spec import SpecLimits
 from workers.slot_sizing import slot_bytes_for
 from workers.stages.encode import TextEncodeStage
 from workers.transfer.packing import pack_tensors

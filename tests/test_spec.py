@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.spec import JobSpec, SpecError, SpecLimits, parse_spec
+from scheduler.core.spec import JobSpec, SpecError, SpecLimits, parse_spec
 
 LIMITS = SpecLimits(max_width=256, max_height=256, max_frames=33, max_steps=20, max_prompt_chars=50)
 

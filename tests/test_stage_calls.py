@@ -18,11 +18,10 @@ import redis
 from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
-from scheduler import jobs, keys, stage_calls
-from scheduler.keys import Stage
-from scheduler.metrics import FarmCollector
-from scheduler.object_store import S3Config
-from scheduler.stage_calls import (
+from scheduler.core import jobs, keys, stage_calls
+from scheduler.core.keys import Stage
+from scheduler.core.object_store import S3Config
+from scheduler.core.stage_calls import (
     SIGNATURE_META_KEY,
     STAGE_ENTRYPOINT,
     CallFields,
@@ -32,7 +31,8 @@ from scheduler.stage_calls import (
     sign_call,
     vet_call,
 )
-from scheduler.submit import submit
+from scheduler.intake.submit import submit
+from scheduler.ops.metrics import FarmCollector
 from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, wait_until, worker_logs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ import pytest
 import redis
 from rq import Queue
 
-from scheduler import jobs, keys, queues, reaper
-from scheduler.keys import Stage
-from scheduler.settings import FarmSettings
-from scheduler.submit import submit
+from scheduler.core import jobs, keys, queues, reaper
+from scheduler.core.keys import Stage
+from scheduler.core.settings import FarmSettings
+from scheduler.intake.submit import submit
 
 TINY: dict[str, Any] = {"prompt": "a heron in the reeds", "width": 64, "height": 48, "frames": 17, "steps": 2}
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import redis
 
-from scheduler import keys
-from scheduler.keys import Stage
-from scheduler.queues import queue_depths, stage_queue
-from scheduler.settings import FarmSettings
-from scheduler.submit import submit
+from scheduler.core import keys
+from scheduler.core.keys import Stage
+from scheduler.core.queues import queue_depths, stage_queue
+from scheduler.core.settings import FarmSettings
+from scheduler.intake.submit import submit
 
 
 def settings(tmp_path: Path, redis_url: str) -> FarmSettings:

@@ -26,7 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.descriptors import TensorEntry
+from scheduler.core.descriptors import TensorEntry
 from workers.transfer import (
     ALIGNMENT,
     ChecksumMismatch,

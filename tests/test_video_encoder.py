@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from scheduler.spec import CodecOptions, X264Preset
+from scheduler.core.spec import CodecOptions, X264Preset
 from tests.video_probe import decode_video_frames, probe_frame_count
 from workers.video_encoder import (
     FfmpegStreamEncoder,

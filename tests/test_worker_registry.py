@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from scheduler import keys, worker_registry
+from scheduler.core import keys, worker_registry
 
 RECORD = {"stage": "encode", "endpoint": "127.0.0.1:15001", "state": "idle", "jobs_done": "4"}
 

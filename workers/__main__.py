@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scheduler.keys import Stage
+from scheduler.core.keys import Stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         help="serve Prometheus metrics on this port (0 = any free port; default: off)",
     )
     args = parser.parse_args(argv)
-    from scheduler.logging_setup import configure_logging
+    from scheduler.core.logging_setup import configure_logging
 
     configure_logging(args.log_level)
     stage = Stage(args.stage)
 
-    from scheduler.queues import JSONSerializer, stage_queues_by_priority
-    from scheduler.settings import load_settings
+    from scheduler.core.queues import JSONSerializer, stage_queues_by_priority
+    from scheduler.core.settings import load_settings
     from workers.runtime import start_runtime
     from workers.stage_worker import StageWorker, WarmExit
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reelfarm worker {stage.value}: cannot start: {exc}", file=sys.stderr)
         return 2
     if args.metrics_port is not None:
-        from scheduler.metrics import start_metrics_server
+        from scheduler.core.worker_metrics import start_metrics_server
 
         addr = settings.transfer.hostname
         port = start_metrics_server(args.metrics_port, addr=addr)

@@ -22,16 +22,16 @@ from collections.abc import Callable
 
 import torch
 
-from scheduler import keys, metrics
-from scheduler.descriptors import (
+from scheduler.core import keys, worker_metrics
+from scheduler.core.descriptors import (
     Descriptor,
     DescriptorRefused,
     ProducerGone,
     check_producer_endpoint,
     verify_descriptor,
 )
-from scheduler.keys import Stage
-from scheduler.rooms import RoomState
+from scheduler.core.keys import Stage
+from scheduler.core.rooms import RoomState
 from workers.runtime import StageRuntime
 from workers.transfer.mooncake_engine import TransferError
 from workers.transfer.packing import (
@@ -136,7 +136,7 @@ def _verified_pull(
         raise InputLost(f"room {room_key} was taken over before the transfer (claim lease lapsed; now {state.name})")
     started = time.monotonic()
     tensors = _read_payload(rt, room_key, desc)
-    metrics.observe_handoff(rt.stage, desc.payload_nbytes, time.monotonic() - started)
+    worker_metrics.observe_handoff(rt.stage, desc.payload_nbytes, time.monotonic() - started)
     if not rooms.ack(room_key, rt.worker_id, desc.producer_id):
         raise InputLost(f"room {room_key} was taken over before the ack (claim lease lapsed)")
     return tensors

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from scheduler import jobs, metrics
-from scheduler.object_store import (
+from scheduler.core import jobs, worker_metrics
+from scheduler.core.object_store import (
     ObjectStoreError,
     StreamingMultipartUpload,
     abort_incomplete_uploads,
     put_bytes,
     s3_uri,
 )
-from scheduler.output_keys import output_keys
-from scheduler.spec import JobSpec
+from scheduler.core.output_keys import output_keys
+from scheduler.core.spec import JobSpec
 from workers.fault_injection import UPLOAD_POINT, pause_if_injected
 from workers.stages.decode import StreamingVaeDecoder
 from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encode_jpeg
@@ -115,5 +115,5 @@ def render_and_upload(
     }
     metadata_bytes = json.dumps(metadata, indent=2).encode()
     put_bytes(rt.s3, bucket, out.metadata, metadata_bytes, "application/json", retry_seconds=retry)
-    metrics.observe_upload(uploaded.size + len(poster_bytes) + len(metadata_bytes))
+    worker_metrics.observe_upload(uploaded.size + len(poster_bytes) + len(metadata_bytes))
     return result

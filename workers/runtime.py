@@ -29,13 +29,13 @@ from typing import Any
 
 import redis
 
-from scheduler import worker_registry
-from scheduler.connection import connect_redis, eviction_warning
-from scheduler.descriptors import DescriptorLimits
-from scheduler.keys import Stage, acks_key
-from scheduler.reaper import ReaperThread
-from scheduler.rooms import Rooms
-from scheduler.settings import FarmSettings
+from scheduler.core import worker_registry
+from scheduler.core.connection import connect_redis, eviction_warning
+from scheduler.core.descriptors import DescriptorLimits
+from scheduler.core.keys import Stage, acks_key
+from scheduler.core.reaper import ReaperThread
+from scheduler.core.rooms import Rooms
+from scheduler.core.settings import FarmSettings
 from workers.slot_sizing import slot_bytes_for
 from workers.stage_seam import StageCompute
 from workers.transfer.mooncake_engine import MooncakeEngine
@@ -269,7 +269,7 @@ def transfer_engine(settings: FarmSettings, log_level: str | None = None) -> Moo
 def connect_store(settings: FarmSettings) -> Any:
     """A client for the farm's bucket, created if missing and checked reachable before any job arrives."""
     # Imported here: boto3 enters only with a stage that needs the store.
-    from scheduler.object_store import check_reachable, ensure_bucket
+    from scheduler.core.object_store import check_reachable, ensure_bucket
 
     client = settings.s3.client()
     ensure_bucket(client, settings.s3.bucket)

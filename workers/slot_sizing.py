@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scheduler.keys import Stage
-from scheduler.spec import SpecLimits
+from scheduler.core.keys import Stage
+from scheduler.core.spec import SpecLimits
 from workers.stages.payloads import TEXT_LENGTH
 
 FLOAT32 = 4

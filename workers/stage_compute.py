@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scheduler import jobs
-from scheduler.keys import Stage
-from scheduler.settings import FarmSettings
+from scheduler.core import jobs
+from scheduler.core.keys import Stage
+from scheduler.core.settings import FarmSettings
 from workers.models.loading import Component, ModelTask, check_model_dir, model_task
 from workers.render_upload import render_and_upload
 from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
@@ -108,8 +108,8 @@ class DecodeCompute:
 
 def load_job_image(rt: StageRuntime, uri: str) -> PIL.Image.Image:
     """The conditioning image submission stored in the bucket (checked again: the bucket is not trusted more)."""
-    from scheduler.image_input import ImageInputError, load_and_check_image
-    from scheduler.object_store import get_bytes
+    from scheduler.core.image_checks import ImageInputError, load_and_check_image
+    from scheduler.core.object_store import get_bytes
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     limits = rt.settings.limits

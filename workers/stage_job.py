@@ -21,12 +21,12 @@ from typing import Any
 import redis
 import torch
 
-from scheduler import jobs, keys, metrics, recovery, worker_registry
-from scheduler.job_record import Routing, attempt_of, is_finished
-from scheduler.keys import Stage
-from scheduler.logging_setup import log_context
-from scheduler.spec import JobSpec
-from scheduler.stage_calls import StageCall
+from scheduler.core import jobs, keys, recovery, worker_metrics, worker_registry
+from scheduler.core.job_record import Routing, attempt_of, is_finished
+from scheduler.core.keys import Stage
+from scheduler.core.logging_setup import log_context
+from scheduler.core.spec import JobSpec
+from scheduler.core.stage_calls import StageCall
 from workers.fault_injection import crash_if_injected, pause_if_injected
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
 from workers.runtime import StageRuntime, current_runtime
@@ -103,7 +103,7 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         raise
     finally:
         rt.set_status(state="idle", current_job="")
-    metrics.observe_stage(this_stage, time.monotonic() - started, outcome)
+    worker_metrics.observe_stage(this_stage, time.monotonic() - started, outcome)
     return {"job_id": job_id, "stage": stage, "outcome": outcome, "seconds": round(time.monotonic() - started, 3)}
 
 

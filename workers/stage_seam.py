@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from scheduler.spec import JobSpec
+    from scheduler.core.spec import JobSpec
     from workers.runtime import StageRuntime
 
 

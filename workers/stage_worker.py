@@ -7,7 +7,7 @@ for a worker that can.
 
 The side door rq leaves open -- it imports and calls any function, callback or
 webhook a Redis writer names -- is closed here, between dequeue and execution:
-every dequeued rq job is vetted by ``scheduler.stage_calls.vet_call`` before rq
+every dequeued rq job is vetted by ``scheduler.core.stage_calls.vet_call`` before rq
 touches its function, and a job that fails is refused (never imported or
 called), recorded, counted, and the worker goes on. An rq job whose hash rq
 cannot even read is refused the same way instead of ending the work loop.
@@ -21,9 +21,9 @@ from typing import Any
 
 import redis
 
-from scheduler import jobs, metrics
-from scheduler.queues import SimpleWorker, call_fields, remove_refused
-from scheduler.stage_calls import (
+from scheduler.core import jobs, worker_metrics
+from scheduler.core.queues import SimpleWorker, call_fields, remove_refused
+from scheduler.core.stage_calls import (
     CallFields,
     CallRefused,
     Refusal,
@@ -112,7 +112,7 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
             remove_refused(pipe, queue, fields.rq_job_id)
             record_refusal(pipe, refusal)
             pipe.execute()
-        metrics.count_refused_call(rt.stage, refused.reason.value)
+        worker_metrics.count_refused_call(rt.stage, refused.reason.value)
         if refused.reason is RefusalReason.SIGNATURE and job_id:
             # A well-formed call this worker cannot verify is most likely the farm's own, signed with a
             # secret this worker lacks: fail the job it is for (if it still waits on exactly this attempt)

@@ -34,7 +34,7 @@ from typing import IO, Literal, cast
 import numpy as np
 
 # The job spec owns the codec rules, so what a spec accepts is exactly what this module encodes.
-from scheduler.spec import CODEC_NAMES, DEFAULT_CRF, DEFAULT_PRESET, MAX_CRF, X264_PRESETS, CodecName
+from scheduler.core.spec import CODEC_NAMES, DEFAULT_CRF, DEFAULT_PRESET, MAX_CRF, X264_PRESETS, CodecName
 
 MiB = 1024 * 1024
 

@@ -45,7 +45,8 @@ from bench.handoff.report import (
 )
 from bench.handoff.stats import BUSY_MACHINE_CORES, CpuWatch
 from bench.handoff.steps import RQ_QUEUE, bench_payload
-from scheduler.local_servers import ManagedServer, start_valkey
+from scheduler.local.processes import ManagedServer
+from scheduler.local.valkey import start_valkey
 
 
 @contextlib.contextmanager

@@ -24,10 +24,10 @@ from typing import IO, Any
 import torch
 
 from bench.handoff.payloads import make_payload
-from scheduler.connection import connect_redis
-from scheduler.descriptors import TensorEntry
-from scheduler.keys import Stage
-from scheduler.settings import FarmSettings, TransferSettings
+from scheduler.core.connection import connect_redis
+from scheduler.core.descriptors import TensorEntry
+from scheduler.core.keys import Stage
+from scheduler.core.settings import FarmSettings, TransferSettings
 from workers.handoff import stage_output
 from workers.runtime import StageRuntime, make_worker_id, transfer_engine
 from workers.transfer import SlotPool

@@ -21,8 +21,8 @@ from rq.job import Job
 from bench.handoff.engines import PRODUCER_STAGE, Produced, ProducerProcess
 from bench.handoff.payloads import make_payload, payload_bytes
 from bench.handoff.stats import Laps
-from scheduler import keys
-from scheduler.rooms import Rooms
+from scheduler.core import keys
+from scheduler.core.rooms import Rooms
 from workers.handoff import pull_input
 from workers.runtime import StageRuntime
 from workers.transfer import SlotPool, transfer_spans

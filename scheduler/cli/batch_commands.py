@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from scheduler.cli.common import DEFAULT_OUTPUTS, age, fail, farm_command, plural, stop_on_signals, table
-from scheduler.connection import connect_redis
-from scheduler.settings import FarmSettings
+from scheduler.core.connection import connect_redis
+from scheduler.core.settings import FarmSettings
 
 
 @click.command("batch")
@@ -55,7 +55,7 @@ def batch_command(
     submitted, the valid ones are. Job ids come from the batch name and each
     line's spec, so running the same file again submits only what is missing.
     """
-    from scheduler import batch
+    from scheduler.ops import batch
 
     text = sys.stdin.read() if source == "-" else batch.read_source(settings, source)
     parsed = batch.parse_batch(text, settings, name=name, source=source, defaults=batch.parse_default_options(defaults))
@@ -80,8 +80,8 @@ def batch_command(
             )
     failed_jobs = 0
     if wait and job_ids:
-        from scheduler.manifest import write_manifest
-        from scheduler.progress_view import watch_jobs
+        from scheduler.ops.manifest import write_manifest
+        from scheduler.ops.progress_view import watch_jobs
 
         # Each poll reads every unfinished job: poll a big batch less often so watching stays cheap for Redis.
         poll = min(5.0, max(0.5, len(job_ids) / 2000))
@@ -132,7 +132,7 @@ def ls_command(
     as_json: bool,
 ) -> None:
     """List jobs, newest first (or a batch's jobs in line order)."""
-    from scheduler import batch, job_admin
+    from scheduler.ops import batch, job_admin
 
     conn = connect_redis(settings)
     now = time.time()
@@ -176,7 +176,7 @@ def ls_command(
 @farm_command
 def cancel_command(settings: FarmSettings, job_id: str | None, batch_name: str | None) -> None:
     """Cancel a job (or a batch): queued jobs leave their queue, running ones stop at the next step."""
-    from scheduler import batch, job_admin
+    from scheduler.ops import batch, job_admin
 
     if bool(job_id) == bool(batch_name):
         fail("give a JOB id or --batch NAME (one of them)")
@@ -208,7 +208,8 @@ def cancel_command(settings: FarmSettings, job_id: str | None, batch_name: str |
 @farm_command
 def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, batch_name: str | None) -> None:
     """Re-submit failed (or cancelled) jobs from encode with a fresh attempt."""
-    from scheduler import job_admin, jobs
+    from scheduler.core import jobs
+    from scheduler.ops import job_admin
 
     if bool(job_id) == bool(all_failed or batch_name):
         fail("give a JOB id, or --failed and/or --batch NAME")
@@ -237,7 +238,7 @@ def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, 
 @farm_command
 def report_command(settings: FarmSettings, batch_name: str, out: Path | None) -> None:
     """Draw a batch's timeline (a bar per job and stage) and print each stage's utilisation."""
-    from scheduler.timeline import batch_report
+    from scheduler.ops.timeline import batch_report
 
     conn = connect_redis(settings)
     png = out or DEFAULT_OUTPUTS / batch_name / "timeline.png"
@@ -253,7 +254,7 @@ def report_command(settings: FarmSettings, batch_name: str, out: Path | None) ->
 @farm_command
 def manifest_command(settings: FarmSettings, batch_name: str, manifest_dir: Path | None, no_upload: bool) -> None:
     """Write a batch's results manifest (JSONL and CSV) locally and to the bucket."""
-    from scheduler.manifest import write_manifest
+    from scheduler.ops.manifest import write_manifest
 
     conn = connect_redis(settings)
     files = write_manifest(
@@ -280,7 +281,7 @@ def manifest_command(settings: FarmSettings, batch_name: str, manifest_dir: Path
 @farm_command
 def cron_command(settings: FarmSettings, schedules: Path, once_at: str | None, list_only: bool, lease: float) -> None:
     """Run the cron file's schedules: each tick enqueues one batch, once, however many cron processes run."""
-    from scheduler import cron
+    from scheduler.ops import cron
 
     config, base_dir = cron.load_cron_config(schedules)
     conn = connect_redis(settings)
@@ -300,7 +301,7 @@ def cron_command(settings: FarmSettings, schedules: Path, once_at: str | None, l
         if not outcomes:
             click.echo(f"nothing due at {once_at}")
         return
-    from scheduler.logging_setup import configure_logging
+    from scheduler.core.logging_setup import configure_logging
 
     # A long-running process: every tick is logged (JSON lines unless stderr is a terminal).
     configure_logging("INFO")

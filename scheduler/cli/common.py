@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from scheduler.errors import UserError
-from scheduler.settings import load_settings
+from scheduler.core.errors import UserError
+from scheduler.core.settings import load_settings
 
 DEFAULT_OUTPUTS = Path("outputs")
 

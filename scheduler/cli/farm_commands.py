@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 
 from scheduler.cli.common import farm_command, stop_on_signals, table
-from scheduler.connection import connect_redis
-from scheduler.settings import FarmSettings
+from scheduler.core.connection import connect_redis
+from scheduler.core.settings import FarmSettings
 
 
 @click.group()
@@ -45,7 +45,7 @@ def worker(stage: str, args: tuple[str, ...]) -> None:
 @farm_command
 def up(settings: FarmSettings) -> None:
     """Start the embedded farm (Valkey, S3 server, one worker per stage) in the background."""
-    from scheduler.embedded import farm_up
+    from scheduler.local.embedded import farm_up
 
     farm = farm_up(settings)
     click.echo(
@@ -57,7 +57,7 @@ def up(settings: FarmSettings) -> None:
 @farm_command
 def down(settings: FarmSettings) -> None:
     """Stop the embedded farm started by `reelfarm up`."""
-    from scheduler.embedded import farm_down
+    from scheduler.local.embedded import farm_down
 
     stopped = farm_down(settings.home)
     click.echo("stopped: " + ", ".join(stopped) if stopped else "no embedded farm is running")
@@ -68,7 +68,8 @@ def down(settings: FarmSettings) -> None:
 @farm_command
 def info_command(settings: FarmSettings, as_json: bool) -> None:
     """Queue depths per stage and priority; live workers with model, device, heartbeat, state and job; refused calls."""
-    from scheduler import job_admin, keys, stage_calls
+    from scheduler.core import keys, stage_calls
+    from scheduler.ops import job_admin
 
     conn = connect_redis(settings)
     queue_rows = job_admin.queue_rows(conn, list(settings.model_dirs()))
@@ -135,7 +136,7 @@ def info_command(settings: FarmSettings, as_json: bool) -> None:
 @farm_command
 def metrics_command(settings: FarmSettings, port: int, addr: str) -> None:
     """Serve the farm's Prometheus metrics (queues, jobs, workers), read from Redis at each scrape."""
-    from scheduler.metrics import serve_farm_metrics
+    from scheduler.ops.metrics import serve_farm_metrics
 
     conn = connect_redis(settings)
     bound = serve_farm_metrics(conn, port, addr, models=list(settings.model_dirs()))

@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from scheduler import jobs
 from scheduler.cli.common import fail, farm_command, spec_from_options, spec_options
-from scheduler.connection import connect_redis
-from scheduler.settings import FarmSettings
+from scheduler.core import jobs
+from scheduler.core.connection import connect_redis
+from scheduler.core.settings import FarmSettings
 
 
 @click.command()
@@ -23,7 +23,7 @@ from scheduler.settings import FarmSettings
 @farm_command
 def submit(prompt: str, settings: FarmSettings, job_id: str | None, as_json: bool, **options: Any) -> None:
     """Validate and queue one job; prints its id."""
-    from scheduler.submit import submit as submit_job
+    from scheduler.intake.submit import submit as submit_job
 
     conn = connect_redis(settings)
     new_id = submit_job(conn, settings, spec_from_options(prompt, options), job_id=job_id)
@@ -61,8 +61,8 @@ def wait(job_id: str, settings: FarmSettings, timeout: float, as_json: bool) -> 
 @farm_command
 def run(prompt: str, settings: FarmSettings, outputs: Path, keep_up: bool, **options: Any) -> None:
     """Render one video end to end and download it (starts the embedded farm if nothing is configured)."""
-    from scheduler.embedded import farm_down, farm_up
-    from scheduler.submit import submit as submit_job
+    from scheduler.intake.submit import submit as submit_job
+    from scheduler.local.embedded import farm_down, farm_up
 
     started_here = False
     if not settings.redis_url:
@@ -85,7 +85,7 @@ def run(prompt: str, settings: FarmSettings, outputs: Path, keep_up: bool, **opt
 
 
 def download_result(settings: FarmSettings, record: dict[str, Any], outputs: Path) -> Path:
-    from scheduler.object_store import download_to
+    from scheduler.core.object_store import download_to
 
     outputs.mkdir(parents=True, exist_ok=True)
     local = outputs / f"{record['job_id']}.mp4"
@@ -120,7 +120,7 @@ def describe_status(record: dict[str, Any]) -> str:
 
 
 def wait_for_job(settings: FarmSettings, job_id: str, timeout: float, quiet: bool) -> dict[str, Any]:
-    from scheduler.progress_view import wait_for_job as watch_job
+    from scheduler.ops.progress_view import wait_for_job as watch_job
 
     # A timeout is a WaitTimedOut (exit code 3), reported by farm_command like any user error.
     return watch_job(connect_redis(settings), job_id, timeout, quiet=quiet)

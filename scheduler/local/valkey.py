@@ -65,7 +65,7 @@ def valkey_config(data_dir: Path, port: int, password: str) -> str:
     """The valkey.conf text for an embedded server (exposed for tests and for operators to read)."""
     return "\n".join(
         [
-            "# Written by reelfarm (scheduler/local_servers.py) on every start; edits are overwritten.",
+            "# Written by reelfarm (scheduler/local/) on every start; edits are overwritten.",
             f"bind {LOOPBACK}",
             f"port {port}",
             "protected-mode yes",

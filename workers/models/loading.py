@@ -28,7 +28,7 @@ from diffusers.utils import is_accelerate_available
 from transformers import AutoTokenizer, BaseImageProcessor, CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderModel
 from transformers.utils import logging as transformers_logging
 
-from scheduler.model_catalog import PIPELINE_TASKS
+from scheduler.core.model_catalog import PIPELINE_TASKS
 
 Component = Literal["tokenizer", "text_encoder", "transformer", "vae", "scheduler", "image_encoder", "image_processor"]
 ModelTask = Literal["t2v", "i2v"]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import torch
 
-from scheduler.descriptors import DTYPE_ITEMSIZE, TensorEntry
+from scheduler.core.descriptors import DTYPE_ITEMSIZE, TensorEntry
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,7 +64,7 @@ _TORCH_DTYPE_NAMES: dict[torch.dtype, DtypeName] = {
 _TORCH_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in _TORCH_DTYPE_NAMES.items()}
 # A new dtype must be added to the descriptor schema and here together; fail at import, not mid-job.
 if set(_TORCH_DTYPES) != set(DTYPE_ITEMSIZE):
-    raise RuntimeError("workers.transfer.packing and scheduler.descriptors disagree on the payload dtypes")
+    raise RuntimeError("workers.transfer.packing and scheduler.core.descriptors disagree on the payload dtypes")
 
 
 class PayloadTooLarge(ValueError):

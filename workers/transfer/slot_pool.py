@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from scheduler.descriptors import TensorEntry
+from scheduler.core.descriptors import TensorEntry
 from workers.transfer.packing import PayloadTooLarge, payload_end, transfer_spans
 
 logger = logging.getLogger(__name__)

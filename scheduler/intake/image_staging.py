@@ -1,7 +1,7 @@
 """Conditioning images for image-to-video jobs: fetched, checked and stored once, at submit.
 
 Whatever the source -- a local path (read by the submitter), an ``s3://`` object
-or an http(s) URL (fetched under ``scheduler.fetch_policy``: public addresses
+or an http(s) URL (fetched under ``scheduler.intake.fetch_policy``: public addresses
 only, unless ``fetch.allow`` names a host or range) -- the bytes are checked (decodable,
 bounded bytes and pixels) and copied to the job's own input key in the bucket.
 Workers then read only that key, so a job never depends on a path or URL that
@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scheduler.fetch_policy import FetchPolicy, FetchRefused, fetch
-from scheduler.image_input import ImageInputError, load_and_check_image, parse_image_source
-from scheduler.object_store import ObjectStoreError, get_bytes, put_bytes, s3_uri
-from scheduler.output_keys import output_keys
-from scheduler.settings import FarmSettings
-from scheduler.spec import JobSpec, SpecError
+from scheduler.core.image_checks import ImageInputError, load_and_check_image, parse_image_source
+from scheduler.core.object_store import ObjectStoreError, get_bytes, put_bytes, s3_uri
+from scheduler.core.output_keys import output_keys
+from scheduler.core.settings import FarmSettings
+from scheduler.core.spec import JobSpec, SpecError
+from scheduler.intake.fetch_policy import FetchPolicy, FetchRefused, fetch
 
 
 def read_source(source: str, client: Any, max_bytes: int, policy: FetchPolicy | None = None) -> bytes:

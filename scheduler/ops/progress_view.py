@@ -19,9 +19,9 @@ from typing import Any, TextIO
 
 import redis
 
-from scheduler import jobs
-from scheduler.errors import UserError
-from scheduler.job_record import (
+from scheduler.core import jobs
+from scheduler.core.errors import UserError
+from scheduler.core.job_record import (
     FINISHED_STATES,
     VANISHED,
     JobState,
@@ -32,7 +32,7 @@ from scheduler.job_record import (
     stage_fields,
     stage_state_of,
 )
-from scheduler.keys import Stage
+from scheduler.core.keys import Stage
 
 _TRANSFORM_PROGRESS = stage_field(Stage.TRANSFORM, StageField.PROGRESS)
 _FIELDS = ("state", *stage_fields(StageField.STATE), _TRANSFORM_PROGRESS)

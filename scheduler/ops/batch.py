@@ -34,14 +34,14 @@ from typing import Any
 
 import redis
 
-from scheduler import jobs, keys
-from scheduler.errors import UserError
-from scheduler.job_record import Routing, StageField, count_states, stage_fields
-from scheduler.keys import Stage
-from scheduler.model_catalog import ModelChooser
-from scheduler.settings import FarmSettings, deep_merge
-from scheduler.spec import JobSpec, SpecError, parse_spec
-from scheduler.stage_calls import StageCall
+from scheduler.core import jobs, keys
+from scheduler.core.errors import UserError
+from scheduler.core.job_record import Routing, StageField, count_states, stage_fields
+from scheduler.core.keys import Stage
+from scheduler.core.model_catalog import ModelChooser
+from scheduler.core.settings import FarmSettings, deep_merge
+from scheduler.core.spec import JobSpec, SpecError, parse_spec
+from scheduler.core.stage_calls import StageCall
 
 CHUNK_SIZE = 500
 # Priority only orders the queue; it does not change the video, so it is not part of a job's identity.
@@ -264,7 +264,7 @@ def specs_to_text(specs: list[dict[str, Any]]) -> str:
 def read_source(settings: FarmSettings, source: str) -> str:
     """The text of a batch file at a local path or an ``s3://bucket/key`` URI."""
     if source.startswith("s3://"):
-        from scheduler.object_store import ObjectStoreError, get_bytes
+        from scheduler.core.object_store import ObjectStoreError, get_bytes
 
         bucket, _, key = source.removeprefix("s3://").partition("/")
         if not bucket or not key:
@@ -417,7 +417,7 @@ class _ImageStager:
         for entry in entries:
             if entry.job_id in self._staged or entry.job_id in self.refused:
                 continue
-            from scheduler.input_images import stage_input_image
+            from scheduler.intake.image_staging import stage_input_image
 
             if self._client is None:
                 self._client = self.settings.s3.client()

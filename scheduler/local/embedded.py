@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scheduler import worker_registry
-from scheduler.connection import connect_redis
-from scheduler.errors import UserError
-from scheduler.keys import Stage
-from scheduler.local_servers import S3_STOP_TIMEOUT, free_port, start_s3_server, start_valkey, stop_pid
-from scheduler.settings import STATE_FILE_NAME, FarmSettings
+from scheduler.core import worker_registry
+from scheduler.core.connection import connect_redis
+from scheduler.core.errors import UserError
+from scheduler.core.keys import Stage
+from scheduler.core.settings import STATE_FILE_NAME, FarmSettings
+from scheduler.local.processes import free_port, stop_pid
+from scheduler.local.seaweedfs import S3_STOP_TIMEOUT, start_s3_server
+from scheduler.local.valkey import start_valkey
 
 # Small sizes so the embedded default renders in seconds on a CPU with the tiny model.
 TINY_SPEC_DEFAULTS: dict[str, Any] = {"width": 128, "height": 96, "frames": 33, "steps": 12, "fps": 16}

@@ -24,7 +24,7 @@ with a count per reason for metrics. If the refused call is the one a farm job
 is waiting on (a signature made with a secret this worker does not hold), that
 job is failed with the reason and the fix, so nothing waits forever.
 
-rq stays in ``scheduler.queues``: this module sees an rq job only as the plain
+rq stays in ``scheduler.core.queues``: this module sees an rq job only as the plain
 fields of ``CallFields``.
 """
 
@@ -40,8 +40,8 @@ from typing import Any
 
 import redis
 
-from scheduler import keys
-from scheduler.keys import Stage
+from scheduler.core import keys
+from scheduler.core.keys import Stage
 
 # The function each stage worker runs, referenced by name so the control plane never imports it.
 STAGE_ENTRYPOINT = "workers.stage_job.run_stage"

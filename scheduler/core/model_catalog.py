@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from scheduler.settings import FarmSettings
-from scheduler.spec import JobSpec, SpecError
+from scheduler.core.settings import FarmSettings
+from scheduler.core.spec import JobSpec, SpecError
 
 PIPELINE_TASKS: dict[str, Literal["t2v", "i2v"]] = {
     "WanPipeline": "t2v",

@@ -6,8 +6,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from scheduler.errors import UserError
-from scheduler.settings import FarmSettings
+from scheduler.core.errors import UserError
+from scheduler.core.settings import FarmSettings
 
 
 class FarmUnreachable(UserError, RuntimeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler import keys
+from scheduler.core import keys
 
 
 @dataclass(frozen=True)

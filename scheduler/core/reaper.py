@@ -23,8 +23,8 @@ import threading
 
 import redis
 
-from scheduler import jobs, keys, queues, recovery, worker_registry
-from scheduler.job_record import StageField, stage_field
+from scheduler.core import jobs, keys, queues, recovery, worker_registry
+from scheduler.core.job_record import StageField, stage_field
 
 log = logging.getLogger("reelfarm.reaper")
 

@@ -16,10 +16,18 @@ from typing import Any
 
 import redis
 
-from scheduler import batch
-from scheduler.errors import UserError
-from scheduler.job_record import FINISHED_STATES, VANISHED, JobState, StageField, attempt_of, read_records, stage_field
-from scheduler.keys import Stage
+from scheduler.core.errors import UserError
+from scheduler.core.job_record import (
+    FINISHED_STATES,
+    VANISHED,
+    JobState,
+    StageField,
+    attempt_of,
+    read_records,
+    stage_field,
+)
+from scheduler.core.keys import Stage
+from scheduler.ops import batch
 
 STAGE_COLOURS = {"encode": "#4C72B0", "transform": "#DD8452", "decode": "#55A868"}
 

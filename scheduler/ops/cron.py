@@ -2,7 +2,7 @@
 
 rq ships a cron scheduler (``rq.cron``), but it runs one function per tick on
 every scheduler process that registered it -- nothing stops two of them
-enqueueing the same tick -- and rq may only be imported in ``scheduler.queues``.
+enqueueing the same tick -- and rq may only be imported in ``scheduler.core.queues``.
 So ticks are computed with croniter (which rq's cron uses too) and every tick
 goes through the ordinary batch path.
 
@@ -39,10 +39,11 @@ import redis
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from scheduler import batch, keys
-from scheduler.errors import UserError
-from scheduler.settings import FarmSettings, read_yaml
-from scheduler.spec import PREFIX_PATTERN, JobSpec
+from scheduler.core import keys
+from scheduler.core.errors import UserError
+from scheduler.core.settings import FarmSettings, read_yaml
+from scheduler.core.spec import PREFIX_PATTERN, JobSpec
+from scheduler.ops import batch
 
 log = logging.getLogger("reelfarm.cron")
 

@@ -1,6 +1,6 @@
 """The job record's reads and writes: one Redis hash per job holding its spec, state, per-stage story and result.
 
-Field names and states are ``scheduler.job_record``'s (re-exported here:
+Field names and states are ``scheduler.core.job_record``'s (re-exported here:
 ``JobState``, ``StageState``). Writes accept a caller's pipeline so a stage
 finishing and the next stage being enqueued land together.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 import redis
 
-from scheduler import keys, queues
-from scheduler.errors import UserError
-from scheduler.job_record import (
+from scheduler.core import keys, queues
+from scheduler.core.errors import UserError
+from scheduler.core.job_record import (
     JobState,
     Routing,
     StageField,
@@ -27,9 +27,9 @@ from scheduler.job_record import (
     stage_field,
     stage_fields,
 )
-from scheduler.keys import Stage
-from scheduler.spec import JobSpec
-from scheduler.stage_calls import StageCall
+from scheduler.core.keys import Stage
+from scheduler.core.spec import JobSpec
+from scheduler.core.stage_calls import StageCall
 
 __all__ = ["JobState", "StageState", "JobNotFound", "JobAdminError", "queue_stage", "resubmit"]
 
@@ -255,7 +255,7 @@ def cancel_requested(conn: redis.Redis, job_id: str) -> bool:
 
 def waiting_note(conn: redis.Redis, fields: dict[str, str], spec: Any) -> str | None:
     """Why a queued stage is not moving, when the reason is that no live worker can take it."""
-    from scheduler.worker_registry import live_workers
+    from scheduler.core.worker_registry import live_workers
 
     stage = fields.get("stage", "")
     if stage not in set(Stage):

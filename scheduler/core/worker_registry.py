@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from scheduler import keys
+from scheduler.core import keys
 
 
 def register_worker(conn: redis.Redis, worker_id: str, info: dict[str, str], ttl_seconds: int) -> None:

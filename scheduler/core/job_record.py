@@ -13,7 +13,7 @@ enums below, and Lua scripts get state values injected from the same enums
 (``lua_finished``), so a renamed state cannot leave a script behind. Many
 records are read through ``read_records`` (pipelined, in chunks); a record
 that expired after it was indexed is ``None`` there and ``VANISHED`` in counts.
-``scheduler.jobs`` owns the writes.
+``scheduler.core.jobs`` owns the writes.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from scheduler import keys
-from scheduler.keys import Stage
-from scheduler.spec import JobSpec
+from scheduler.core import keys
+from scheduler.core.keys import Stage
+from scheduler.core.spec import JobSpec
 
 # Reads of many records go in pipelined chunks of this many: one round trip each, bounded memory.
 READ_CHUNK = 1000

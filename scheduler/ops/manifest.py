@@ -16,11 +16,11 @@ from typing import Any
 
 import redis
 
-from scheduler import keys
-from scheduler.job_record import JobState, StageField, attempt_of, stage_field
-from scheduler.keys import Stage
-from scheduler.settings import FarmSettings
-from scheduler.timeline import JobTimeline, load_timelines
+from scheduler.core import keys
+from scheduler.core.job_record import JobState, StageField, attempt_of, stage_field
+from scheduler.core.keys import Stage
+from scheduler.core.settings import FarmSettings
+from scheduler.ops.timeline import JobTimeline, load_timelines
 
 CSV_COLUMNS = [
     "job_id",
@@ -150,7 +150,7 @@ def write_manifest(
         tmp.replace(path)
     uris: tuple[str, ...] = ()
     if upload:
-        from scheduler.object_store import put_bytes, s3_uri
+        from scheduler.core.object_store import put_bytes, s3_uri
 
         client = client if client is not None else settings.s3.client()
         bucket = settings.s3.bucket

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import redis
 
-from scheduler import jobs, keys, metrics, queues, worker_registry
-from scheduler.job_record import (
+from scheduler.core import jobs, keys, queues, worker_metrics, worker_registry
+from scheduler.core.job_record import (
     Routing,
     StageField,
     StageState,
@@ -36,9 +36,9 @@ from scheduler.job_record import (
     stage_field,
     stage_state_of,
 )
-from scheduler.keys import Stage
-from scheduler.rooms import Rooms, RoomState
-from scheduler.stage_calls import StageCall
+from scheduler.core.keys import Stage
+from scheduler.core.rooms import Rooms, RoomState
+from scheduler.core.stage_calls import StageCall
 
 log = logging.getLogger("reelfarm.recovery")
 
@@ -151,7 +151,7 @@ def restart_job(
                 continue
         log.warning("job %s: %s failed (%s); %s", job_id, failed.value, reason, outcome)
         if outcome.startswith("restarted"):
-            metrics.count_retry(failed)
+            worker_metrics.count_retry(failed)
         return outcome
 
 

@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 import redis
 
-from scheduler import jobs, keys, queues, worker_registry
-from scheduler.job_record import (
+from scheduler.core import jobs, keys, queues, worker_registry
+from scheduler.core.job_record import (
     StageField,
     StageState,
     attempt_of,
@@ -42,9 +42,9 @@ from scheduler.job_record import (
     stage_field,
     stage_fields,
 )
-from scheduler.jobs import JobAdminError, JobNotFound, JobState
-from scheduler.keys import Stage
-from scheduler.rooms import Rooms
+from scheduler.core.jobs import JobAdminError, JobNotFound, JobState
+from scheduler.core.keys import Stage
+from scheduler.core.rooms import Rooms
 
 CANCEL_REASON = jobs.CANCEL_REASON
 
@@ -205,7 +205,7 @@ def list_jobs(
     """Jobs newest first (a batch's jobs in line order), filtered by state and submit time."""
     wanted = set(states)
     if batch is not None:
-        from scheduler.batch import batch_job_ids
+        from scheduler.ops.batch import batch_job_ids
 
         ids = batch_job_ids(conn, batch)
     else:

@@ -12,13 +12,13 @@ from typing import Any
 
 import redis
 
-from scheduler import jobs, keys
-from scheduler.job_record import Routing
-from scheduler.keys import Stage
-from scheduler.model_catalog import ModelChooser
-from scheduler.settings import FarmSettings
-from scheduler.spec import JobSpec, parse_spec
-from scheduler.stage_calls import StageCall
+from scheduler.core import jobs, keys
+from scheduler.core.job_record import Routing
+from scheduler.core.keys import Stage
+from scheduler.core.model_catalog import ModelChooser
+from scheduler.core.settings import FarmSettings
+from scheduler.core.spec import JobSpec, parse_spec
+from scheduler.core.stage_calls import StageCall
 
 
 def new_job_id() -> str:
@@ -38,7 +38,7 @@ def submit(
     if jobs.job_exists(conn, job_id):
         return job_id
     if spec.image is not None:
-        from scheduler.input_images import stage_input_image
+        from scheduler.intake.image_staging import stage_input_image
 
         spec = stage_input_image(settings, spec, job_id, settings.s3.client())
     with conn.pipeline() as pipe:

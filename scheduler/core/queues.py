@@ -4,7 +4,7 @@ Each stage has a plain rq queue (so ``rq info`` and rq-dashboard show them) and
 every job payload goes through rq's JSON serializer -- never pickle, because a
 pickle from Redis is code execution for whoever can write to Redis. The payload
 is only ids and counters: tensors travel through rooms, never through here.
-Every call enqueued here is signed (``scheduler.stage_calls``); workers read a
+Every call enqueued here is signed (``scheduler.core.stage_calls``); workers read a
 dequeued rq job through ``call_fields`` -- which imports nothing it names --
 and refuse what the farm did not sign.
 """
@@ -20,10 +20,10 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from scheduler import keys
-from scheduler.job_record import Routing
-from scheduler.keys import Stage
-from scheduler.stage_calls import SIGNATURE_META_KEY, STAGE_ENTRYPOINT, CallFields, StageCall, sign_call
+from scheduler.core import keys
+from scheduler.core.job_record import Routing
+from scheduler.core.keys import Stage
+from scheduler.core.stage_calls import SIGNATURE_META_KEY, STAGE_ENTRYPOINT, CallFields, StageCall, sign_call
 
 RESULT_TTL_SECONDS = 24 * 3600
 FAILURE_TTL_SECONDS = 7 * 24 * 3600

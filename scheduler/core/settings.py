@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from scheduler.errors import UserError
-from scheduler.spec import SpecLimits
+from scheduler.core.errors import UserError
+from scheduler.core.spec import SpecLimits
 
 DEFAULT_HOME = Path(".reelfarm")
 STATE_FILE_NAME = "farm.json"
@@ -42,8 +42,8 @@ class S3Settings(BaseModel):
     retry_seconds: float = Field(default=30.0, ge=0)
 
     def client(self) -> Any:
-        """A boto3 client for this store (boto3 is imported only by scheduler.object_store, and only here)."""
-        from scheduler.object_store import S3Config, make_s3_client
+        """A boto3 client for this store (boto3 is imported only by scheduler.core.object_store, and only here)."""
+        from scheduler.core.object_store import S3Config, make_s3_client
 
         return make_s3_client(S3Config(self.endpoint_url, self.bucket, self.access_key, self.secret_key, self.region))
 
@@ -87,7 +87,7 @@ class WorkerSettings(BaseModel):
 
 
 class FetchSettings(BaseModel):
-    """What the farm may fetch on a submitter's behalf (conditioning image URLs); see ``scheduler.fetch_policy``."""
+    """What the farm may fetch on a submitter's behalf (conditioning image URLs); see ``scheduler.intake.fetch_policy``."""
 
     model_config = ConfigDict(extra="forbid")
 

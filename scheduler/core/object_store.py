@@ -47,7 +47,7 @@ from botocore.exceptions import (
     ConnectTimeoutError as BotoConnectTimeoutError,
 )
 
-from scheduler.errors import UserError
+from scheduler.core.errors import UserError
 
 # boto3 ships no type information; every client here is a botocore S3 client.
 S3Client = Any

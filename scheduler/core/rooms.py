@@ -23,9 +23,9 @@ from typing import Any
 
 import redis
 
-from scheduler import keys
-from scheduler.descriptors import Descriptor
-from scheduler.keys import Stage
+from scheduler.core import keys
+from scheduler.core.descriptors import Descriptor
+from scheduler.core.keys import Stage
 
 ROOM_RETENTION_SECONDS = 24 * 3600
 
