@@ -268,7 +268,7 @@ def transfer_engine(settings: FarmSettings, log_level: str | None = None) -> Moo
 
 def connect_store(settings: FarmSettings) -> Any:
     """A client for the farm's bucket, created if missing and checked reachable before any job arrives."""
-    # Imported here: boto3 enters only with a stage that needs the store.
+    # Imported here: the farm's storage module loads only in a stage that uses the store.
     from scheduler.core.object_store import check_reachable, ensure_bucket
 
     client = settings.s3.client()

@@ -20,7 +20,6 @@ from scheduler.core import jobs
 from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings
 from workers.models.loading import Component, ModelTask, check_model_dir, model_task
-from workers.render_upload import render_and_upload
 from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
 
 if TYPE_CHECKING:
@@ -102,6 +101,9 @@ class DecodeCompute:
     decoder: StreamingVaeDecoder
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
+        # Imported here: only decode workers load the upload and video-encoder modules.
+        from workers.render_upload import render_and_upload
+
         # 3. Decode: streaming VAE decode -> ffmpeg -> multipart upload.
         return render_and_upload(job.rt, self.decoder, job.job_id, job.spec, inputs["latents"])
 
