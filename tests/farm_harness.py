@@ -92,15 +92,33 @@ class WorkerFleet:
         wait_for_workers(self.settings, list(stages), started, log_dir)
         return started
 
-    def worker_pid(self, stage: Stage) -> int:
-        live = [p for s, p in self.procs if s is stage and p.poll() is None]
+    def live(self, stage: Stage) -> list[subprocess.Popen[bytes]]:
+        return [p for s, p in self.procs if s is stage and p.poll() is None]
+
+    def all_alive(self) -> bool:
+        return all(p.poll() is None for _, p in self.procs)
+
+    def respawn(self, stage: Stage) -> bool:
+        """As a supervisor (systemd, Kubernetes) would: if no worker of ``stage`` lives, forget the dead ones
+        and start a new one. True if it started one."""
+        if self.live(stage):
+            return False
+        self.procs = [(s, p) for s, p in self.procs if s is not stage]
+        self.start(stage)
+        return True
+
+    def worker(self, stage: Stage) -> subprocess.Popen[bytes]:
+        """The stage's one live worker process."""
+        live = self.live(stage)
         assert len(live) == 1, f"expected one live {stage} worker, found {len(live)}"
-        return live[0].pid
+        return live[0]
+
+    def worker_pid(self, stage: Stage) -> int:
+        return self.worker(stage).pid
 
     def sigkill(self, stage: Stage) -> None:
         """Kill the stage's live worker as an OOM kill would (no cleanup), and forget it."""
-        pid = self.worker_pid(stage)
-        victim = next(p for s, p in self.procs if p.pid == pid)
+        victim = self.worker(stage)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         self.procs = [(s, p) for s, p in self.procs if p is not victim]

@@ -6,7 +6,6 @@ Real Valkey, real Mooncake TCP between worker processes, real SeaweedFS and ffmp
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,8 @@ from scheduler.core.keys import Stage
 from scheduler.core.rooms import Rooms, RoomState
 from scheduler.core.settings import FarmSettings
 from scheduler.intake.submit import submit
-from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, wait_until, worker_logs
+from tests.farm_fixtures import Farm
+from tests.farm_harness import wait_finished, wait_until, worker_logs
 
 pytestmark = pytest.mark.slow
 
@@ -75,80 +75,67 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-def test_refused_descriptors_fail_their_rooms_and_the_worker_keeps_serving(
-    redis_url: str, s3_config: Any, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
-    conn = redis.Redis.from_url(redis_url)
-    fleet = WorkerFleet(settings)
-    try:
-        fleet.start(Stage.TRANSFORM)
-        # A live producer record with a known endpoint, so only the planted defect can be refused.
-        worker_registry.register_worker(
-            conn, "encode-fake-1", {"stage": "encode", "endpoint": "127.0.0.1:15999"}, ttl_seconds=300
-        )
-        for case, changes, reason in REFUSALS:
-            room = plant_room(conn, settings, f"bad-{case}", "encode-fake-1", **changes)
-            record = wait_finished(conn, f"bad-{case}", timeout=60)
-            assert record["state"] == "failed", case
-            assert reason in record["error"], (case, record["error"])
-            state = Rooms(conn).read(room)
-            assert int(state["state"]) == RoomState.FAILED, case
-            assert reason in state["reason"], case
-        # The same transform worker process serves the next real job.
-        fleet.start(Stage.ENCODE, Stage.DECODE)
-        good = submit(conn, settings, TINY_JOB)
-        assert wait_finished(conn, good)["state"] == "succeeded", worker_logs(settings)
-        assert all(p.poll() is None for _, p in fleet.procs)
-    finally:
-        fleet.stop_all()
+def test_refused_descriptors_fail_their_rooms_and_the_worker_keeps_serving(farm: Farm) -> None:
+    settings = farm.settings
+    conn = farm.conn
+    fleet = farm.fleet()
+    fleet.start(Stage.TRANSFORM)
+    # A live producer record with a known endpoint, so only the planted defect can be refused.
+    worker_registry.register_worker(
+        conn, "encode-fake-1", {"stage": "encode", "endpoint": "127.0.0.1:15999"}, ttl_seconds=300
+    )
+    for case, changes, reason in REFUSALS:
+        room = plant_room(conn, settings, f"bad-{case}", "encode-fake-1", **changes)
+        record = wait_finished(conn, f"bad-{case}", timeout=60)
+        assert record["state"] == "failed", case
+        assert reason in record["error"], (case, record["error"])
+        state = Rooms(conn).read(room)
+        assert int(state["state"]) == RoomState.FAILED, case
+        assert reason in state["reason"], case
+    # The same transform worker process serves the next real job.
+    fleet.start(Stage.ENCODE, Stage.DECODE)
+    good = submit(conn, settings, TINY_JOB)
+    assert wait_finished(conn, good)["state"] == "succeeded", worker_logs(settings)
+    assert fleet.all_alive()
 
 
-def test_producer_killed_before_pull_recomputes_upstream(
-    redis_url: str, s3_config: Any, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
-    conn = redis.Redis.from_url(redis_url)
-    fleet = WorkerFleet(settings)
-    try:
-        fleet.start(Stage.ENCODE)
-        job_id = submit(conn, settings, TINY_JOB)
-        room = keys.room_key(job_id, Stage.ENCODE, 1)
-        wait_until(lambda: Rooms(conn).state(room) is RoomState.PUBLISHED, 60, "encode to publish")
-        fleet.sigkill(Stage.ENCODE)
-        # Another encode worker, and the consumers: the transform finds the producer gone.
-        fleet.start(Stage.ENCODE, Stage.TRANSFORM, Stage.DECODE)
-        record = wait_finished(conn, job_id, timeout=120)
-        assert record["state"] == "succeeded", worker_logs(settings)
-        assert record["stages"]["encode"]["attempt"] == "2"
-        assert any("input lost" in f["reason"] for f in record["failures"]), record["failures"]
-        assert Rooms(conn).state(room) is RoomState.FAILED
-        assert Rooms(conn).state(keys.room_key(job_id, Stage.ENCODE, 2)) is RoomState.ACKED
-    finally:
-        fleet.stop_all()
+def test_producer_killed_before_pull_recomputes_upstream(farm: Farm) -> None:
+    settings = farm.settings
+    conn = farm.conn
+    fleet = farm.fleet()
+    fleet.start(Stage.ENCODE)
+    job_id = submit(conn, settings, TINY_JOB)
+    room = keys.room_key(job_id, Stage.ENCODE, 1)
+    wait_until(lambda: Rooms(conn).state(room) is RoomState.PUBLISHED, 60, "encode to publish")
+    fleet.sigkill(Stage.ENCODE)
+    # Another encode worker, and the consumers: the transform finds the producer gone.
+    fleet.start(Stage.ENCODE, Stage.TRANSFORM, Stage.DECODE)
+    record = wait_finished(conn, job_id, timeout=120)
+    assert record["state"] == "succeeded", worker_logs(settings)
+    assert record["stages"]["encode"]["attempt"] == "2"
+    assert any("input lost" in f["reason"] for f in record["failures"]), record["failures"]
+    assert Rooms(conn).state(room) is RoomState.FAILED
+    assert Rooms(conn).state(keys.room_key(job_id, Stage.ENCODE, 2)) is RoomState.ACKED
 
 
-def test_backpressure_two_slots_six_jobs(redis_url: str, s3_config: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
-    settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
-    conn = redis.Redis.from_url(redis_url)
-    fleet = WorkerFleet(settings)
-    try:
-        fleet.start(Stage.ENCODE)
-        job_ids = [submit(conn, settings, {**TINY_JOB, "seed": i}) for i in range(6)]
+def test_backpressure_two_slots_six_jobs(farm: Farm) -> None:
+    settings = farm.settings
+    conn = farm.conn
+    fleet = farm.fleet()
+    fleet.start(Stage.ENCODE)
+    job_ids = [submit(conn, settings, {**TINY_JOB, "seed": i}) for i in range(6)]
 
-        def published() -> list[str]:
-            return [j for j in job_ids if read_status(conn, j)["stages"]["encode"].get("state") == "done"]
+    def published() -> list[str]:
+        return [j for j in job_ids if read_status(conn, j)["stages"]["encode"].get("state") == "done"]
 
-        wait_until(lambda: len(published()) == 2, 60, "two encodes to finish")
-        time.sleep(3.0)  # ample time for a third encode, were the worker to take one
-        assert len(published()) == 2
-        assert queues.queue_depths(conn)["encode"] == 4, "the other four stay queued, not taken"
-        encode = next(w for w in worker_registry.live_workers(conn) if w["stage"] == "encode")
-        assert encode["free_slots"] == "0"
-        fleet.start(Stage.TRANSFORM, Stage.DECODE)
-        records = [wait_finished(conn, j, timeout=180) for j in job_ids]
-        assert [r["state"] for r in records] == ["succeeded"] * 6, worker_logs(settings)
-        attempts = {r["stages"]["encode"]["attempt"] for r in records}
-        assert attempts == {"1"}, "backpressure must not cost recomputes"
-    finally:
-        fleet.stop_all()
+    wait_until(lambda: len(published()) == 2, 60, "two encodes to finish")
+    time.sleep(3.0)  # ample time for a third encode, were the worker to take one
+    assert len(published()) == 2
+    assert queues.queue_depths(conn)["encode"] == 4, "the other four stay queued, not taken"
+    encode = next(w for w in worker_registry.live_workers(conn) if w["stage"] == "encode")
+    assert encode["free_slots"] == "0"
+    fleet.start(Stage.TRANSFORM, Stage.DECODE)
+    records = [wait_finished(conn, j, timeout=180) for j in job_ids]
+    assert [r["state"] for r in records] == ["succeeded"] * 6, worker_logs(settings)
+    attempts = {r["stages"]["encode"]["attempt"] for r in records}
+    assert attempts == {"1"}, "backpressure must not cost recomputes"

@@ -39,6 +39,8 @@ JOB: dict[str, Any] = {
 }
 SIZE = {key: JOB[key] for key in ("height", "width", "num_frames")}
 SEED = 42
+# The shared stage fixtures (tests/stage_fixtures.py) serve the tiny i2v model here.
+STAGE_TASK = "i2v"
 
 
 def noise_image(seed: int, size: tuple[int, int] = (90, 60)) -> PIL.Image.Image:
@@ -48,35 +50,6 @@ def noise_image(seed: int, size: tuple[int, int] = (90, 60)) -> PIL.Image.Image:
 
 
 IMAGE = noise_image(1)
-
-
-@pytest.fixture(scope="session")
-def text_encoder(tiny_i2v_model_dir: Path) -> TextEncodeStage:
-    return TextEncodeStage(tiny_i2v_model_dir)
-
-
-@pytest.fixture(scope="session")
-def image_stage(tiny_i2v_model_dir: Path) -> ImageConditionStage:
-    return ImageConditionStage(tiny_i2v_model_dir)
-
-
-@pytest.fixture(scope="session")
-def denoiser(tiny_i2v_model_dir: Path) -> DenoiseStage:
-    return DenoiseStage(tiny_i2v_model_dir)
-
-
-@pytest.fixture(scope="session")
-def decoder(tiny_i2v_model_dir: Path) -> StreamingVaeDecoder:
-    return StreamingVaeDecoder(tiny_i2v_model_dir)
-
-
-@pytest.fixture(scope="session")
-def pipeline(tiny_i2v_model_dir: Path) -> Any:
-    from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(tiny_i2v_model_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def run_pipeline(pipe: Any, image: PIL.Image.Image, *, seed: int, output_type: str = "np") -> Any:
@@ -91,9 +64,9 @@ def run_pipeline(pipe: Any, image: PIL.Image.Image, *, seed: int, output_type: s
 
 
 def encode(
-    text_encoder: TextEncodeStage, image_stage: ImageConditionStage, image: PIL.Image.Image
+    encoder: TextEncodeStage, image_stage: ImageConditionStage, image: PIL.Image.Image
 ) -> dict[str, torch.Tensor]:
-    embeds = text_encoder.encode(PROMPT, NEGATIVE_PROMPT, JOB["guidance_scale"])
+    embeds = encoder.encode(PROMPT, NEGATIVE_PROMPT, JOB["guidance_scale"])
     embeds.update(image_stage.encode(image, **SIZE))
     return embeds
 
@@ -103,22 +76,22 @@ def render(denoiser: DenoiseStage, decoder: StreamingVaeDecoder, embeds: dict[st
     return np.concatenate(list(decoder.iter_frames(latents)))
 
 
-@pytest.fixture(scope="session")
-def embeds(text_encoder: TextEncodeStage, image_stage: ImageConditionStage) -> dict[str, torch.Tensor]:
-    return encode(text_encoder, image_stage, IMAGE)
+@pytest.fixture(scope="module")
+def embeds(encoder: TextEncodeStage, image_stage: ImageConditionStage) -> dict[str, torch.Tensor]:
+    return encode(encoder, image_stage, IMAGE)
 
 
-@pytest.fixture(scope="session")
-def other_embeds(text_encoder: TextEncodeStage, image_stage: ImageConditionStage) -> dict[str, torch.Tensor]:
-    return encode(text_encoder, image_stage, noise_image(2))
+@pytest.fixture(scope="module")
+def other_embeds(encoder: TextEncodeStage, image_stage: ImageConditionStage) -> dict[str, torch.Tensor]:
+    return encode(encoder, image_stage, noise_image(2))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def latents(denoiser: DenoiseStage, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
     return denoiser.denoise(embeds, seed=SEED, flow_shift=None, **JOB)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def frames(decoder: StreamingVaeDecoder, latents: torch.Tensor) -> np.ndarray:
     return np.concatenate(list(decoder.iter_frames(latents)))
 
@@ -144,11 +117,11 @@ def test_denoised_latents_equal_pipeline_latents_bit_for_bit(pipeline: Any, late
 
 
 def test_denoise_without_guidance_equals_pipeline_latents(
-    pipeline: Any, text_encoder: TextEncodeStage, image_stage: ImageConditionStage, denoiser: DenoiseStage
+    pipeline: Any, encoder: TextEncodeStage, image_stage: ImageConditionStage, denoiser: DenoiseStage
 ) -> None:
     job = {**JOB, "guidance_scale": 1.0, "num_inference_steps": 2, "height": 64, "width": 32, "num_frames": 9}
     size = {key: job[key] for key in ("height", "width", "num_frames")}
-    embeds = text_encoder.encode(PROMPT, NEGATIVE_PROMPT, job["guidance_scale"])
+    embeds = encoder.encode(PROMPT, NEGATIVE_PROMPT, job["guidance_scale"])
     embeds.update(image_stage.encode(IMAGE, **size))
     expected = pipeline(
         image=IMAGE,

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from rq.serializers import JSONSerializer
 
 from scheduler.core import jobs, keys, stage_calls
 from scheduler.core.keys import Stage
-from scheduler.core.object_store import S3Config
 from scheduler.core.stage_calls import (
     SIGNATURE_META_KEY,
     STAGE_ENTRYPOINT,
@@ -33,7 +33,8 @@ from scheduler.core.stage_calls import (
 )
 from scheduler.intake.submit import submit
 from scheduler.ops.metrics import FarmCollector
-from tests.farm_harness import WorkerFleet, farm_settings, wait_finished, wait_until, worker_logs
+from tests.farm_fixtures import Farm
+from tests.farm_harness import wait_finished, wait_until, worker_logs
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET, OLD_SECRET, STRANGER = b"current-secret", b"previous-secret", b"nobody-we-know"
@@ -168,103 +169,92 @@ def info_json(settings_env: dict[str, str]) -> dict[str, Any]:
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
+@pytest.fixture
+def rotating_farm(make_farm: Callable[..., Farm]) -> Farm:
+    """Workers mid-rotation: they sign with the new secret and still accept the old one."""
+    return make_farm(secret=SECRET.decode(), previous_secret=OLD_SECRET.decode())
+
+
 @pytest.mark.slow
-def test_planted_rq_jobs_never_run_and_the_farm_goes_on(
-    redis_url: str, s3_config: S3Config, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    settings = farm_settings(
-        redis_url, s3_config, tiny_model_dir, tmp_path, secret=SECRET.decode(), previous_secret=OLD_SECRET.decode()
-    )
-    conn = redis.Redis.from_url(redis_url)
+def test_planted_rq_jobs_never_run_and_the_farm_goes_on(rotating_farm: Farm, redis_url: str, tmp_path: Path) -> None:
+    settings, conn = rotating_farm.settings, rotating_farm.conn
     markers = tmp_path / "markers"
     markers.mkdir()
     # PYTHONPATH: if a worker ever imported what a planted job names, tests.planted_calls would import.
-    fleet = WorkerFleet(settings, extra_env={"PYTHONPATH": str(REPO)})
+    fleet = rotating_farm.fleet({"PYTHONPATH": str(REPO)})
     # A real job whose own encode call is taken away before any worker can see it (planted ones follow).
     waiting = submit(conn, settings, JOB)
     conn.delete(Queue(keys.queue_name(Stage.ENCODE), connection=conn).key)
-    try:
-        fleet.start(*Stage)
-        planted: dict[str, str] = {}
-        # 1. Any function, on every stage's queue (and a priority queue).
-        for stage in Stage:
-            name = keys.queue_name(stage)
-            planted[plant(conn, name, "tests.planted_calls.touch", str(markers / f"func-{stage}"))] = "function"
-            planted[plant(conn, name, "os.system", f"touch {markers / f'system-{stage}'}")] = "function"
-        planted[
-            plant(conn, keys.queue_name(Stage.DECODE, "high"), "tests.planted_calls.touch", str(markers / "hi"))
-        ] = "function"
-        # 2. The entrypoint for a real queued job: unsigned, signed by a stranger, mistyped arguments.
-        real = StageCall(waiting, Stage.ENCODE, 1, None)
-        planted[plant(conn, keys.queue_name(Stage.ENCODE), STAGE_ENTRYPOINT, kwargs=real.kwargs())] = "signature"
-        planted[plant_signed_entrypoint(conn, real, STRANGER)] = "signature"
-        bad_args = {**real.kwargs(), "attempt": "1"}
-        planted[plant(conn, keys.queue_name(Stage.ENCODE), STAGE_ENTRYPOINT, kwargs=bad_args)] = "arguments"
-        # 3. The real entrypoint, correctly signed, with an rq callback attached: only the hook check stops it.
-        victim = StageCall("planted-victim", Stage.ENCODE, 1, None)
-        for hook in ("on_success", "on_failure", "on_stopped"):
-            rq_id = plant_signed_entrypoint(
-                conn,
-                victim,
-                SECRET,
-                suffix=hook,
-                meta={"marker": str(markers / f"callback-{hook}")},
-                **{hook: Callback("tests.planted_calls.touch_from_meta")},
-            )
-            planted[rq_id] = "hooks"
+    fleet.start(*Stage)
+    planted: dict[str, str] = {}
+    # 1. Any function, on every stage's queue (and a priority queue).
+    for stage in Stage:
+        name = keys.queue_name(stage)
+        planted[plant(conn, name, "tests.planted_calls.touch", str(markers / f"func-{stage}"))] = "function"
+        planted[plant(conn, name, "os.system", f"touch {markers / f'system-{stage}'}")] = "function"
+    planted[plant(conn, keys.queue_name(Stage.DECODE, "high"), "tests.planted_calls.touch", str(markers / "hi"))] = (
+        "function"
+    )
+    # 2. The entrypoint for a real queued job: unsigned, signed by a stranger, mistyped arguments.
+    real = StageCall(waiting, Stage.ENCODE, 1, None)
+    planted[plant(conn, keys.queue_name(Stage.ENCODE), STAGE_ENTRYPOINT, kwargs=real.kwargs())] = "signature"
+    planted[plant_signed_entrypoint(conn, real, STRANGER)] = "signature"
+    bad_args = {**real.kwargs(), "attempt": "1"}
+    planted[plant(conn, keys.queue_name(Stage.ENCODE), STAGE_ENTRYPOINT, kwargs=bad_args)] = "arguments"
+    # 3. The real entrypoint, correctly signed, with an rq callback attached: only the hook check stops it.
+    victim = StageCall("planted-victim", Stage.ENCODE, 1, None)
+    for hook in ("on_success", "on_failure", "on_stopped"):
+        rq_id = plant_signed_entrypoint(
+            conn,
+            victim,
+            SECRET,
+            suffix=hook,
+            meta={"marker": str(markers / f"callback-{hook}")},
+            **{hook: Callback("tests.planted_calls.touch_from_meta")},
+        )
+        planted[rq_id] = "hooks"
 
-        wait_until(lambda: sum(stage_calls.refusal_counts(conn).values()) >= len(planted), 60, "every refusal")
-        assert list(markers.iterdir()) == [], "a planted call or callback ran"
-        recorded = {r.rq_job_id: r.reason for r in stage_calls.recent_refusals(conn, limit=100)}
-        assert recorded == planted
-        expected_counts: dict[str, float] = {}
-        for reason in planted.values():
-            expected_counts[reason] = expected_counts.get(reason, 0) + 1
-        assert refused_metric(conn) == expected_counts
-        # Out of rq entirely: nothing left to requeue.
-        for rq_id in planted:
-            assert not conn.exists(f"rq:job:{rq_id}")
-        # The job whose call was refused is failed with the fix, not left queued forever.
-        failed = jobs.read_status(conn, waiting)
-        assert failed["state"] == "failed" and "REELFARM_SECRET" in failed["error"], failed
-        assert failed["stages"]["encode"].get("worker") is None, "the refused call must not have started"
+    wait_until(lambda: sum(stage_calls.refusal_counts(conn).values()) >= len(planted), 60, "every refusal")
+    assert list(markers.iterdir()) == [], "a planted call or callback ran"
+    recorded = {r.rq_job_id: r.reason for r in stage_calls.recent_refusals(conn, limit=100)}
+    assert recorded == planted
+    expected_counts: dict[str, float] = {}
+    for reason in planted.values():
+        expected_counts[reason] = expected_counts.get(reason, 0) + 1
+    assert refused_metric(conn) == expected_counts
+    # Out of rq entirely: nothing left to requeue.
+    for rq_id in planted:
+        assert not conn.exists(f"rq:job:{rq_id}")
+    # The job whose call was refused is failed with the fix, not left queued forever.
+    failed = jobs.read_status(conn, waiting)
+    assert failed["state"] == "failed" and "REELFARM_SECRET" in failed["error"], failed
+    assert failed["stages"]["encode"].get("worker") is None, "the refused call must not have started"
 
-        env = {
-            **os.environ,
-            "REELFARM_REDIS_URL": redis_url,
-            "REELFARM_SECRET": SECRET.decode(),
-            "REELFARM_HOME": str(tmp_path / "cli-home"),
-        }
-        shown = info_json(env)["refused_calls"]
-        assert {r["rq_job_id"] for r in shown["recent"]} <= set(planted) and len(shown["recent"]) == 10
-        assert shown["counts"] == {k: int(v) for k, v in expected_counts.items()}
+    env = {
+        **os.environ,
+        "REELFARM_REDIS_URL": redis_url,
+        "REELFARM_SECRET": SECRET.decode(),
+        "REELFARM_HOME": str(tmp_path / "cli-home"),
+    }
+    shown = info_json(env)["refused_calls"]
+    assert {r["rq_job_id"] for r in shown["recent"]} <= set(planted) and len(shown["recent"]) == 10
+    assert shown["counts"] == {k: int(v) for k, v in expected_counts.items()}
 
-        good = submit(conn, settings, JOB)
-        assert wait_finished(conn, good, timeout=120)["state"] == "succeeded", worker_logs(settings)
-        assert all(p.poll() is None for _, p in fleet.procs), "a worker died"
-    finally:
-        fleet.stop_all()
+    good = submit(conn, settings, JOB)
+    assert wait_finished(conn, good, timeout=120)["state"] == "succeeded", worker_logs(settings)
+    assert fleet.all_alive(), "a worker died"
 
 
 @pytest.mark.slow
-def test_secret_rotation_without_draining(
-    redis_url: str, s3_config: S3Config, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    # Workers mid-rotation: they sign with the new secret and still accept the old one.
-    settings = farm_settings(
-        redis_url, s3_config, tiny_model_dir, tmp_path, secret=SECRET.decode(), previous_secret=OLD_SECRET.decode()
-    )
-    conn = redis.Redis.from_url(redis_url)
-    fleet = WorkerFleet(settings)
-    try:
-        fleet.start(*Stage)
-        new = submit(conn, settings, JOB)
-        old = submit(conn, settings.model_copy(update={"secret": OLD_SECRET.decode(), "previous_secret": None}), JOB)
-        stranger = submit(conn, settings.model_copy(update={"secret": STRANGER.decode(), "previous_secret": None}), JOB)
-        assert wait_finished(conn, new, timeout=120)["state"] == "succeeded", worker_logs(settings)
-        assert wait_finished(conn, old, timeout=120)["state"] == "succeeded", worker_logs(settings)
-        refused = wait_finished(conn, stranger, timeout=60)
-        assert refused["state"] == "failed" and "signature matches neither" in refused["error"]
-        assert stage_calls.refusal_counts(conn) == {"signature": 1}
-    finally:
-        fleet.stop_all()
+def test_secret_rotation_without_draining(rotating_farm: Farm) -> None:
+    settings, conn = rotating_farm.settings, rotating_farm.conn
+    fleet = rotating_farm.fleet()
+    fleet.start(*Stage)
+    new = submit(conn, settings, JOB)
+    old = submit(conn, settings.model_copy(update={"secret": OLD_SECRET.decode(), "previous_secret": None}), JOB)
+    stranger = submit(conn, settings.model_copy(update={"secret": STRANGER.decode(), "previous_secret": None}), JOB)
+    assert wait_finished(conn, new, timeout=120)["state"] == "succeeded", worker_logs(settings)
+    assert wait_finished(conn, old, timeout=120)["state"] == "succeeded", worker_logs(settings)
+    refused = wait_finished(conn, stranger, timeout=60)
+    assert refused["state"] == "failed" and "signature matches neither" in refused["error"]
+    assert stage_calls.refusal_counts(conn) == {"signature": 1}

@@ -36,30 +36,8 @@ JOB: dict[str, Any] = {
     "guidance_scale": 5.0,
 }
 SEED = 42
-
-
-@pytest.fixture(scope="session")
-def encoder(tiny_model_dir: Path) -> TextEncodeStage:
-    return TextEncodeStage(tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def denoiser(tiny_model_dir: Path) -> DenoiseStage:
-    return DenoiseStage(tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def decoder(tiny_model_dir: Path) -> StreamingVaeDecoder:
-    return StreamingVaeDecoder(tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def pipeline(tiny_model_dir: Path) -> Any:
-    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+# The shared stage fixtures (tests/stage_fixtures.py) serve the tiny t2v model here.
+STAGE_TASK = "t2v"
 
 
 def run_pipeline(pipe: Any, *, seed: int, output_type: str = "np", **overrides: Any) -> Any:
@@ -79,12 +57,12 @@ def denoise(encoder: TextEncodeStage, denoiser: DenoiseStage, *, seed: int, **kw
     return denoiser.denoise(embeds, seed=seed, flow_shift=job.pop("flow_shift", None), **job)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def latents(encoder: TextEncodeStage, denoiser: DenoiseStage) -> torch.Tensor:
     return denoise(encoder, denoiser, seed=SEED)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def streamed_chunks(decoder: StreamingVaeDecoder, latents: torch.Tensor) -> list[np.ndarray]:
     return list(decoder.iter_frames(latents))
 
