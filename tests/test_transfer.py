@@ -424,13 +424,7 @@ def test_pool_blocks_at_capacity_and_wakes_on_release(
         assert pool.acquire(timeout=0.2) is None
         assert time.monotonic() - started >= 0.2
 
-        got: list[Any] = []
-        waiter = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
-        waiter.start()
-        time.sleep(0.1)
-        assert not got  # still blocked
-        pool.release(first.index)
-        waiter.join(5)
+        got = returned_after(lambda: pool.acquire(timeout=5), lambda: pool.release(first.index))
         assert got and got[0] is not None and got[0].index == first.index
 
         pool.release(second.index)
@@ -440,6 +434,18 @@ def test_pool_blocks_at_capacity_and_wakes_on_release(
         assert pool.free_count == 1
         with pytest.raises(ValueError):
             pool.release(7)
+
+
+def returned_after(blocking_call: Any, release: Any) -> list[Any]:
+    """Run ``blocking_call`` in a thread, check it is still blocked, ``release``, and return what it returned."""
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(blocking_call()))
+    waiter.start()
+    time.sleep(0.1)
+    assert not got  # still blocked
+    release()
+    waiter.join(5)
+    return got
 
 
 def test_waiting_for_a_free_slot_wakes_on_release_and_takes_nothing(consumer: tuple[MooncakeEngine, SlotPool]) -> None:
@@ -452,13 +458,7 @@ def test_waiting_for_a_free_slot_wakes_on_release_and_takes_nothing(consumer: tu
         assert not pool.wait_for_free(timeout=0.2)
         assert time.monotonic() - started >= 0.2
 
-        woke: list[bool] = []
-        waiter = threading.Thread(target=lambda: woke.append(pool.wait_for_free(timeout=5)))
-        waiter.start()
-        time.sleep(0.1)
-        assert not woke  # still blocked
-        pool.release(slot.index)
-        waiter.join(5)
+        woke = returned_after(lambda: pool.wait_for_free(timeout=5), lambda: pool.release(slot.index))
         assert woke == [True] and pool.free_count == 1
 
 

@@ -24,7 +24,7 @@ from scheduler.core.connection import connect_redis
 from scheduler.core.errors import UserError
 from scheduler.core.keys import Stage
 from scheduler.core.settings import STATE_FILE_NAME, FarmSettings
-from scheduler.local.processes import free_port, stop_pid
+from scheduler.local.processes import free_port, stop_pid, write_private
 from scheduler.local.seaweedfs import S3_STOP_TIMEOUT, start_s3_server
 from scheduler.local.valkey import start_valkey
 
@@ -46,17 +46,6 @@ def read_state(home: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return json.loads(path.read_text())  # type: ignore[no-any-return]
-
-
-def write_private(path: Path, text: str) -> Path:
-    """Write a file holding secrets: mode 0600 from creation, replaced atomically (readers never see half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    tmp.replace(path)
-    return path
 
 
 def _write_state(home: Path, state: dict[str, Any]) -> None:

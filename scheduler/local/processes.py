@@ -238,14 +238,19 @@ def one_line_tail(path: Path, lines: int = 5) -> str:
     return tail or "(log is empty)"
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write a file only the owner can read (it holds a secret), atomically."""
+def write_private(path: Path, text: str) -> Path:
+    """Write a file only the owner can read (it holds a secret), atomically: readers never see half of it.
+
+    The one writer of secret-holding files: server configs, the embedded farm's state, worker settings.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a file that already existed
     tmp.replace(path)
+    return path
 
 
 def spawn(
