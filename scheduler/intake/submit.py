@@ -13,12 +13,9 @@ from typing import Any
 import redis
 
 from scheduler.core import jobs, keys
-from scheduler.core.job_record import Routing
-from scheduler.core.keys import Stage
 from scheduler.core.model_catalog import ModelChooser
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, parse_spec
-from scheduler.core.stage_calls import StageCall
 
 
 def new_job_id() -> str:
@@ -47,14 +44,7 @@ def submit(
         if pipe.exists(keys.job_key(job_id)):
             return job_id
         pipe.multi()
-        jobs.create_job(pipe, job_id, spec)
-        jobs.queue_stage(
-            pipe,
-            conn,
-            StageCall(job_id, Stage.ENCODE, 1, None),
-            Routing(spec.priority, spec.model),
-            secret=settings.require_secret(),
-        )
+        jobs.create_jobs(pipe, conn, [(job_id, spec)], secret=settings.require_secret())
         try:
             pipe.execute()
         except redis.WatchError:

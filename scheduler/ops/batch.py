@@ -31,11 +31,9 @@ import redis
 
 from scheduler.core import jobs, keys
 from scheduler.core.errors import UserError
-from scheduler.core.job_record import Routing, StageField, count_states, stage_fields
-from scheduler.core.keys import Stage
+from scheduler.core.job_record import StageField, count_states, stage_fields
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
-from scheduler.core.stage_calls import StageCall
 from scheduler.ops.batch_file import (  # noqa: E402 - the batch API is one module to its callers
     BatchEntry,
     BatchError,
@@ -208,25 +206,21 @@ def _submit_chunk(
                 new = [e for e, f in zip(chunk, current, strict=True) if f["state"] is None]
                 images.stage([e for e in new if e.spec.image is not None])
                 created, existing, retried = [], [], []
-                enqueues: list[tuple[StageCall, Routing]] = []
+                new_jobs: list[tuple[str, JobSpec]] = []
                 pipe.multi()
                 for entry, fields in zip(chunk, current, strict=True):
                     if fields["state"] is None:
                         spec = images.staged_spec(entry)
                         if spec is None:
                             continue  # its image was refused: reported in outcome.errors
-                        jobs.create_job(pipe, entry.job_id, spec, index=False)
-                        enqueues.append(
-                            (StageCall(entry.job_id, Stage.ENCODE, 1, None), Routing(spec.priority, spec.model))
-                        )
+                        new_jobs.append((entry.job_id, spec))
                         created.append(entry.job_id)
                     elif resume and fields["state"] in jobs.RETRYABLE_STATES:
                         jobs.queue_retry(pipe, conn, entry.job_id, fields, secret=secret)
                         retried.append(entry.job_id)
                     else:
                         existing.append(entry.job_id)
-                jobs.index_jobs(pipe, created)
-                jobs.queue_stages(pipe, conn, enqueues, secret=secret)
+                jobs.create_jobs(pipe, conn, new_jobs, secret=secret)
                 batch_jobs = keys.batch_jobs_key(name)
                 members = {e.job_id: e.line_no for e in chunk if e.job_id not in images.refused}
                 if members:
