@@ -18,7 +18,7 @@ import click
 
 from scheduler.cli.common import farm_command, stop_on_signals, table
 from scheduler.core.connection import connect_redis
-from scheduler.core.settings import FarmSettings
+from scheduler.core.settings import FarmSettings, parse_worker_counts
 
 
 @click.group()
@@ -42,14 +42,25 @@ def worker(stage: str, args: tuple[str, ...]) -> None:
 
 
 @click.command()
+@click.option(
+    "--workers",
+    "worker_counts",
+    default=None,
+    metavar="STAGE=N,...",
+    help="workers per stage, e.g. transform=2,decode=2 (default: one each; settings: workers_per_stage)",
+)
 @farm_command
-def up(settings: FarmSettings) -> None:
-    """Start the embedded farm (Valkey, S3 server, one worker per stage) in the background."""
+def up(settings: FarmSettings, worker_counts: str | None) -> None:
+    """Start the embedded farm (Valkey, S3 server, workers per stage) in the background."""
     from scheduler.local.embedded import farm_up
 
+    if worker_counts is not None:
+        settings = settings.with_worker_counts(parse_worker_counts(worker_counts))
     farm = farm_up(settings)
+    layout = ", ".join(f"{count} {stage}" for stage, count in farm.worker_layout().items())
     click.echo(
-        f"reelfarm is up: redis 127.0.0.1 (password in {farm.state_file}), S3 {farm.s3.endpoint_url}, logs in {farm.home / 'logs'}"
+        f"reelfarm is up: redis 127.0.0.1 (password in {farm.state_file}), S3 {farm.s3.endpoint_url}, "
+        f"workers: {layout}; logs in {farm.home / 'logs'}"
     )
 
 

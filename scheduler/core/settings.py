@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scheduler.core.errors import UserError
+from scheduler.core.keys import Stage
 from scheduler.core.spec import SpecLimits
 
 DEFAULT_HOME = Path(".reelfarm")
@@ -117,6 +118,32 @@ class FarmSettings(BaseModel):
     fetch: FetchSettings = FetchSettings()
     # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
     spec_defaults: dict[str, Any] = Field(default_factory=dict)
+    # How many workers of each stage the embedded farm (`reelfarm up`) starts; a stage left out gets one.
+    workers_per_stage: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("workers_per_stage")
+    @classmethod
+    def _known_stages(cls, value: dict[str, int]) -> dict[str, int]:
+        stages = [stage.value for stage in Stage]
+        for stage, count in value.items():
+            if stage not in stages:
+                raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")
+            if not 1 <= count <= MAX_WORKERS_PER_STAGE:
+                raise ValueError(f"{stage}={count}: between 1 and {MAX_WORKERS_PER_STAGE} workers per stage")
+        return value
+
+    def with_worker_counts(self, counts: dict[str, int]) -> FarmSettings:
+        """These settings with ``counts`` over ``workers_per_stage``; a bad count is a one-line ``SettingsError``."""
+        try:
+            return FarmSettings.model_validate(
+                {**self.model_dump(), "workers_per_stage": {**self.workers_per_stage, **counts}}
+            )
+        except ValidationError as exc:
+            raise SettingsError(f"--workers: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+    def worker_layout(self) -> dict[Stage, int]:
+        """Workers per stage for the embedded farm, in pipeline order."""
+        return {stage: self.workers_per_stage.get(stage.value, 1) for stage in Stage}
 
     def model_dirs(self) -> dict[str, Path]:
         return {"default": self.model_dir, **self.models}
@@ -169,7 +196,23 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "REELFARM_TRANSFER_DEVICE": ("transfer", "device_name"),
     "REELFARM_DEVICE": ("worker", "device"),
     "REELFARM_WORKER_MODELS": ("worker", "models"),
+    "REELFARM_WORKERS": ("workers_per_stage",),
 }
+
+MAX_WORKERS_PER_STAGE = 16
+
+
+def parse_worker_counts(text: str) -> dict[str, int]:
+    """``"transform=2,decode=2"`` -> ``{"transform": 2, "decode": 2}`` (``reelfarm up --workers``, ``REELFARM_WORKERS``)."""
+    counts: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        stage, sep, number = item.partition("=")
+        if not sep or not number.strip().isdigit():
+            raise SettingsError(f"workers {item!r}: write STAGE=COUNT, e.g. --workers transform=2,decode=2")
+        counts[stage.strip()] = int(number)
+    return counts
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -213,6 +256,8 @@ def load_settings(config: Path | None = None, env: dict[str, str] | None = None)
             value: Any = env[var]
             if var == "REELFARM_WORKER_MODELS":
                 value = [m.strip() for m in value.split(",") if m.strip()]
+            elif var == "REELFARM_WORKERS":
+                value = parse_worker_counts(value)
             _set_path(from_env, path, value)
     tree = deep_merge(tree, from_env)
     home = Path(tree.get("home", DEFAULT_HOME))

@@ -16,6 +16,7 @@ import secrets
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,50 @@ def write_settings_file(settings: FarmSettings, path: Path) -> Path:
     return write_private(path, settings.model_dump_json(indent=2))
 
 
-def worker_env(settings: FarmSettings) -> dict[str, str]:
+@dataclass(frozen=True)
+class WorkerSlot:
+    """One worker the embedded farm starts: its stage, its thread count and the CPUs it is pinned to."""
+
+    stage: Stage
+    index: int
+    threads: int = 1
+    cpus: frozenset[int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage.value}-{self.index}"
+
+
+def plan_workers(layout: dict[Stage, int], cpus: list[int]) -> list[WorkerSlot]:
+    """Give each worker its share of this host's CPUs.
+
+    With no more workers than CPUs, each worker is pinned to CPUs of its own and
+    runs that many threads (CPUs left over go to transform workers, the DiT being
+    the expensive stage); with more, every worker runs one thread, unpinned, and
+    the OS shares the CPUs -- several torch thread pools on one small host starve
+    each other otherwise (12 tiny jobs: 64 s with default threading, 5 s with one
+    thread each).
+    """
+    order = [(stage, i) for stage, count in layout.items() for i in range(count)]
+    if len(order) > len(cpus):
+        return [WorkerSlot(stage, i) for stage, i in order]
+    shares = [len(cpus) // len(order)] * len(order)
+    transform = [n for n, (stage, _) in enumerate(order) if stage is Stage.TRANSFORM] or list(range(len(order)))
+    for extra in range(len(cpus) - sum(shares)):
+        shares[transform[extra % len(transform)]] += 1
+    slots, start = [], 0
+    for (stage, i), share in zip(order, shares, strict=True):
+        slots.append(WorkerSlot(stage, i, share, frozenset(cpus[start : start + share])))
+        start += share
+    return slots
+
+
+def worker_env(settings: FarmSettings, threads: int | None = None) -> dict[str, str]:
     """Environment that points a worker process at this farm: its whole settings, via one config file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("REELFARM_")}
-    # Several torch workers on one small CPU host starve each other's OpenMP thread pools
-    # (12 tiny jobs: 64 s with default threading, 5 s with one thread each).
+    # One thread unless planned otherwise (see plan_workers).
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["REELFARM_CONFIG"] = str(write_settings_file(settings, settings.home / "worker-settings.json"))
     return env
@@ -76,17 +116,27 @@ def build_tiny_model(model_dir: Path, log_path: Path, i2v: bool = False) -> None
 
 
 def start_worker(
-    stage: Stage, settings: FarmSettings, log_dir: Path, extra_env: dict[str, str] | None = None
+    stage: Stage,
+    settings: FarmSettings,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    slot: WorkerSlot | None = None,
 ) -> subprocess.Popen[bytes]:
+    """One ``python -m workers STAGE`` process; ``slot`` sets its threads and CPUs (else one thread, unpinned)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = (log_dir / f"worker-{stage.value}.log").open("ab")
-    return subprocess.Popen(
+    name = stage.value if slot is None or slot.index == 0 else slot.name
+    log = (log_dir / f"worker-{name}.log").open("ab")
+    proc = subprocess.Popen(
         [sys.executable, "-m", "workers", stage.value],
-        env={**worker_env(settings), **(extra_env or {})},
+        env={**worker_env(settings, slot.threads if slot else None), **(extra_env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    if slot is not None and slot.cpus:
+        # Set before torch starts its thread pools (seconds later), which inherit it.
+        os.sched_setaffinity(proc.pid, slot.cpus)
+    return proc
 
 
 def wait_for_workers(
@@ -94,9 +144,12 @@ def wait_for_workers(
 ) -> None:
     conn = connect_redis(settings)
     deadline = time.monotonic() + WORKER_START_TIMEOUT
+    expected = {str(p.pid) for p in procs}
     while time.monotonic() < deadline:
-        live = {w.get("stage") for w in worker_registry.live_workers(conn)}
-        if all(s.value in live for s in stages):
+        records = worker_registry.live_workers(conn)
+        live = {w.get("stage") for w in records}
+        registered = {w.get("pid") for w in records}
+        if all(s.value in live for s in stages) and expected <= registered:
             return
         for proc in procs:
             if proc.poll() is not None:
@@ -148,7 +201,8 @@ def farm_up(settings: FarmSettings) -> FarmSettings:
             build_tiny_model(model_dir, log_dir / "model.log")
         if "i2v" in models and not (models["i2v"] / "model_index.json").exists():
             build_tiny_model(models["i2v"], log_dir / "model.log", i2v=True)
-        procs = [start_worker(stage, farm, log_dir) for stage in Stage]
+        slots = plan_workers(farm.worker_layout(), sorted(os.sched_getaffinity(0)))
+        procs = [start_worker(slot.stage, farm, log_dir, slot=slot) for slot in slots]
         started.extend(p.pid for p in procs)
         wait_for_workers(farm, list(Stage), procs, log_dir)
     except BaseException:
@@ -159,7 +213,7 @@ def farm_up(settings: FarmSettings) -> FarmSettings:
         home,
         {
             "settings": json.loads(farm.model_dump_json()),
-            "pids": {"valkey": valkey.pid, "s3": s3.pid, **{s.value: p.pid for s, p in zip(Stage, procs, strict=True)}},
+            "pids": {"valkey": valkey.pid, "s3": s3.pid, **{s.name: p.pid for s, p in zip(slots, procs, strict=True)}},
             "started_at": time.time(),
         },
     )
@@ -172,14 +226,15 @@ def farm_down(home: Path) -> list[str]:
     if state is None:
         return []
     pids: dict[str, int] = state["pids"]
+    servers = ["s3", "valkey"]
     # `expect` guards against a reused pid: only a process with that in its command line is signalled.
-    expect = {**{s.value: "workers" for s in Stage}, "s3": "weed", "valkey": "valkey"}
+    expect = {"s3": "weed", "valkey": "valkey"}
     # weed's filer ignores SIGTERM while it waits on subscribers; what it acknowledged is on disk already.
     timeouts = {"s3": S3_STOP_TIMEOUT}
     stopped: list[str] = []
-    for name in [s.value for s in Stage] + ["s3", "valkey"]:
-        if name in pids:
-            stop_pid(pids[name], timeout=timeouts.get(name, 30.0), expect=expect[name])
-            stopped.append(name)
+    # Workers first (every key that is not a server: "transform-1", or "encode" from an older farm).
+    for name in [n for n in pids if n not in servers] + [n for n in servers if n in pids]:
+        stop_pid(pids[name], timeout=timeouts.get(name, 30.0), expect=expect.get(name, "workers"))
+        stopped.append(name)
     state_path(home.resolve()).unlink()
     return stopped
