@@ -18,7 +18,7 @@ from scheduler.core.object_store import get_bytes
 from scheduler.core.settings import FarmSettings, S3Settings
 from scheduler.ops.batch import parse_batch, submit_batch
 from scheduler.ops.manifest import manifest_keys, write_manifest
-from scheduler.ops.timeline import batch_report, load_timelines, utilisation
+from scheduler.ops.timeline import BatchReport, StageUtilisation, batch_report, load_timelines, utilisation
 
 TINY = {"width": 64, "height": 48, "frames": 17, "steps": 2}
 
@@ -120,3 +120,28 @@ def test_utilisation_and_timeline_png(redis_url: str, tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.states == {"succeeded": 29, "failed": 1}
     assert "transform" in report.describe() and "% busy" in report.describe()
+
+
+def stage_load(busy: dict[str, float], workers: dict[str, int]) -> BatchReport:
+    stages = {name: StageUtilisation(name, seconds, workers[name], 100.0) for name, seconds in busy.items()}
+    return BatchReport(None, 10, 100.0, 100.0, {"succeeded": 10}, stages)
+
+
+def test_report_names_the_bounding_stage_and_a_balancing_layout() -> None:
+    # The embedded default's shape: the tiny VAE decode dominates.
+    report = stage_load({"encode": 2.0, "transform": 4.5, "decode": 43.0}, {"encode": 1, "transform": 1, "decode": 1})
+    assert report.bounding_stage() == "decode"
+    assert report.balanced_workers() == {"encode": 1, "transform": 2, "decode": 16}
+    assert "bound by decode" in report.describe() and "--workers transform=2,decode=16" in report.describe()
+    # Per worker, not per stage: two decode workers halve decode's share.
+    two_decoders = stage_load(
+        {"encode": 2.0, "transform": 30.0, "decode": 40.0}, {"encode": 1, "transform": 1, "decode": 2}
+    )
+    assert two_decoders.bounding_stage() == "transform"
+    assert two_decoders.balanced_workers() == {"encode": 1, "transform": 12, "decode": 16}  # 1:15:20 scaled to 16
+    assert (
+        stage_load(
+            {"encode": 0.0, "transform": 0.0, "decode": 0.0}, {"encode": 1, "transform": 1, "decode": 1}
+        ).bounding_stage()
+        is None
+    )

@@ -27,6 +27,7 @@ from scheduler.core.job_record import (
     stage_field,
 )
 from scheduler.core.keys import Stage
+from scheduler.core.settings import MAX_WORKERS_PER_STAGE
 from scheduler.ops import batch
 
 STAGE_COLOURS = {"encode": "#4C72B0", "transform": "#DD8452", "decode": "#55A868"}
@@ -201,7 +202,31 @@ class BatchReport:
             f"stage utilisation over the {self.processing_seconds:.1f}s of processing:",
         ]
         lines += ["  " + u.describe() for u in self.stages.values()]
+        bound = self.bounding_stage()
+        if bound is not None:
+            layout = self.balanced_workers()
+            counts = ",".join(f"{stage}={n}" for stage, n in layout.items() if n > 1) or "none"
+            lines.append(
+                f"bound by {bound}: it has the most busy time per worker. Workers in proportion to each stage's "
+                f"busy time balance the farm: {':'.join(str(n) for n in layout.values())} "
+                f"({'/'.join(layout)}), e.g. `reelfarm up --workers {counts}`"
+            )
         return "\n".join(lines)
+
+    def bounding_stage(self) -> str | None:
+        """The stage with the most busy seconds per worker: the one that sets the farm's pace."""
+        loads = {name: u.busy_seconds / max(1, u.workers) for name, u in self.stages.items() if u.busy_seconds > 0}
+        return max(loads, key=lambda name: loads[name]) if loads else None
+
+    def balanced_workers(self, most: int = MAX_WORKERS_PER_STAGE) -> dict[str, int]:
+        """Workers per stage in proportion to each stage's busy seconds (the cheapest gets one, none more
+        than ``most``): the layout under which no stage waits on another."""
+        busy = {name: u.busy_seconds for name, u in self.stages.items()}
+        least = min((b for b in busy.values() if b > 0), default=0.0)
+        if least <= 0:
+            return dict.fromkeys(busy, 1)
+        scale = min(1.0, most / (max(busy.values()) / least))
+        return {name: max(1, min(most, round(b / least * scale))) for name, b in busy.items()}
 
 
 def batch_report(conn: redis.Redis, name: str, out_png: Path | None) -> BatchReport:
