@@ -74,18 +74,29 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
 
     def execute_job(self, job: Any, queue: Any) -> None:
         try:
+            allowed = self._vetted_or_refused(job, queue)
+        except redis.RedisError as exc:
+            # rq's work loop would end on it. The job stays in rq's dequeued list, from which the
+            # reaper puts it back (queues.requeue_stranded), to be checked again.
+            log.warning("rq job %s: Redis failed while checking it (%s); the reaper will put it back", job.id, exc)
+            return
+        if allowed:
+            super().execute_job(job, queue)
+
+    def _vetted_or_refused(self, job: Any, queue: Any) -> bool:
+        """True if ``job`` is a signed stage call this worker may run; otherwise it is refused (False)."""
+        try:
             fields = call_fields(job)
         except ValueError as exc:
-            self._refuse(
-                queue, CallFields(rq_job_id=job.id, func_name=None), CallRefused(RefusalReason.UNREADABLE, str(exc))
-            )
-            return
+            unreadable = CallFields(rq_job_id=job.id, func_name=None)
+            self._refuse(queue, unreadable, CallRefused(RefusalReason.UNREADABLE, str(exc)))
+            return False
         try:
             vet_call(fields, self.runtime.stage, self.runtime.accepted_secrets)
         except CallRefused as refused:
             self._refuse(queue, fields, refused)
-            return
-        super().execute_job(job, queue)
+            return False
+        return True
 
     def _refuse(self, queue: Any, fields: CallFields, refused: CallRefused) -> None:
         rt = self.runtime
