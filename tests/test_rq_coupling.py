@@ -7,10 +7,13 @@ them fails here rather than silently reopening the queue side door.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
+import pytest
 import redis
 from rq import Callback, Queue
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
@@ -57,3 +60,31 @@ def test_a_job_hash_rq_cannot_read_names_its_id_and_queue(redis_url: str) -> Non
         assert getattr(exc, "queue", None) is not None and exc.queue.name == queue.name  # type: ignore[attr-defined]
     else:
         raise AssertionError("rq read a job hash with a malformed field; pick another malformation for this test")
+
+
+def test_registry_maintenance_never_runs_a_planted_failure_callback(redis_url: str, tmp_path: Path) -> None:
+    # rq's own clean-up would import and call this job's failure callback: it expired in the started registry.
+    conn = redis.Redis.from_url(redis_url)
+    queue = Queue(keys.queue_name(Stage.TRANSFORM), connection=conn, serializer=JSONSerializer)
+    marker = tmp_path / "callback-ran"
+    job = queue.enqueue(
+        "os.getcwd", on_failure=Callback("tests.planted_calls.touch_from_meta"), meta={"marker": str(marker)}
+    )
+    conn.lrem(queue.key, 0, job.id)
+    conn.hset(Job.key_for(job.id), "status", "started")
+    started = StartedJobRegistry(queue.name, connection=conn, serializer=JSONSerializer)
+    conn.zadd(started.key, {job.id: 1})
+    assert started.get_expired_job_ids() == [job.id]
+    assert "clean_registries" in vars(StageWorker)
+    queues.clean_registries_without_hooks(queue)
+    assert not marker.exists()
+    assert conn.zcard(started.key) == 0
+
+
+def test_malformed_job_data_is_unreadable_not_a_crash(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    queue = Queue(keys.queue_name(Stage.ENCODE), connection=conn, serializer=JSONSerializer)
+    job = queue.enqueue("os.getcwd")
+    conn.hset(Job.key_for(job.id), "dependency_ids", "5")
+    with pytest.raises(ValueError, match="dependency ids"):
+        queues.call_fields(Job.fetch(job.id, connection=conn, serializer=JSONSerializer))

@@ -114,6 +114,8 @@ def test_the_entrypoint_with_wrong_arguments_is_refused(kwargs: Any) -> None:
 
 def test_positional_arguments_or_an_instance_are_refused() -> None:
     assert refused_reason(signed_fields(CALL, args=["x"])) is RefusalReason.ARGUMENTS
+    for not_a_list in (5, 0, "", {}, None):  # whatever JSON a writer puts there: refused, never a crash
+        assert refused_reason(signed_fields(CALL, args=not_a_list)) is RefusalReason.ARGUMENTS
     assert refused_reason(signed_fields(CALL, instance="os")) is RefusalReason.ARGUMENTS
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
 from scheduler.core import jobs, worker_metrics
-from scheduler.core.queues import SimpleWorker, call_fields, remove_refused
+from scheduler.core.queues import SimpleWorker, call_fields, clean_registries_without_hooks, remove_refused
 from scheduler.core.stage_calls import (
     CallFields,
     CallRefused,
@@ -96,7 +97,20 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
         except CallRefused as refused:
             self._refuse(queue, fields, refused)
             return False
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            # Data of a shape nobody planned for: refused like any unreadable job, never a crash.
+            self._refuse(queue, fields, CallRefused(RefusalReason.UNREADABLE, f"unexpected job data ({exc!r})"[:300]))
+            return False
         return True
+
+    def clean_registries(self) -> None:
+        # rq's version runs failure callbacks and webhooks of expired jobs nobody vetted (see
+        # queues.clean_registries_without_hooks); the reaper owns recovery of stage calls.
+        for queue in self.queues:
+            if queue.acquire_maintenance_lock():
+                clean_registries_without_hooks(queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = datetime.now(UTC)  # type: ignore[assignment]
 
     def _refuse(self, queue: Any, fields: CallFields, refused: CallRefused) -> None:
         rt = self.runtime

@@ -16,9 +16,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, worker_registration
 from rq.job import Job
+from rq.registry import (
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ReadyJobRegistry,
+    StartedJobRegistry,
+)
 from rq.serializers import JSONSerializer
+from rq.utils import current_timestamp
 
 from scheduler.core import keys
 from scheduler.core.job_record import Routing
@@ -106,6 +114,9 @@ def call_fields(job: Job) -> CallFields:
         func_name, instance, args, kwargs = job.func_name, job.instance, job.args, job.kwargs
     except Exception as exc:  # noqa: BLE001 - rq wraps any serializer failure; all mean "unreadable"
         raise ValueError(f"the rq job's data cannot be read ({type(exc).__name__})") from None
+    dependency_ids = job._dependency_ids or []
+    if not isinstance(dependency_ids, list) or not all(isinstance(d, str) for d in dependency_ids):
+        raise ValueError("the rq job's dependency ids are not a list of ids")
     callbacks = tuple(
         name
         for name in (job._success_callback_name, job._failure_callback_name, job._stopped_callback_name)
@@ -120,10 +131,28 @@ def call_fields(job: Job) -> CallFields:
         callbacks=callbacks,
         webhooks=len(job.webhooks or ()),
         # Dependents would be enqueued by rq when this job ends; the farm never attaches any.
-        dependency_ids=tuple(job._dependency_ids or ())
+        dependency_ids=tuple(dependency_ids)
         + tuple(f"dependent {d!r}" for d in job.connection.smembers(job.dependents_key)),  # type: ignore[union-attr]
         meta=job.meta,
     )
+
+
+def clean_registries_without_hooks(queue: Queue) -> None:
+    """rq's registry maintenance for ``queue``, minus the parts that run code a job names.
+
+    rq's own ``clean_registries`` fails expired entries of the started registry and
+    of the dequeued list through its failure path, which imports the job's failure
+    callback and sends its webhooks -- for jobs no worker ever vetted. The farm's
+    reaper owns recovery of stage calls (``requeue_stranded``, ``recovery``), so
+    here expired started entries are only dropped; the other registries are pure
+    bookkeeping and are cleaned as rq does.
+    """
+    options: dict[str, Any] = {"name": queue.name, "connection": queue.connection, "serializer": queue.serializer}
+    for registry_class in (FinishedJobRegistry, FailedJobRegistry, DeferredJobRegistry, ReadyJobRegistry):
+        registry_class(**options).cleanup()
+    started = StartedJobRegistry(**options)
+    queue.connection.zremrangebyscore(started.key, 0, current_timestamp())
+    worker_registration.clean_worker_registry(queue)
 
 
 def remove_refused(pipe: Any, queue: Queue, rq_job_id: str) -> None:

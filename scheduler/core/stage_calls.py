@@ -120,7 +120,7 @@ def _is_int(value: Any, minimum: int) -> bool:
 
 def _check_arguments(fields: CallFields, stage: Stage) -> StageCall:
     kwargs = fields.kwargs
-    if fields.instance is not None or list(fields.args or ()) != []:
+    if fields.instance is not None or fields.args not in ([], ()):
         raise CallRefused(RefusalReason.ARGUMENTS, "the call passes positional arguments or an instance")
     expected = {"job_id", "stage", "attempt", "upstream_attempt"}
     if not isinstance(kwargs, dict) or set(kwargs) != expected:
