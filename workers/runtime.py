@@ -30,7 +30,7 @@ from typing import Any
 import redis
 
 from scheduler.core import worker_registry
-from scheduler.core.connection import connect_redis, eviction_warning
+from scheduler.core.connection import connect_redis, eviction_warning, redis_client
 from scheduler.core.descriptors import DescriptorLimits
 from scheduler.core.keys import Stage, acks_key
 from scheduler.core.reaper import ReaperThread
@@ -206,7 +206,7 @@ class StageRuntime:
 
     def _ack_loop(self) -> None:
         # A dedicated connection: BLPOP blocks it.
-        listener = redis.Redis(connection_pool=redis.ConnectionPool.from_url(self.settings.require_redis_url()))
+        listener = redis_client(self.settings)
         key = acks_key(self.worker_id)
         while not self._stop.is_set():
             try:
