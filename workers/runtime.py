@@ -2,7 +2,8 @@
 
 Lifecycle::
 
-    1. load settings, connect to Redis (clear exit if unreachable)
+    1. load settings; check the farm secret and the advertised transfer address; connect to Redis
+       (each a one-line exit when wrong: no secret, an address not this host's, Redis unreachable or refusing)
     2. load the stage's model ONCE (clear exit if the model dir is wrong)
     3. start the Mooncake engine and register the slot pool ONCE
     4. register the worker (stage, endpoint, model, load counter) and start heartbeating
@@ -36,6 +37,7 @@ from scheduler.core.keys import Stage, acks_key
 from scheduler.core.reaper import ReaperThread
 from scheduler.core.rooms import Rooms
 from scheduler.core.settings import FarmSettings
+from workers.advertised_address import check_advertised_address
 from workers.slot_sizing import slot_bytes_for
 from workers.stage_seam import StageCompute
 from workers.transfer.mooncake_engine import MooncakeEngine
@@ -282,11 +284,15 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     global _CURRENT
     from workers.stage_compute import load_all
 
+    # Cheap checks first, each a one-line refusal: the farm secret, the advertised address, then Redis.
+    accepted = settings.accepted_secrets()
+    nat_warning = check_advertised_address(settings.transfer.hostname, settings.transfer.allow_nat_hostname)
+    if nat_warning:
+        log.warning(nat_warning)
     conn = connect_redis(settings)
     warning = eviction_warning(conn)
     if warning:
         log.warning(warning)
-    accepted = settings.accepted_secrets()
     computes, tasks = load_all(stage, settings)
     s3 = None
     # Decode uploads results; an i2v encoder reads each job's conditioning image from the bucket.
