@@ -163,7 +163,10 @@ class StageRuntime:
                     claims = list(self.claims)
                 for room in claims:
                     self.rooms.renew_claim(room, self.worker_id, self.settings.worker.worker_ttl_seconds)
-                fields = {"free_slots": str(self.pool.free_count)}
+                with self._lock:
+                    held = len(self.held)
+                # held_outputs: part of the stage's demand (scheduler.core.demand), so scale-down spares it.
+                fields = {"free_slots": str(self.pool.free_count), "held_outputs": str(held)}
                 if not worker_registry.heartbeat(
                     self.conn, self.worker_id, self.settings.worker.worker_ttl_seconds, fields
                 ):
