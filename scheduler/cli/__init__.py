@@ -40,6 +40,7 @@ for _command in (
     batch_commands.manifest_command,
     batch_commands.cron_command,
     deploy_commands.settings_doc,
+    deploy_commands.worker_ready,
 ):
     main.add_command(_command)
 

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
 import click
 
-from scheduler.cli.common import fail
+from scheduler.cli.common import fail, farm_command
+from scheduler.core import worker_registry
+from scheduler.core.connection import connect_redis
+from scheduler.core.keys import Stage
+from scheduler.core.settings import FarmSettings
 from scheduler.core.settings_doc import DOC_PATH, render_settings_doc
 
 
@@ -36,3 +41,22 @@ def settings_doc(out: Path, check: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     click.echo(f"wrote {out}")
+
+
+@click.command("worker-ready")
+@click.argument("stage", type=click.Choice([stage.value for stage in Stage]))
+@farm_command
+def worker_ready(settings: FarmSettings, stage: str) -> None:
+    """Readiness probe of a worker container: exit 0 when a STAGE worker on this host is registered and
+    heartbeating (its record lives only while heartbeats arrive within worker.worker_ttl_seconds)."""
+    host = socket.gethostname()
+    conn = connect_redis(settings)
+    for record in worker_registry.live_workers(conn):
+        if record.get("stage") == stage and record.get("host") == host:
+            click.echo(f"ready: {record.get('worker_id')} at {record.get('endpoint')}")
+            return
+    fail(
+        f"no live {stage} worker registered from host {host}: it is still loading its model, or cannot reach "
+        "Redis (see the worker's log)",
+        code=1,
+    )
