@@ -44,8 +44,14 @@ def connect_redis(settings: FarmSettings, check: bool = True) -> redis.Redis:
         except redis.AuthenticationError as exc:
             raise FarmUnreachable(_auth_problem(url, str(exc))) from None
         except redis.RedisError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+                raise FarmUnreachable(
+                    f"Redis at {_redact(url)} presented a TLS certificate this host does not trust ({exc}): "
+                    "set REELFARM_REDIS_CA_FILE to the CA that signed it"
+                ) from None
             raise FarmUnreachable(
                 f"cannot reach Redis at {_redact(url)}: {exc}; start it (`reelfarm up`) or fix REELFARM_REDIS_URL"
+                + ("" if url.startswith("rediss://") else " (use rediss:// if the server only speaks TLS)")
             ) from None
     return conn
 
