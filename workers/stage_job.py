@@ -27,7 +27,7 @@ from scheduler.core.keys import Stage
 from scheduler.core.logging_setup import log_context
 from scheduler.core.spec import JobSpec
 from scheduler.core.stage_calls import StageCall
-from workers.fault_injection import crash_if_injected, pause_if_injected
+from workers.fault_injection import crash_if_injected, pause_if_injected, pull_point
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
 from workers.runtime import StageRuntime, current_runtime
 from workers.stage_seam import MalformedJob, StageJob, StageOutputs
@@ -72,8 +72,9 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         inputs: dict[str, torch.Tensor] = {}
         upstream = this_stage.previous
         if upstream is not None:
+            pause_if_injected(pull_point(rt.stage.value), spec.prompt)
             inputs = pull_input(rt, job_id, upstream, upstream_attempt or 1)
-        pause_if_injected(rt.stage.value)
+        pause_if_injected(rt.stage.value, spec.prompt)
         outputs = _compute(rt, job_id, spec, inputs)
         if not _finish(rt, job_id, spec, attempt, outputs, started):
             outcome = "superseded"
