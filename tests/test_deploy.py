@@ -189,6 +189,17 @@ def test_every_deploy_path_mentioned_exists() -> None:
             assert (REPO / mentioned).exists(), f"{path.relative_to(REPO)} mentions {mentioned}, which does not exist"
 
 
+def test_readme_walkthrough_uses_real_commands() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Deploying", 1)[1].split("\n## ", 1)[0]
+    mentioned = set(re.findall(r"\breelfarm ([a-z][a-z-]+)", section))
+    assert {"up", "submit", "wait", "worker-ready", "cron"} <= mentioned
+    assert mentioned <= set(main.commands), (
+        f"the Deploying section names commands that do not exist: {mentioned - set(main.commands)}"
+    )
+    assert "reelfarm:demand:STAGE" in section and keys.demand_key(Stage.ENCODE) == "reelfarm:demand:encode"
+
+
 def test_worker_ready_probe_follows_this_hosts_registration(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REELFARM_REDIS_URL", redis_url)
     runner = CliRunner()
