@@ -24,6 +24,7 @@ from scheduler.core.spec import JobSpec
 from scheduler.http import video_requests
 from scheduler.http.content import stream_object
 from scheduler.http.errors import ApiError, not_found
+from scheduler.http.pagination import cursor_page
 from scheduler.http.state import Front, front_of, require_key
 from scheduler.http.video_objects import video_object
 from scheduler.ops.job_removal import delete_job, is_deleted
@@ -168,13 +169,7 @@ def list_videos(
         for job_id, fields in read_records(front.conn, ids[:limit])
         if fields is not None and not is_deleted(fields)
     ]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(ids) > limit,
-    }
+    return cursor_page(data, len(ids) > limit)
 
 
 @router.get("/v1/videos/{video_id}/content", summary="Download a video's MP4 or its thumbnail (poster)")
