@@ -129,3 +129,23 @@ def test_video_object_maps_states_and_progress() -> None:
         "message": "transform: cancelled by user",
     }
     assert progress_of({"state": "succeeded"}) == 100
+
+
+def test_webhook_signatures_follow_standard_webhooks() -> None:
+    import time
+
+    from openai import InvalidWebhookSignatureError, OpenAI
+
+    from scheduler.http.webhooks import event_id, sign
+
+    secret = "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM="
+    event = event_id("video:video_1", "video.completed")
+    assert event == event_id("video:video_1", "video.completed") != event_id("video:video_1", "video.failed")
+    body, now = b'{"id": "%s", "type": "video.completed"}' % event.encode(), int(time.time())
+    headers = {"webhook-id": event, "webhook-timestamp": str(now), "webhook-signature": sign(secret, event, now, body)}
+    checker = OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1").webhooks
+    checker.verify_signature(body, headers, secret=secret)
+    with pytest.raises(InvalidWebhookSignatureError):
+        checker.verify_signature(body + b" ", headers, secret=secret)
+    with pytest.raises(InvalidWebhookSignatureError):
+        checker.verify_signature(body, headers, secret="whsec_b3RoZXIta2V5")

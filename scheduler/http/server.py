@@ -43,10 +43,13 @@ class Housekeeper(threading.Thread):
 
 
 def housekeeping_tasks(front: Front) -> list[Callable[[], object]]:
+    from scheduler.http import webhooks
+
     def sweep() -> int:
         return sweep_deleted(front.conn, front.settings, front.s3)
 
-    return [sweep]
+    # Announce before sweeping: a job deleted after it ended still gets its event.
+    return [*webhooks.background_tasks(front), sweep]
 
 
 def serve(settings: FarmSettings, host: str | None = None, port: int | None = None) -> None:
