@@ -8,12 +8,18 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+APT_UPDATED=""
+apt_install() {
+  [ -n "$APT_UPDATED" ] || { $SUDO apt-get update -qq; APT_UPDATED=1; }
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@"
+}
+
 # Mooncake's transfer engine links against libibverbs even for its TCP transport.
-if ! ldconfig -p | grep -q 'libibverbs.so.1'; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libibverbs1
-fi
+ldconfig -p | grep -q 'libibverbs.so.1' || apt_install libibverbs1
+# The status page's browser test drives Debian's Chromium through its chromedriver (browser downloads
+# are not possible here); checked by command, so a machine that has them skips this at once.
+{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || apt_install chromium chromium-driver
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
