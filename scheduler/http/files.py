@@ -78,7 +78,27 @@ def read_file_record(front: Front, file_id: str) -> dict[str, str]:
     return dict(zip(_FIELDS, values, strict=True))  # type: ignore[arg-type]
 
 
-@router.post("/v1/files", summary="Upload a file (purpose batch)")
+# The route reads its multipart form itself (to bound it); this documents it for clients and the fuzz test.
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/v1/files", summary="Upload a file (purpose batch)", openapi_extra=_UPLOAD_BODY)
 async def upload_file(request: Request) -> dict[str, Any]:
     front = front_of(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
