@@ -144,6 +144,8 @@ def make_http_farm(s3: S3Service, t2v: Path, i2v: Path, home: Path) -> Iterator[
         webhooks=[WebhookEndpoint(url=receiver.url, secret=webhook_secret)],
         webhook_backoff_seconds=0.2,
         webhook_max_backoff_seconds=1.0,
+        # Retries every second or so; enough attempts to outlast the restarts a test puts in between.
+        webhook_max_attempts=300,
     )
     settings = farm_settings(
         url,

@@ -149,3 +149,14 @@ def test_webhook_signatures_follow_standard_webhooks() -> None:
         checker.verify_signature(body + b" ", headers, secret=secret)
     with pytest.raises(InvalidWebhookSignatureError):
         checker.verify_signature(body, headers, secret="whsec_b3RoZXIta2V5")
+
+
+def test_api_key_command_prints_a_key_and_its_digest() -> None:
+    from click.testing import CliRunner
+
+    from scheduler.cli import main
+
+    out = CliRunner().invoke(main, ["api-key"]).output.splitlines()
+    key = out[0].removeprefix("key:").strip()
+    assert key.startswith("rf-") and len(key) > 30
+    assert api_key_hash(key) in out[1]

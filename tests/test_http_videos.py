@@ -110,6 +110,15 @@ def test_refusals_in_openai_error_shape(http_farm: HttpFarm) -> None:
     assert no_key.value.status_code == 401 and no_key.value.code == "invalid_api_key"
     status, _, body = http_farm.request("GET", "/v1/videos")
     assert status == 401 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert http_farm.request("GET", "/openapi.json")[0] == 401
+    # Only the liveness probe answers without a key.
+    status, _, body = http_farm.request("GET", "/healthz")
+    assert (status, json.loads(body)) == (200, {"ok": True, "redis": True})
+    status, _, body = http_farm.request("GET", "/metrics", headers=http_farm.headers())
+    assert status == 200 and b"reelfarm_up 1.0" in body and b'reelfarm_workers_live{stage="transform"} 1.0' in body
+    # FastAPI's own validation answers in the same shape, as a 400 naming the param.
+    status, _, body = http_farm.request("GET", "/v1/videos?limit=1000", headers=http_farm.headers())
+    assert (status, json.loads(body)["error"]["param"]) == (400, "limit")
 
     client = http_farm.client()
     with pytest.raises(openai.BadRequestError) as bad_size:
