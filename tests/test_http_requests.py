@@ -51,6 +51,9 @@ def test_request_maps_to_a_spec_and_refuses_what_the_api_must_not_read() -> None
     with pytest.raises(ApiError) as unknown:
         parse_request({"prompt": "a fox", "sede": 5})
     assert unknown.value.param == "sede" and "unknown parameter" in unknown.value.message
+    with pytest.raises(ApiError) as mapped:
+        parse_request({"prompt": "a fox", "frames": 17})
+    assert mapped.value.param == "frames" and "seconds parameter" in mapped.value.message
     with pytest.raises(ApiError) as model:
         to_spec(parse_request({"prompt": "a fox", "model": "sora-2"}), SETTINGS)
     assert model.value.param == "model" and "default" in model.value.message

@@ -46,10 +46,18 @@ class ImageReference(BaseModel):
     file_id: str | None = None
 
 
-class VideoCreateRequest(BaseModel):
-    """The JSON (or multipart) body of ``POST /v1/videos``; unknown fields are refused, naming them."""
+# Spec fields a request sets through OpenAI's own parameters instead (size, seconds, input_reference, model).
+_MAPPED_SPEC_FIELDS = {"width": "size", "height": "size", "frames": "seconds", "image": "input_reference"}
 
-    model_config = ConfigDict(extra="forbid")
+
+class VideoCreateRequest(BaseModel):
+    """The JSON (or multipart) body of ``POST /v1/videos``.
+
+    The spec fields listed here are documented in the schema; any other field of ``JobSpec`` (one a newer
+    farm added) passes through as well, and anything else is refused, naming it.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     prompt: str = Field(min_length=1)
     model: str | None = Field(default=None, max_length=64)
@@ -84,14 +92,24 @@ _PASSED_THROUGH = (
 
 
 def parse_request(raw: dict[str, Any]) -> VideoCreateRequest:
+    for name in raw:
+        if name in _MAPPED_SPEC_FIELDS:
+            raise ApiError(
+                400, f"{name}: set it with the {_MAPPED_SPEC_FIELDS[name]} parameter", param=name, code="invalid_value"
+            )
+        if name not in VideoCreateRequest.model_fields and name not in JobSpec.model_fields:
+            raise ApiError(
+                400,
+                f"{name}: unknown parameter (check the spelling; reelfarm's spec fields are listed in its README)",
+                param=name,
+                code="invalid_value",
+            )
     try:
         return VideoCreateRequest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown parameter (check the spelling; reelfarm's spec fields are listed in its README)"
         raise ApiError(400, f"{param}: {message}", param=param, code="invalid_value") from None
 
 
