@@ -108,8 +108,9 @@ def test_refusals_in_openai_error_shape(http_farm: HttpFarm) -> None:
     with pytest.raises(openai.AuthenticationError) as no_key:
         http_farm.client(api_key="rf-wrong").videos.list()
     assert no_key.value.status_code == 401 and no_key.value.code == "invalid_api_key"
-    status, _, body = http_farm.request("GET", "/v1/videos")
+    status, headers, body = http_farm.request("GET", "/v1/videos")
     assert status == 401 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert headers["www-authenticate"].startswith("Bearer")
     assert http_farm.request("GET", "/openapi.json")[0] == 401
     # Only the liveness probe answers without a key.
     status, _, body = http_farm.request("GET", "/healthz")

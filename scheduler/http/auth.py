@@ -25,6 +25,8 @@ from scheduler.http.errors import ApiError
 
 COOKIE_NAME = "reelfarm_key"
 _READ_ONLY = frozenset({"GET", "HEAD"})
+# RFC 6750: a 401 names the scheme the client should use.
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="reelfarm"'}
 
 
 class ApiKeys:
@@ -56,10 +58,12 @@ class ApiKeys:
                 401,
                 "no API key given: send the header 'Authorization: Bearer KEY' (`reelfarm up` prints the key)",
                 code="missing_api_key",
+                headers=_CHALLENGE,
             )
         if not self.accepts(key):
             raise ApiError(
                 401,
                 "the API key is not valid: use a key configured in http.api_key_hashes or the one `reelfarm up` printed",
                 code="invalid_api_key",
+                headers=_CHALLENGE,
             )

@@ -27,6 +27,7 @@ from scheduler.http.errors import ApiError, not_found
 from scheduler.http.pagination import cursor_page
 from scheduler.http.state import Front, front_of, require_key
 from scheduler.http.video_objects import video_object
+from scheduler.intake.submit import submit
 from scheduler.ops.job_removal import delete_job, is_deleted
 
 router = APIRouter(dependencies=[Depends(require_key)], tags=["videos"])
@@ -92,8 +93,6 @@ async def _request_fields(request: Request) -> tuple[dict[str, Any], UploadFile 
 
 
 def _submit_video(front: Front, spec: dict[str, Any], job_id: str, image: bytes | None) -> dict[str, Any]:
-    from scheduler.intake.submit import submit
-
     settings = front.settings
     staged: str | None = None
     if image is not None:
