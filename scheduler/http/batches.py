@@ -237,14 +237,18 @@ def batch_object(front: Front, batch_id: str) -> dict[str, Any]:
     record = _record(front, batch_id)
     outcomes = _outcomes(front, batch_id)
     job_ids = sorted({o.job_id for o in outcomes if o.job_id})
-    records = {job_id: fields for job_id, fields in read_records(front.conn, job_ids) if fields is not None}
-    states = {job_id: (records.get(job_id) or {}).get("state") or JobState.FAILED.value for job_id in job_ids}
+    # Only the states while it runs (one field per job); whole records once, when the results are written.
+    states = {
+        job_id: (fields or {}).get("state") or JobState.FAILED.value
+        for job_id, fields in read_records(front.conn, job_ids, ("state",))
+    }
     completed = sum(1 for o in outcomes if o.job_id and states[o.job_id] == JobState.SUCCEEDED.value)
     failed = sum(1 for o in outcomes if o.error is not None or states.get(o.job_id or "") in _FAILED_STATES)
     ended = "completed_at" in record or "cancelled_at" in record
     if not ended and all(state in _FINISHED_STATES for state in states.values()):
         now = repr(time.time())
         end_field = "cancelled_at" if "cancelling_at" in record else "completed_at"
+        records = {job_id: fields for job_id, fields in read_records(front.conn, job_ids) if fields is not None}
         update = {**_finalize(front, batch_id, outcomes, records), "finalizing_at": now, end_field: now}
         front.conn.hset(keys.api_batch_key(batch_id), mapping=update)  # type: ignore[arg-type]
         record.update(update)

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 CLAIM_SECONDS = 60.0
 # At most this many deliveries per pass of the loop, so one pass stays short.
 DELIVERIES_PER_PASS = 50
+# A watched batch is counted (one HGET per job) at most this often: a 10,000-job batch is not read every pass.
+BATCH_CHECK_SECONDS = 5.0
 _MAX_ANSWER_BYTES = 64 * 1024
 
 # KEYS: watch set, event key, outbox. ARGV: watch member, event JSON, due time, delivery members...
@@ -103,9 +105,13 @@ def _ended_type(front: Front, kind: str, ident: str, state: str | None) -> str |
     return {"completed": "batch.completed", "cancelled": "batch.cancelled"}.get(status)
 
 
-def announce_finished(front: Front) -> int:
-    """Turn watched jobs and batches that have ended into outbox deliveries; returns how many events."""
+def announce_finished(front: Front, batch_checked: dict[str, float] | None = None) -> int:
+    """Turn watched jobs and batches that have ended into outbox deliveries; returns how many events.
+
+    ``batch_checked`` (batch member -> when it was last counted) spaces out the checks of running batches.
+    """
     conn, endpoints = front.conn, front.settings.http.webhooks
+    checked = {} if batch_checked is None else batch_checked
     members = [m.decode() for m in conn.zrange(keys.api_watch_key(), 0, 999)]  # type: ignore[union-attr]
     videos = [m.split(":", 1)[1] for m in members if m.startswith("video:")]
     states = {job_id: (fields or {}).get("state") for job_id, fields in read_records(conn, videos, ("state",))}
@@ -115,6 +121,10 @@ def announce_finished(front: Front) -> int:
         if kind == "video" and states.get(ident) is None:
             conn.zrem(keys.api_watch_key(), member)  # deleted or expired: nothing to announce
             continue
+        if kind == "batch":
+            if time.monotonic() - checked.get(member, float("-inf")) < BATCH_CHECK_SECONDS:
+                continue
+            checked[member] = time.monotonic()
         try:
             event_type = _ended_type(front, kind, ident, states.get(ident))
         except ApiError:  # the batch is gone: nothing to announce
@@ -122,6 +132,7 @@ def announce_finished(front: Front) -> int:
             continue
         if event_type is None:
             continue
+        checked.pop(member, None)
         event = event_id(member, event_type)
         body = {
             "id": event,
@@ -196,4 +207,5 @@ def _attempt(endpoint: WebhookEndpoint, event: str, body: bytes, policy: FetchPo
 def background_tasks(front: Front) -> list[Callable[[], Any]]:
     if not front.settings.http.webhooks:
         return []
-    return [lambda: announce_finished(front), lambda: deliver_due(front)]
+    batch_checked: dict[str, float] = {}
+    return [lambda: announce_finished(front, batch_checked), lambda: deliver_due(front)]
