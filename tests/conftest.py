@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.conftest_models", "tests.service_fixtures", "tests.farm_fixtures", "tests.stage_fixtures"]
+pytest_plugins = [
+    "tests.conftest_models",
+    "tests.service_fixtures",
+    "tests.farm_fixtures",
+    "tests.stage_fixtures",
+    "tests.http_fixtures",
+]
 
 # Kept: knobs of the test suite itself, not farm settings.
 TEST_ONLY_PREFIX = "REELFARM_TEST_"

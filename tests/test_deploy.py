@@ -218,3 +218,17 @@ def test_worker_ready_probe_follows_this_hosts_registration(redis_url: str, monk
     # A worker whose heartbeats stopped (record expired) is not ready.
     conn.delete(keys.worker_key("encode-pod-1"))
     assert runner.invoke(main, ["worker-ready", "encode"]).exit_code == 1
+
+
+def test_http_front_deployment_probes_healthz_and_takes_its_key_from_the_secret() -> None:
+    deployment, service = kube("Deployment", "reelfarm-http"), kube("Service", "reelfarm-http")
+    (container,) = containers(deployment)
+    assert container["command"] == ["reelfarm", "serve"] and container["image"] == "reelfarm:cpu"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REELFARM_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] in kube("Secret", "reelfarm")["stringData"]
+    # Reachable in the cluster only: a ClusterIP on the port the container listens on.
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"][0]["port"] == int(env["REELFARM_HTTP_PORT"]["value"])
+    http = compose()["services"]["http"]
+    assert http["command"] == ["reelfarm", "serve"] and all(p.startswith("127.0.0.1:") for p in http["ports"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 from pathlib import Path
 
 import pytest
@@ -69,8 +71,15 @@ def test_up_with_two_transform_workers_serves_jobs_and_down_stops_them_all(
         assert by_stage == {"encode": 1, "transform": 2, "decode": 1}
         job_ids = [submit(conn, farm, {"prompt": f"a fox {i}", "steps": 2, "frames": 9}) for i in range(3)]
         assert [wait_finished(conn, j, timeout=180)["state"] for j in job_ids] == ["succeeded"] * 3
-        pids = (read_state(farm.home) or {})["pids"]
-        assert sorted(pids) == ["decode-0", "encode-0", "s3", "transform-0", "transform-1", "valkey"]
+        state = read_state(farm.home) or {}
+        pids = state["pids"]
+        assert sorted(pids) == ["decode-0", "encode-0", "http", "s3", "transform-0", "transform-1", "valkey"]
+        # The HTTP front runs on loopback with the generated key, which only the 0600 state file holds.
+        assert farm.http.host == "127.0.0.1" and state["api_key"] not in farm.model_dump_json()
+        front = http.client.HTTPConnection(farm.http.host, farm.http.port, timeout=10)
+        front.request("GET", "/v1/videos", headers={"Authorization": f"Bearer {state['api_key']}"})
+        listed = json.loads(front.getresponse().read())
+        assert sorted(v["id"] for v in listed["data"]) == sorted(job_ids)
     finally:
         stopped = farm_down(farm.home)
     assert sorted(stopped) == sorted(pids)

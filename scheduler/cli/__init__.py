@@ -3,7 +3,7 @@
 - ``common``: the shared ``--config`` option, one-line errors, spec options, tables;
 - ``job_commands``: submit, status, wait, run;
 - ``batch_commands``: batch, ls, cancel, retry, report, manifest, cron;
-- ``farm_commands``: up, down, worker, model, info, metrics;
+- ``farm_commands``: up, down, worker, model, info, metrics, serve (the HTTP front), api-key;
 - ``deploy_commands``: settings-doc, worker-ready.
 
 Nothing here imports torch: submitting and watching jobs needs no GPU stack.
@@ -32,6 +32,8 @@ for _command in (
     farm_commands.model,
     farm_commands.info_command,
     farm_commands.metrics_command,
+    farm_commands.serve_command,
+    farm_commands.api_key_command,
     batch_commands.batch_command,
     batch_commands.ls_command,
     batch_commands.cancel_command,

@@ -192,9 +192,7 @@ def cancel_command(settings: FarmSettings, job_id: str | None, batch_name: str |
         )
         return
     assert batch_name is not None
-    counts = {"cancelled": 0, "requested": 0, "finished": 0}
-    for one in batch.batch_job_ids(conn, batch_name):
-        counts[job_admin.cancel_job(conn, one)] += 1
+    counts = job_admin.cancel_jobs(conn, batch.batch_job_ids(conn, batch_name))
     click.echo(
         f"batch {batch_name}: cancelled {counts['cancelled']} queued jobs, requested a stop of "
         f"{counts['requested']} running ones, {counts['finished']} had already finished"

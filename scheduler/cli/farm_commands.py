@@ -68,7 +68,7 @@ def worker(stage: str, args: tuple[str, ...]) -> None:
 @farm_command
 def up(settings: FarmSettings, worker_counts: str | None) -> None:
     """Start the embedded farm (Valkey, S3 server, workers per stage) in the background."""
-    from scheduler.local.embedded import farm_up
+    from scheduler.local.embedded import farm_up, read_state
 
     if worker_counts is not None:
         settings = settings.with_worker_counts(parse_worker_counts(worker_counts))
@@ -78,6 +78,38 @@ def up(settings: FarmSettings, worker_counts: str | None) -> None:
         f"reelfarm is up: redis 127.0.0.1 (password in {farm.state_file}), S3 {farm.s3.endpoint_url}, "
         f"workers: {layout}; logs in {farm.home / 'logs'}"
     )
+    api_key = (read_state(farm.home) or {}).get("api_key")
+    if api_key:
+        click.echo(f"HTTP API (OpenAI Videos/Batches): http://{farm.http.host}:{farm.http.port}/v1  API key: {api_key}")
+
+
+@click.command("serve")
+@click.option("--host", default=None, help="address to bind (default: settings http.host, 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="port (default: settings http.port, 8000)")
+@farm_command
+def serve_command(settings: FarmSettings, host: str | None, port: int | None) -> None:
+    """Serve the HTTP front: OpenAI's Videos and Batches APIs, webhooks and the status page at /."""
+    from scheduler.http.server import serve
+
+    if not settings.http.api_key_hashes:
+        click.echo(
+            "reelfarm: no API key configured, so every call will be refused (401); set REELFARM_API_KEY or "
+            "http.api_key_hashes (make a key with `reelfarm api-key`)",
+            err=True,
+        )
+    serve(settings, host, port)
+
+
+@click.command("api-key")
+def api_key_command() -> None:
+    """Make a new random API key for the HTTP front and print it with the digest to configure."""
+    import secrets
+
+    from scheduler.core.settings import api_key_hash
+
+    key = "rf-" + secrets.token_urlsafe(32)
+    click.echo(f"key:    {key}")
+    click.echo(f"config: http: {{api_key_hashes: [{api_key_hash(key)}]}}   (or pass the key as REELFARM_API_KEY)")
 
 
 @click.command()

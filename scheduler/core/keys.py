@@ -192,3 +192,57 @@ def cron_tick_key(schedule: str, tick_epoch: int) -> str:
 def cron_history_key(schedule: str) -> str:
     """Sorted set of the batch names a schedule enqueued, scored by tick time."""
     return f"{PREFIX}:cron:{check_id(schedule, 'schedule name')}:batches"
+
+
+# --------------------------------------------------------------------------- the HTTP front (scheduler.http)
+
+
+def api_file_key(file_id: str) -> str:
+    """Hash: an uploaded or generated file of the HTTP front (purpose, name, bytes, object key, created time)."""
+    return f"{PREFIX}:api:file:{check_id(file_id, 'file id')}"
+
+
+def api_files_index_key() -> str:
+    """Sorted set of file ids scored by creation time."""
+    return f"{PREFIX}:api:files"
+
+
+def api_batch_key(batch_id: str) -> str:
+    """Hash: an OpenAI-style batch (input file, endpoint, status times, result file ids); its jobs are the
+    reelfarm batch of the same name."""
+    return f"{PREFIX}:api:batch:{check_id(batch_id, 'batch id')}"
+
+
+def api_batch_requests_key(batch_id: str) -> str:
+    """Hash: input line number -> JSON ``{custom_id, job_id}`` or ``{custom_id, error}`` for one batch."""
+    return f"{PREFIX}:api:batch:{check_id(batch_id, 'batch id')}:requests"
+
+
+def api_batches_index_key() -> str:
+    """Sorted set of OpenAI-style batch ids scored by creation time."""
+    return f"{PREFIX}:api:batches"
+
+
+def api_watch_key() -> str:
+    """Sorted set of ``video:<job id>`` / ``batch:<batch id>`` whose end the front still has to announce."""
+    return f"{PREFIX}:api:watch"
+
+
+def deleting_jobs_key() -> str:
+    """Sorted set of deleted jobs whose objects and record go once they have stopped (scored by delete time)."""
+    return f"{PREFIX}:api:deleting"
+
+
+def webhook_outbox_key() -> str:
+    """Sorted set of webhook deliveries (``<event id>|<endpoint index>``) scored by when they are next due."""
+    return f"{PREFIX}:webhooks:outbox"
+
+
+def webhook_event_key(event_id: str) -> str:
+    """String: one event's JSON body, kept while any delivery of it is pending."""
+    return f"{PREFIX}:webhooks:event:{check_id(event_id, 'event id')}"
+
+
+def webhook_attempts_key() -> str:
+    """Hash: delivery (``<event id>|<endpoint index>``) -> attempts made so far."""
+    return f"{PREFIX}:webhooks:attempts"

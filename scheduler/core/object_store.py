@@ -324,16 +324,62 @@ def get_bytes(client: S3Client, bucket: str, key: str) -> bytes:
         raise _describe(client, exc, f"GetObject {s3_uri(bucket, key)}") from None
 
 
-def object_exists(client: S3Client, bucket: str, key: str) -> bool:
+@dataclass(frozen=True)
+class ObjectHead:
+    size: int
+    content_type: str
+
+
+def head_object(client: S3Client, bucket: str, key: str) -> ObjectHead | None:
+    """Size and content type of an object, or ``None`` when there is none at ``key``."""
     try:
-        client.head_object(Bucket=bucket, Key=key)
+        response = client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if _http_status(exc) == 404 or _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
-            return False
+            return None
         raise _describe(client, exc, f"HeadObject {s3_uri(bucket, key)}") from None
     except (BotoCoreError, OSError) as exc:
         raise _describe(client, exc, f"HeadObject {s3_uri(bucket, key)}") from None
-    return True
+    return ObjectHead(int(response["ContentLength"]), str(response.get("ContentType") or "application/octet-stream"))
+
+
+def object_exists(client: S3Client, bucket: str, key: str) -> bool:
+    return head_object(client, bucket, key) is not None
+
+
+def iter_object(
+    client: S3Client, bucket: str, key: str, first: int = 0, last: int | None = None, chunk_size: int = MiB
+) -> Iterator[bytes]:
+    """The bytes ``first..last`` (inclusive, as in an HTTP Range) of an object, streamed in chunks.
+
+    The request is made before the first chunk is yielded, so a missing object fails before a caller
+    has started an answer of its own.
+    """
+    what = f"GetObject {s3_uri(bucket, key)}"
+    byte_range = f"bytes={first}-{'' if last is None else last}"
+    try:
+        body = client.get_object(Bucket=bucket, Key=key, Range=byte_range)["Body"]
+    except (BotoCoreError, ClientError, OSError) as exc:
+        raise _describe(client, exc, what) from None
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from body.iter_chunks(chunk_size)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise _describe(client, exc, what) from None
+        finally:
+            body.close()
+
+    return chunks()
+
+
+def delete_objects(client: S3Client, bucket: str, object_keys: list[str]) -> None:
+    """Delete these objects (missing ones are fine: deleting is idempotent in S3)."""
+    for key in object_keys:
+        try:
+            client.delete_object(Bucket=bucket, Key=key)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise _describe(client, exc, f"DeleteObject {s3_uri(bucket, key)}") from None
 
 
 def download_to(client: S3Client, bucket: str, key: str, path: Path, chunk_size: int = MiB) -> int:

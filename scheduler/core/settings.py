@@ -9,6 +9,7 @@ them; the embedded farm generates its own and keeps them in a 0600 file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -117,6 +118,49 @@ class FetchSettings(BaseModel):
     timeout_seconds: float = Field(default=20.0, gt=0)
 
 
+class WebhookEndpoint(BaseModel):
+    """One receiver of the HTTP front's events (``video.completed``, ``video.failed``, ``batch.completed``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://")
+    # Standard Webhooks secret ("whsec_" + base64): the receiver checks each event's signature with it.
+    secret: str = Field(min_length=8)
+    # Event types sent to this endpoint; empty = all of them.
+    events: list[str] = Field(default_factory=list)
+
+
+class HttpSettings(BaseModel):
+    """The HTTP front (``reelfarm serve``; ``scheduler.http``): where it listens, who may call it, its limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Loopback by default: exposing the API is a decision (put TLS in front of it).
+    host: str = "127.0.0.1"
+    # The front's TCP port.
+    port: int = Field(default=8000, ge=0, le=65535)
+    # SHA-256 hex digests of the accepted bearer API keys (``reelfarm serve --print-key-hash KEY`` makes one);
+    # REELFARM_API_KEY adds one key given in clear (hashed at load, never stored). No key: every call is 401.
+    api_key_hashes: list[str] = Field(default_factory=list)
+    # A JSON request body larger than this is refused with 413 before it is read.
+    max_json_bytes: int = Field(default=1 * 2**20, ge=1024)
+    # A multipart request (image or batch file upload) larger than this is refused with 413.
+    max_upload_bytes: int = Field(default=64 * 2**20, ge=1024)
+    # Where uploaded files (batch inputs) and batch result files live, under s3.key_prefix.
+    files_prefix: str = "files"
+    # Endpoints that receive video.completed / video.failed / batch.completed events (url, secret, events),
+    # signed as Standard Webhooks; URLs pass the farm's fetch policy.
+    webhooks: list[WebhookEndpoint] = Field(default_factory=list)
+    # Delivery attempts per event before it is dropped (logged).
+    webhook_max_attempts: int = Field(default=12, ge=1)
+    # The first retry delay of a delivery; it doubles with every attempt.
+    webhook_backoff_seconds: float = Field(default=1.0, gt=0)
+    # The longest delay between two attempts of one delivery.
+    webhook_max_backoff_seconds: float = Field(default=600.0, gt=0)
+    # How often the front looks for finished jobs and due webhook deliveries.
+    watch_interval_seconds: float = Field(default=1.0, gt=0)
+
+
 class FarmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -140,6 +184,7 @@ class FarmSettings(BaseModel):
     # Largest job specs the farm accepts at submit.
     limits: SpecLimits = SpecLimits()
     fetch: FetchSettings = FetchSettings()
+    http: HttpSettings = HttpSettings()
     # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
     spec_defaults: dict[str, Any] = Field(default_factory=dict)
     # How many workers of each stage the embedded farm (`reelfarm up`) starts; a stage left out gets one.
@@ -223,9 +268,17 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "REELFARM_DEVICE": ("worker", "device"),
     "REELFARM_WORKER_MODELS": ("worker", "models"),
     "REELFARM_WORKERS": ("workers_per_stage",),
+    "REELFARM_HTTP_HOST": ("http", "host"),
+    "REELFARM_HTTP_PORT": ("http", "port"),
+    "REELFARM_API_KEY": ("http", "api_key_hashes"),
 }
 
 MAX_WORKERS_PER_STAGE = 16
+
+
+def api_key_hash(key: str) -> str:
+    """How an API key is stored: its SHA-256 hex digest (a key is random and long, so no slow hash is needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def parse_worker_counts(text: str) -> dict[str, int]:
@@ -284,6 +337,8 @@ def load_settings(config: Path | None = None, env: dict[str, str] | None = None)
                 value = [m.strip() for m in value.split(",") if m.strip()]
             elif var == "REELFARM_WORKERS":
                 value = parse_worker_counts(value)
+            elif var == "REELFARM_API_KEY":
+                value = [*tree.get("http", {}).get("api_key_hashes", []), api_key_hash(value)]
             _set_path(from_env, path, value)
     tree = deep_merge(tree, from_env)
     home = Path(tree.get("home", DEFAULT_HOME))

@@ -1,4 +1,4 @@
-"""The fetch policy: how the farm fetches a URL on someone else's behalf (today: conditioning images).
+"""The fetch policy: how the farm reaches a URL on someone else's behalf (conditioning images, webhook targets).
 
 Whoever names the URL chooses where the farm's own network position is used --
 a cloud metadata service at 169.254.169.254, an admin port on loopback, a
@@ -29,7 +29,8 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -202,15 +203,8 @@ def fetch(
     current = url
     for _hop in range(policy.max_redirects + 1):
         target = _check_url(current, policy, resolver)
-        conn = _open(target, _remaining(deadline, url, policy), tls_context)
-        try:
+        with _connection(target, deadline, url, policy, tls_context, "fetch") as conn:
             status, location, body = _request(conn, target, deadline, url, policy)
-        except TimeoutError:
-            raise _too_slow(url, policy) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise FetchRefused(f"URL {url!r}: cannot fetch it ({_one_line(exc)})") from None
-        finally:
-            conn.close()
         if status in REDIRECT_STATUSES:
             if not location:
                 raise FetchRefused(f"URL {url!r}: HTTP {status} redirect without a Location")
@@ -220,6 +214,45 @@ def fetch(
             raise FetchRefused(f"URL {url!r}: the server answered HTTP {status}; check the URL")
         return body
     raise FetchRefused(f"URL {url!r}: more than {policy.max_redirects} redirects; link the final address instead")
+
+
+def post(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    policy: FetchPolicy,
+    *,
+    resolver: Resolver = resolve,
+    tls_context: ssl.SSLContext | None = None,
+) -> int:
+    """POST ``body`` to ``url`` under ``policy`` (webhook deliveries); returns the HTTP status.
+
+    Redirects are not followed (a receiver answers where it is configured: a 3xx is a failed delivery),
+    and at most ``max_bytes`` of the answer are read, within the policy's deadline.
+    """
+    deadline = time.monotonic() + policy.timeout_seconds
+    target = _check_url(url, policy, resolver)
+    with _connection(target, deadline, url, policy, tls_context, "deliver to") as conn:
+        conn.request("POST", target.path, body=body, headers={"User-Agent": "reelfarm-webhooks/1", **headers})
+        response = conn.getresponse()
+        response.read(policy.max_bytes)
+        return response.status
+
+
+@contextmanager
+def _connection(
+    target: _Target, deadline: float, url: str, policy: FetchPolicy, tls: ssl.SSLContext | None, verb: str
+) -> Iterator[http.client.HTTPConnection]:
+    """A connection to the checked address; its failures become one-line ``FetchRefused``s, and it is closed."""
+    conn = _open(target, _remaining(deadline, url, policy), tls)
+    try:
+        yield conn
+    except TimeoutError:
+        raise _too_slow(url, policy) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise FetchRefused(f"URL {url!r}: cannot {verb} it ({_one_line(exc)})") from None
+    finally:
+        conn.close()
 
 
 def _request(

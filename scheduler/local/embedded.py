@@ -6,6 +6,9 @@ dir is missing, and starts one worker per stage; it writes the farm's settings
 (secrets included, mode 0600) to ``<home>/farm.json`` so later commands find
 it. ``reelfarm down`` stops what that file lists. Workers are started as
 ``python -m workers STAGE`` processes: the control plane never imports them.
+The HTTP front runs as ``python -m scheduler.http`` on a free loopback port
+with a generated API key: its digest goes into the settings, the key itself
+only into the 0600 state file, where ``reelfarm up`` reads it to show it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +29,7 @@ from scheduler.core import worker_registry
 from scheduler.core.connection import connect_redis
 from scheduler.core.errors import UserError
 from scheduler.core.keys import Stage
-from scheduler.core.settings import STATE_FILE_NAME, FarmSettings
+from scheduler.core.settings import STATE_FILE_NAME, FarmSettings, api_key_hash
 from scheduler.local.processes import free_port, stop_pid, write_private
 from scheduler.local.seaweedfs import S3_STOP_TIMEOUT, start_s3_server
 from scheduler.local.valkey import start_valkey
@@ -33,6 +37,7 @@ from scheduler.local.valkey import start_valkey
 # Small sizes so the embedded default renders in seconds on a CPU with the tiny model.
 TINY_SPEC_DEFAULTS: dict[str, Any] = {"width": 128, "height": 96, "frames": 33, "steps": 12, "fps": 16}
 WORKER_START_TIMEOUT = 180.0
+HTTP_START_TIMEOUT = 30.0
 
 
 class EmbeddedFarmError(UserError, RuntimeError):
@@ -168,6 +173,30 @@ def wait_for_workers(
     raise EmbeddedFarmError(f"workers did not register within {WORKER_START_TIMEOUT:.0f}s; see {log_dir}")
 
 
+def start_http_front(settings: FarmSettings, log_dir: Path) -> subprocess.Popen[bytes]:
+    """``python -m scheduler.http`` for this farm, waited for until its /healthz answers."""
+    log_path = log_dir / "http.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.http"],
+            env=worker_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + HTTP_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedFarmError(f"the HTTP front exited during start-up (code {proc.returncode}); see {log_path}")
+        try:
+            with socket.create_connection((settings.http.host, settings.http.port), timeout=1.0):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    stop_pid(proc.pid)
+    raise EmbeddedFarmError(f"the HTTP front did not listen within {HTTP_START_TIMEOUT:.0f}s; see {log_path}")
+
+
 def farm_up(settings: FarmSettings) -> FarmSettings:
     """Start the embedded farm (idempotent: returns the running one's settings)."""
     home = settings.home.resolve()
@@ -178,6 +207,7 @@ def farm_up(settings: FarmSettings) -> FarmSettings:
     log_dir = home / "logs"
     log_dir.mkdir(exist_ok=True)
     password = secrets.token_hex(16)
+    api_key = "rf-" + secrets.token_urlsafe(32)
     access_key, secret_key = "reelfarm", secrets.token_hex(16)
     started: list[int] = []
     try:
@@ -205,6 +235,13 @@ def farm_up(settings: FarmSettings) -> FarmSettings:
                     }
                 ),
                 "spec_defaults": {**TINY_SPEC_DEFAULTS, **settings.spec_defaults},
+                "http": settings.http.model_copy(
+                    update={
+                        "host": "127.0.0.1",
+                        "port": free_port(),
+                        "api_key_hashes": [*settings.http.api_key_hashes, api_key_hash(api_key)],
+                    }
+                ),
             }
         )
         if not (model_dir / "model_index.json").exists():
@@ -215,6 +252,8 @@ def farm_up(settings: FarmSettings) -> FarmSettings:
         procs = [start_worker(slot.stage, farm, log_dir, slot=slot) for slot in slots]
         started.extend(p.pid for p in procs)
         wait_for_workers(farm, list(Stage), procs, log_dir)
+        http_front = start_http_front(farm, log_dir)
+        started.append(http_front.pid)
     except BaseException:
         for pid in reversed(started):
             stop_pid(pid)
@@ -223,7 +262,14 @@ def farm_up(settings: FarmSettings) -> FarmSettings:
         home,
         {
             "settings": json.loads(farm.model_dump_json()),
-            "pids": {"valkey": valkey.pid, "s3": s3.pid, **{s.name: p.pid for s, p in zip(slots, procs, strict=True)}},
+            "pids": {
+                "valkey": valkey.pid,
+                "s3": s3.pid,
+                "http": http_front.pid,
+                **{s.name: p.pid for s, p in zip(slots, procs, strict=True)},
+            },
+            # Only here, never in the settings: the key `reelfarm up` shows for the HTTP front.
+            "api_key": api_key,
             "started_at": time.time(),
         },
     )
@@ -236,9 +282,9 @@ def farm_down(home: Path) -> list[str]:
     if state is None:
         return []
     pids: dict[str, int] = state["pids"]
-    servers = ["s3", "valkey"]
+    servers = ["http", "s3", "valkey"]
     # `expect` guards against a reused pid: only a process with that in its command line is signalled.
-    expect = {"s3": "weed", "valkey": "valkey"}
+    expect = {"http": "scheduler.http", "s3": "weed", "valkey": "valkey"}
     # weed's filer ignores SIGTERM while it waits on subscribers; what it acknowledged is on disk already.
     timeouts = {"s3": S3_STOP_TIMEOUT}
     stopped: list[str] = []

@@ -124,6 +124,14 @@ def cancel_job(conn: redis.Redis, job_id: str) -> CancelOutcome:
     return "cancelled"
 
 
+def cancel_jobs(conn: redis.Redis, job_ids: Iterable[str]) -> dict[CancelOutcome, int]:
+    """Cancel each of ``job_ids`` (a batch's): how many were cancelled, asked to stop, or already finished."""
+    counts: dict[CancelOutcome, int] = {"cancelled": 0, "requested": 0, "finished": 0}
+    for job_id in job_ids:
+        counts[cancel_job(conn, job_id)] += 1
+    return counts
+
+
 # --------------------------------------------------------------------------- listing
 
 
