@@ -66,6 +66,8 @@ class StageField(StrEnum):
     FINISHED_AT = "finished_at"
     SECONDS = "seconds"
     PROGRESS = "progress"
+    # Transform only: how the DiT ran (speed options, DiT calls, calls a step cache skipped), as JSON.
+    DIT = "dit"
 
 
 def stage_field(stage: Stage | str, name: StageField) -> str:
