@@ -171,3 +171,26 @@ def test_unknown_attention_backend_is_refused_in_one_line(tiny_model_dir: Path) 
     with pytest.raises(dit_speed.SpeedOptionError, match="not a diffusers attention backend; use one of") as err:
         DenoiseStage(tiny_model_dir, attention_backend="warp-speed")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_equal_latents_and_compile_once_not_per_job(
+    tiny_model_dir: Path, embeds: dict[str, torch.Tensor], two_pass: torch.Tensor
+) -> None:
+    from torch._dynamo.utils import counters
+
+    stage = DenoiseStage(tiny_model_dir, compile_blocks=True)
+    first = stage.denoise(embeds, **JOB)  # compiles the block for this shape (tens of seconds on a CPU)
+    graphs_after_first_job = counters["stats"]["unique_graphs"]
+    with dit_speed.step_cache(stage.transformer, None) as calls:
+        again = stage.denoise(embeds, **{**JOB, "seed": 7})
+
+    assert graphs_after_first_job >= 1
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_job, "a second job of the same shape recompiled"
+    assert max_difference(first, two_pass) <= LATENT_TOLERANCE
+    assert not torch.equal(again, first)
+    # Counting works around compiled blocks (it hooks the transformer, whose blocks run no Python hooks).
+    assert calls.as_record() == {"dit_calls": 2 * JOB["num_inference_steps"], "dit_calls_skipped": 0}
+    with dit_speed.step_cache(stage.transformer, CacheOptions(method="first_block", threshold=0.3)) as cached:
+        stage.denoise(embeds, **JOB)
+    assert cached.skipped > 0

@@ -13,15 +13,17 @@ One-pass guidance lives in the denoising loop itself (`workers.stages.transform`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import torch
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from scheduler.core.spec import CacheOptions
+
+# diffusers' name for FirstBlockCache's hook on the first block, whose state says whether a call skipped the rest.
+_FBC_LEADER_HOOK = "fbc_leader_block_hook"
 
 
 class SpeedOptionError(ValueError):
@@ -84,29 +86,36 @@ def cache_config(options: CacheOptions) -> Any:
 def step_cache(transformer: WanTransformer3DModel, options: CacheOptions | None) -> Iterator[DitCalls]:
     """Count the DiT calls of the block inside, with ``options``' cache hooks on for it (none when None)."""
     counted = DitCalls()
+    if options is not None:
+        transformer.enable_cache(cache_config(options))
+    # Counted on the transformer itself, never inside its blocks: compiled blocks run no Python hooks.
+    computed_every_block = _computed_every_block(transformer) if options is not None else lambda: True
 
     def count_call(*_: Any) -> None:
         counted.calls += 1
+        counted.full += computed_every_block()
 
-    def count_full(*_: Any) -> None:
-        counted.full += 1
-
-    # The last block's feed-forward runs only when a call went through every block: a call a
-    # cache cut short never reaches it. torch's own hooks fire around diffusers' replaced forwards.
-    last_feed_forward = cast(torch.nn.Module, transformer.blocks[-1].ffn)
-    handles = [
-        transformer.register_forward_pre_hook(count_call),
-        last_feed_forward.register_forward_pre_hook(count_full),
-    ]
-    if options is not None:
-        transformer.enable_cache(cache_config(options))
+    handle = transformer.register_forward_hook(count_call)
     try:
         yield counted
     finally:
+        handle.remove()
         if options is not None:
             transformer.disable_cache()
-        for handle in handles:
-            handle.remove()
+
+
+def _computed_every_block(transformer: WanTransformer3DModel) -> Callable[[], bool]:
+    """Whether the DiT call that just ended ran past the first block, read from the FirstBlockCache's state.
+
+    Asked from the transformer's forward hook, so still inside the call's cache context (cond / uncond).
+    """
+    from diffusers.hooks import HookRegistry
+
+    leader = HookRegistry.check_if_exists_or_initialize(transformer.blocks[0]).get_hook(_FBC_LEADER_HOOK)
+    if leader is None:
+        raise RuntimeError("FirstBlockCache is on but its leader hook is missing: diffusers changed its hook names")
+    state_manager = leader.state_manager  # type: ignore[attr-defined]
+    return lambda: bool(state_manager.get_state().should_compute)
 
 
 def cache_context(transformer: WanTransformer3DModel, name: str) -> contextlib.AbstractContextManager[None]:
