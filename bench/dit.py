@@ -193,11 +193,13 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 
     # Warm-up (not timed): first calls, lazy inits and, for the compiled row, compilation.
     for row in rows:
+        print(f"warm-up: {row.name}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         row.run_job(args.repeats)
         row.setup_seconds = time.perf_counter() - started
     outputs: dict[str, torch.Tensor] = {}
     for job in range(args.repeats):
+        print(f"round {job + 1} of {args.repeats}", file=sys.stderr, flush=True)
         for row in rows:
             started = time.perf_counter()
             latents = row.run_job(job)
