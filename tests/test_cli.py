@@ -38,6 +38,9 @@ def farm_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
         (["--frames", "401"], "frames: 401 is over"),
         (["--steps", "0"], "steps"),
         (["--steps", "1000"], "steps: 1000 is over"),
+        (["--cache", "teacache"], "cache.method: Input should be 'first_block'"),
+        (["--cache", "first_block:lots"], "cache.threshold: Input should be a valid number"),
+        (["--cache", "first_block:2"], "cache.threshold: Input should be less than or equal to 1"),
     ],
 )
 def test_bad_submit_is_one_line_and_enqueues_nothing(
@@ -59,13 +62,29 @@ def test_empty_and_overlong_prompts_are_refused(farm_env: dict[str, str], redis_
 
 
 def test_submit_json_then_status(farm_env: dict[str, str], redis_url: str) -> None:
-    done = run_cli(["submit", "a fox", "--width", "64", "--height", "64", "--frames", "17", "--json"], farm_env)
+    done = run_cli(
+        [
+            "submit",
+            "a fox",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--frames",
+            "17",
+            "--cache",
+            "first_block:0.1",
+            "--json",
+        ],
+        farm_env,
+    )
     assert done.returncode == 0, done.stderr
     job_id = json.loads(done.stdout)["job_id"]
     status = run_cli(["status", job_id, "--json"], farm_env)
     record = json.loads(status.stdout)
     assert record["state"] == "queued"
     assert record["spec"]["width"] == 64
+    assert record["spec"]["cache"] == {"method": "first_block", "threshold": 0.1}
     assert queue_depths(redis.Redis.from_url(redis_url))["encode"] == 1
 
 

@@ -49,7 +49,17 @@ def test_two_jobs_end_to_end_match_wanpipeline(
     conn = redis.Redis.from_url(redis_url)
     with running_workers(settings):
         first = submit(conn, settings, SPEC)
-        second = submit(conn, settings, {**SPEC, "seed": 99, "codec": {"name": "h264", "crf": 20}})
+        # The second job also asks for step caching: the transform worker applies it for that job only.
+        second = submit(
+            conn,
+            settings,
+            {
+                **SPEC,
+                "seed": 99,
+                "codec": {"name": "h264", "crf": 20},
+                "cache": {"method": "first_block", "threshold": 0.5},
+            },
+        )
         records = [wait_finished(conn, first), wait_finished(conn, second)]
         workers = live_workers(conn)
 
@@ -71,6 +81,17 @@ def test_two_jobs_end_to_end_match_wanpipeline(
         assert set(metadata["timings_seconds"]) == {"encode", "transform", "decode"}
         assert record["stages"]["transform"]["progress"] == "4/4"
     assert list_incomplete_uploads(client, s3_config.bucket, "") == []
+    # How the DiT ran is on the record: the farm default (one-pass guidance: one DiT call per step),
+    # and for the cached job the calls its cache skipped -- the first job's run was left uncached.
+    dit = [record["stages"]["transform"]["dit"] for record in records]
+    assert dit[0] == {
+        "one_pass_guidance": True,
+        "compiled": False,
+        "attention_backend": "default",
+        "dit_calls": 4,
+        "dit_calls_skipped": 0,
+    }
+    assert dit[1]["dit_calls"] == 4 and dit[1]["dit_calls_skipped"] > 0
 
     # Lossless output equals the one-process reference.
     reference = reference_frames(tiny_model_dir, SPEC)

@@ -117,6 +117,24 @@ def test_denoised_latents_equal_pipeline_latents_bit_for_bit(pipeline: Any, late
     assert torch.equal(latents, expected)
 
 
+def test_one_pass_guidance_equals_two_passes_within_tolerance(
+    tiny_i2v_model_dir: Path,
+    decoder: StreamingVaeDecoder,
+    embeds: dict[str, torch.Tensor],
+    latents: torch.Tensor,
+    frames: np.ndarray,
+) -> None:
+    # Both halves of the batch carry the image condition and CLIP features (tests/test_dit_speed.py: t2v).
+    one_pass = DenoiseStage(tiny_i2v_model_dir, one_pass_guidance=True).denoise(
+        embeds, seed=SEED, flow_shift=None, **JOB
+    )
+
+    assert float((one_pass - latents).abs().max()) <= 1e-4
+    assert not torch.equal(one_pass, latents)
+    one_pass_frames = np.concatenate(list(decoder.iter_frames(one_pass)))
+    assert np.abs(one_pass_frames.astype(np.int16) - frames.astype(np.int16)).max() <= 1
+
+
 def test_denoise_without_guidance_equals_pipeline_latents(
     pipeline: Any, encoder: TextEncodeStage, image_stage: ImageConditionStage, denoiser: DenoiseStage
 ) -> None:

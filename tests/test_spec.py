@@ -34,6 +34,10 @@ def test_valid_spec_uses_defaults() -> None:
         ({"prompt": "x", "codec": {"name": "gif"}}, "codec.name"),
         ({"prompt": "x", "output_prefix": "../etc"}, "output_prefix"),
         ({}, "prompt: Field required"),
+        ({"prompt": "x", "cache": {"method": "teacache"}}, "cache.method: Input should be 'first_block'"),
+        ({"prompt": "x", "cache": {"method": "first_block", "threshold": 0}}, "cache.threshold"),
+        ({"prompt": "x", "cache": {"method": "first_block", "threshold": 1.5}}, "cache.threshold"),
+        ({"prompt": "x", "cache": {"method": "first_block", "every": 2}}, "cache.every: unknown field"),
     ],
 )
 def test_bad_specs_are_refused_in_one_line(raw: dict[str, object], fragment: str) -> None:
@@ -43,6 +47,13 @@ def test_bad_specs_are_refused_in_one_line(raw: dict[str, object], fragment: str
     assert fragment in message
     assert "\n" not in message
     assert message.startswith("invalid job spec: ")
+
+
+def test_cache_is_off_by_default_and_kept_when_asked() -> None:
+    assert parse_spec({"prompt": "x"}, SpecLimits()).cache is None
+    spec = parse_spec({"prompt": "x", "cache": {"method": "first_block", "threshold": 0.1}}, SpecLimits())
+    assert spec.cache is not None and (spec.cache.method, spec.cache.threshold) == ("first_block", 0.1)
+    assert JobSpec.model_validate_json(spec.to_json()) == spec
 
 
 @given(st.dictionaries(st.text(max_size=12), st.one_of(st.integers(), st.text(max_size=20), st.none(), st.floats())))

@@ -79,18 +79,23 @@ class TransformCompute:
         def should_stop() -> bool:
             return jobs.cancel_requested(rt.conn, job.job_id)
 
-        latents = self.denoiser.denoise(
-            inputs,
-            height=spec.height,
-            width=spec.width,
-            num_frames=spec.frames,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            seed=spec.seed,
-            flow_shift=spec.flow_shift,
-            on_step=on_step,
-            should_stop=should_stop,
-        )
+        from workers.stages import dit_speed
+
+        # The job's step cache (if any) is on for this job only: the DiT stays resident for the next one.
+        with dit_speed.step_cache(self.denoiser.transformer, spec.cache) as calls:
+            latents = self.denoiser.denoise(
+                inputs,
+                height=spec.height,
+                width=spec.width,
+                num_frames=spec.frames,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                seed=spec.seed,
+                flow_shift=spec.flow_shift,
+                on_step=on_step,
+                should_stop=should_stop,
+            )
+        jobs.set_dit_report(rt.conn, job.job_id, {**self.denoiser.speed_options(), **calls.as_record()})
         return {"latents": latents}
 
 
@@ -152,7 +157,17 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
     if stage is Stage.TRANSFORM:
         from workers.stages.transform import DenoiseStage
 
-        return TransformCompute(DenoiseStage(model_dir, device=device, dtype=dtype))
+        speed = settings.transform
+        return TransformCompute(
+            DenoiseStage(
+                model_dir,
+                device=device,
+                dtype=dtype,
+                one_pass_guidance=speed.one_pass_guidance,
+                compile_blocks=speed.compile,
+                attention_backend=speed.attention_backend,
+            )
+        )
     from workers.stages.decode import StreamingVaeDecoder
 
     return DecodeCompute(StreamingVaeDecoder(model_dir, device=device, dtype=dtype))

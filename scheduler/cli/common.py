@@ -55,8 +55,12 @@ def farm_command(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, settings=load_settings(config), **kwargs)
         except UserError as exc:
-            # KeyError-style reprs quote their message; the user wants the words.
-            fail(str(exc).strip("'\""), code=exc.exit_code)
+            # KeyError-style reprs quote their whole message; the user wants the words. Only a message
+            # wrapped in one pair of quotes is unwrapped: "should be 'h264' or 'lossless'" keeps its last quote.
+            message = str(exc)
+            if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+                message = message[1:-1]
+            fail(message, code=exc.exit_code)
 
     return wrapper
 
@@ -68,6 +72,12 @@ def spec_options(func: Callable[..., Any]) -> Callable[..., Any]:
         "--codec", type=click.Choice(["h264", "lossless"]), default=None, help="h264, or lossless RGB for masters"
     )(func)
     func = click.option("--crf", type=int, default=None, help="h264 quality (0-51, lower is better)")(func)
+    func = click.option(
+        "--cache",
+        default=None,
+        metavar="METHOD[:THRESHOLD]",
+        help="step caching for this job, e.g. first_block:0.05 (off by default; skips DiT calls, moves the frames)",
+    )(func)
     return func
 
 
@@ -79,6 +89,11 @@ def spec_from_options(prompt: str, options: dict[str, Any]) -> dict[str, Any]:
     }
     if codec:
         raw["codec"] = codec
+    cache = options.pop("cache", None)
+    if cache is not None:
+        # The spec checks both parts (unknown method, threshold out of range or not a number), in one line.
+        method, has_threshold, threshold = cache.partition(":")
+        raw["cache"] = {"method": method, **({"threshold": threshold} if has_threshold else {})}
     return raw
 
 

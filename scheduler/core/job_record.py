@@ -73,6 +73,8 @@ class StageField(StrEnum):
     INPUT_BYTES = "input_bytes"
     PULL_SECONDS = "pull_seconds"
     PROGRESS = "progress"
+    # Transform only: how the DiT ran (speed options, DiT calls, calls a step cache skipped), as JSON.
+    DIT = "dit"
 
 
 def stage_field(stage: Stage | str, name: StageField) -> str:

@@ -127,6 +127,11 @@ def set_progress(conn: Any, job_id: str, stage: Stage, done: int, total: int) ->
     )
 
 
+def set_dit_report(conn: Any, job_id: str, report: dict[str, Any]) -> None:
+    """How the transform stage ran the DiT for this job (options and call counts), beside its timings."""
+    conn.hset(keys.job_key(job_id), stage_field(Stage.TRANSFORM, StageField.DIT), json.dumps(report, sort_keys=True))
+
+
 def mark_stage_finished(
     pipe: Any,
     job_id: str,
@@ -216,7 +221,11 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
         raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
     stages: dict[str, dict[str, Any]] = {}
     for stage in Stage:
-        entry = {name.split(".", 1)[1]: value for name, value in fields.items() if name.startswith(stage.value + ".")}
+        entry: dict[str, Any] = {
+            name.split(".", 1)[1]: value for name, value in fields.items() if name.startswith(stage.value + ".")
+        }
+        if StageField.DIT.value in entry:
+            entry[StageField.DIT.value] = _json_or_raw(entry[StageField.DIT.value])
         if entry:
             stages[stage.value] = entry
     spec = _json_or_raw(fields.get("spec", "null"))

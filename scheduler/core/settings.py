@@ -104,6 +104,28 @@ class WorkerSettings(BaseModel):
     models: list[str] = Field(default_factory=list)
 
 
+class TransformSettings(BaseModel):
+    """How a transform worker runs the DiT (speed options; see bench/README.md, "DiT speed options").
+
+    None of these change what a job asks for; one-pass guidance and compilation change floating-point
+    rounding only (frames equal the plain loop's within the tolerances the tests state).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Classifier-free guidance as one DiT call on a batch of 2 (cond + uncond) per step instead of two
+    # calls. On by default: faster on the CPUs measured and on GPUs (bench.dit); off reproduces
+    # WanPipeline's latents bit for bit.
+    one_pass_guidance: bool = True
+    # torch.compile the DiT's repeated blocks (diffusers' compile_repeated_blocks) once at worker start;
+    # each new latent shape compiles on its first job, never again per job. Off by default: it costs
+    # seconds to minutes per shape up front and needs a C++ compiler on CPU.
+    compile: bool = False
+    # A diffusers attention backend name (set_attention_backend), e.g. "native", "_native_math",
+    # "flash" on GPUs with flash-attn; None keeps the model's default (PyTorch SDPA). Checked at start.
+    attention_backend: str | None = Field(default=None, min_length=1, max_length=64)
+
+
 class FetchSettings(BaseModel):
     """What the farm may fetch on a submitter's behalf (conditioning image URLs); see ``scheduler.intake.fetch_policy``."""
 
@@ -181,6 +203,8 @@ class FarmSettings(BaseModel):
     s3: S3Settings = S3Settings()
     transfer: TransferSettings = TransferSettings()
     worker: WorkerSettings = WorkerSettings()
+    # The transform stage's speed options (one-pass guidance, compilation, attention backend).
+    transform: TransformSettings = TransformSettings()
     # Largest job specs the farm accepts at submit.
     limits: SpecLimits = SpecLimits()
     fetch: FetchSettings = FetchSettings()

@@ -43,6 +43,25 @@ class CodecOptions(BaseModel):
     preset: X264Preset = DEFAULT_PRESET
 
 
+# Step caching methods a job may ask for: diffusers' cache hooks that apply to Wan's DiT and are
+# steered by one threshold. first_block: FirstBlockCache -- skip every block after the first when the
+# first block's residual changed by less than ``threshold`` (relative mean absolute change) since the
+# last full call. Others (TaylorSeer, MagCache, FasterCache, PAB) need per-model calibration or
+# several knobs and are not offered yet.
+CacheMethod = Literal["first_block"]
+CACHE_METHODS: tuple[CacheMethod, ...] = get_args(CacheMethod)
+MAX_CACHE_THRESHOLD = 1.0  # a relative change: above 1 every call after the first would be skipped
+
+
+class CacheOptions(BaseModel):
+    """A job's step caching: off unless the spec has ``cache``; its frames then deviate from the uncached ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: CacheMethod
+    threshold: float = Field(default=0.05, gt=0.0, le=MAX_CACHE_THRESHOLD)
+
+
 class SpecLimits(BaseModel):
     """Farm-wide maxima; configured in ``configs/farm.yaml`` under ``limits``."""
 
@@ -88,6 +107,8 @@ class JobSpec(BaseModel):
     # rewritten to the job's input object in the bucket before anything is enqueued).
     image: str | None = Field(default=None, min_length=1, max_length=2048)
     resize: Literal["resize", "center_crop"] = "resize"
+    # Step caching (diffusers' cache hooks on the DiT), e.g. {"method": "first_block", "threshold": 0.05}.
+    cache: CacheOptions | None = None
 
     @field_validator("prompt")
     @classmethod

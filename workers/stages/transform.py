@@ -26,7 +26,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from workers.models.loading import fresh_scheduler, load_scheduler, load_transformer
-from workers.stages import StageCancelled
+from workers.stages import StageCancelled, dit_speed
 from workers.stages.payloads import (
     CONDITION,
     IMAGE_EMBEDS,
@@ -76,12 +76,37 @@ class Conditioning:
 class DenoiseStage:
     """Keeps the Wan DiT resident and runs one job's denoising loop at a time (t2v or i2v, as the DiT is)."""
 
-    def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        one_pass_guidance: bool = False,
+        compile_blocks: bool = False,
+        attention_backend: str | None = None,
+    ) -> None:
         model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.transformer = load_transformer(model_dir, self.device, dtype)
         # A template only: schedulers keep per-job state, so each job gets its own copy.
         self.scheduler_template = load_scheduler(model_dir, flow_shift=None)
+        # Off by default here so the class alone reproduces WanPipeline bit for bit; the farm's
+        # setting (TransformSettings.one_pass_guidance) turns it on.
+        self.one_pass_guidance = one_pass_guidance
+        self.compile_blocks = compile_blocks
+        self.attention_backend = attention_backend
+        dit_speed.prepare_transformer(
+            self.transformer, compile_blocks=compile_blocks, attention_backend=attention_backend
+        )
+
+    def speed_options(self) -> dict[str, object]:
+        """The options this DiT runs with, for the job record (they change rounding, not what a job asks)."""
+        return {
+            "one_pass_guidance": self.one_pass_guidance,
+            "compiled": self.compile_blocks,
+            "attention_backend": self.attention_backend or "default",
+        }
 
     @property
     def dtype(self) -> torch.dtype:
@@ -222,23 +247,44 @@ class DenoiseStage:
         else:
             model_input = torch.cat([latents, conditioning.condition], dim=1).to(self.dtype)
         timestep = t.expand(latents.shape[0])
-        # Conditional and unconditional passes run separately, not as one batch
-        # of two: that is what the Wan pipelines do, and batching changes the
-        # floating-point results. Both passes see the same image inputs.
-        cond = self._forward(model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds)
         if conditioning.negative_embeds is None:
-            return cond
-        uncond = self._forward(model_input, timestep, conditioning.negative_embeds, conditioning.image_embeds)
+            return self._forward(model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds, "cond")
+        if self.one_pass_guidance:
+            # One DiT call on a batch of 2 (cond, uncond): the same maths with fewer, larger kernels,
+            # but batched kernels round differently from WanPipeline's two calls (see the tests' tolerance).
+            text = torch.cat([conditioning.prompt_embeds, conditioning.negative_embeds])
+            image = conditioning.image_embeds
+            both = self._forward(
+                torch.cat([model_input, model_input]),
+                torch.cat([timestep, timestep]),
+                text,
+                None if image is None else torch.cat([image, image]),
+                "cond_uncond",
+            )
+            cond, uncond = both.chunk(2)
+        else:
+            # WanPipeline's way: two calls. Both passes see the same image inputs.
+            cond = self._forward(model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds, "cond")
+            uncond = self._forward(
+                model_input, timestep, conditioning.negative_embeds, conditioning.image_embeds, "uncond"
+            )
         return uncond + guidance_scale * (cond - uncond)
 
     def _forward(
-        self, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
+        self,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        image: torch.Tensor | None,
+        context: str,
     ) -> torch.Tensor:
-        output: torch.Tensor = self.transformer(
-            hidden_states=model_input,
-            timestep=timestep,
-            encoder_hidden_states=text,
-            encoder_hidden_states_image=image,
-            return_dict=False,
-        )[0]
+        # A step cache keeps one state per named call (cond and uncond must not share one), as the pipelines name them.
+        with dit_speed.cache_context(self.transformer, context):
+            output: torch.Tensor = self.transformer(
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                encoder_hidden_states_image=image,
+                return_dict=False,
+            )[0]
         return output

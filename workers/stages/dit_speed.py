@@ -1,0 +1,126 @@
+"""The transform stage's speed options, taken from diffusers rather than written again.
+
+- attention backend: ``set_attention_backend`` on the DiT (once, at load);
+- compilation: ``compile_repeated_blocks`` -- ``torch.compile`` of each ``WanTransformerBlock``, set up
+  once at load and compiled lazily by dynamo on the first call of each latent shape (never per job);
+- step caching: diffusers' cache hooks (``enable_cache`` / ``disable_cache``), applied around one job
+  and removed after it, because the transformer stays resident and serves the next job uncached;
+- counting DiT calls and the ones a cache skipped, for the job's stage result.
+
+One-pass guidance lives in the denoising loop itself (`workers.stages.transform`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from diffusers.hooks import FirstBlockCacheConfig
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+
+from scheduler.core.spec import CacheOptions
+
+# diffusers' name for FirstBlockCache's hook on the first block, whose state says whether a call skipped the rest.
+_FBC_LEADER_HOOK = "fbc_leader_block_hook"
+
+
+class SpeedOptionError(ValueError):
+    """A transform setting this worker cannot honour; the message says which and what to use instead."""
+
+
+def prepare_transformer(
+    transformer: WanTransformer3DModel, *, compile_blocks: bool, attention_backend: str | None
+) -> None:
+    """Apply the worker-wide options once, before the first job."""
+    if attention_backend is not None:
+        set_attention_backend(transformer, attention_backend)
+    if compile_blocks:
+        # Not fullgraph: a job's cache hooks decide per call whether to run the rest of the blocks,
+        # which dynamo can only do with a graph break.
+        transformer.compile_repeated_blocks(fullgraph=False)
+
+
+def set_attention_backend(transformer: WanTransformer3DModel, name: str) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = [backend.value for backend in AttentionBackendName]
+    if name not in known:
+        raise SpeedOptionError(
+            f"transform.attention_backend {name!r} is not a diffusers attention backend; use one of {', '.join(known)}"
+        )
+    try:
+        transformer.set_attention_backend(name)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpeedOptionError(
+            f"transform.attention_backend {name!r} cannot run here ({first_line}); "
+            "leave it unset for PyTorch SDPA or install what it needs"
+        ) from None
+
+
+@dataclass
+class DitCalls:
+    """DiT forward calls of one job, and how many of them a step cache cut short after the first block."""
+
+    calls: int = 0
+    full: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.calls - self.full
+
+    def as_record(self) -> dict[str, int]:
+        return {"dit_calls": self.calls, "dit_calls_skipped": self.skipped}
+
+
+def cache_config(options: CacheOptions) -> Any:
+    """The diffusers hook config for a job's ``cache`` (the spec allows only methods listed here)."""
+    if options.method == "first_block":
+        return FirstBlockCacheConfig(threshold=options.threshold)
+    raise SpeedOptionError(f"cache method {options.method!r} has no diffusers hook here; use first_block")
+
+
+@contextlib.contextmanager
+def step_cache(transformer: WanTransformer3DModel, options: CacheOptions | None) -> Iterator[DitCalls]:
+    """Count the DiT calls of the block inside, with ``options``' cache hooks on for it (none when None)."""
+    counted = DitCalls()
+    if options is not None:
+        transformer.enable_cache(cache_config(options))
+    # Counted on the transformer itself, never inside its blocks: compiled blocks run no Python hooks.
+    computed_every_block = _computed_every_block(transformer) if options is not None else lambda: True
+
+    def count_call(*_: Any) -> None:
+        counted.calls += 1
+        counted.full += computed_every_block()
+
+    handle = transformer.register_forward_hook(count_call)
+    try:
+        yield counted
+    finally:
+        handle.remove()
+        if options is not None:
+            transformer.disable_cache()
+
+
+def _computed_every_block(transformer: WanTransformer3DModel) -> Callable[[], bool]:
+    """Whether the DiT call that just ended ran past the first block, read from the FirstBlockCache's state.
+
+    Asked from the transformer's forward hook, so still inside the call's cache context (cond / uncond).
+    """
+    from diffusers.hooks import HookRegistry
+
+    leader = HookRegistry.check_if_exists_or_initialize(transformer.blocks[0]).get_hook(_FBC_LEADER_HOOK)
+    if leader is None:
+        raise RuntimeError("FirstBlockCache is on but its leader hook is missing: diffusers changed its hook names")
+    state_manager = leader.state_manager  # type: ignore[attr-defined]
+    return lambda: bool(state_manager.get_state().should_compute)
+
+
+def cache_context(transformer: WanTransformer3DModel, name: str) -> contextlib.AbstractContextManager[None]:
+    """diffusers' named cache state for one kind of call (cond / uncond / both); nothing when no cache is on."""
+    if transformer.is_cache_enabled:
+        context: contextlib.AbstractContextManager[None] = transformer.cache_context(name)
+        return context
+    return contextlib.nullcontext()
