@@ -126,11 +126,12 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     size = {"height": args.height, "width": args.width, "num_frames": args.frames}
     job_kwargs = {**size, "num_inference_steps": args.steps, "guidance_scale": args.guidance, "flow_shift": None}
     # diffusers' pipeline around the same resident transformer; no text encoder or VAE needed for latents.
+    # diffusers annotates every component as required; the latents-only path never touches the None ones.
     pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=None,
-        scheduler=fresh_scheduler(stage.scheduler_template, None),
+        tokenizer=None,  # type: ignore[arg-type]
+        text_encoder=None,  # type: ignore[arg-type]
+        vae=None,  # type: ignore[arg-type]
+        scheduler=fresh_scheduler(stage.scheduler_template, None),  # type: ignore[arg-type]
         transformer=stage.transformer,
     )
     pipe.set_progress_bar_config(disable=True)
