@@ -59,9 +59,12 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
     from scheduler.core.object_store import MIN_PART_SIZE, StreamingMultipartUpload
     from scheduler.core.settings import S3Settings
+    from workers.allocator import return_freed_memory_promptly
     from workers.stages.decode import StreamingVaeDecoder, frames_to_uint8
     from workers.video_encoder import FfmpegStreamEncoder, codec_from_options
 
+    if not config.get("default_malloc"):
+        return_freed_memory_promptly()  # as every worker process does at start (workers.allocator)
     torch.set_num_threads(config["threads"])
     height, width, frames = config["height"], config["width"], config["frames"]
     decoder = StreamingVaeDecoder(Path(config["model_dir"]))
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="wan2.1-t2v-1.3b", help="whose VAE (tiny for a smoke run)")
     parser.add_argument("--modes", default="stream,whole")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's trim threshold alone (what workers change)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                             "height": height,
                             "width": width,
                             "threads": args.threads,
+                            "default_malloc": args.default_malloc,
                             "model_dir": str(model_dir),
                             "s3": json.loads(settings.s3.model_dump_json()),
                         }

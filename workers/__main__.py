@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(args.log_level)
     stage = Stage(args.stage)
+    from workers.allocator import return_freed_memory_promptly
+
+    # Before the model loads and any thread starts: the worker lives for many jobs (see workers.allocator).
+    return_freed_memory_promptly()
 
     from scheduler.core.queues import JSONSerializer, stage_queues_by_priority
     from scheduler.core.settings import load_settings
