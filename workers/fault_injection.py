@@ -6,7 +6,9 @@ whose prompt contains MARKER. ``REELFARM_FAULT_SLOW=POINT:SECONDS`` pauses a wor
 at POINT, widening the window in which a test can kill it: a stage name pauses
 that stage mid-job (after its input was pulled and acknowledged);
 ``decode-upload`` pauses the decode worker right after the first part of the
-video's multipart upload landed, so a kill there leaves an incomplete upload. It exists so tests can show that a job which keeps
+video's multipart upload landed, so a kill there leaves an incomplete upload;
+``transform-step`` pauses after every denoising step, ``transform-step-N`` after
+step N only (after its checkpoint save was started). It exists so tests can show that a job which keeps
 killing workers is quarantined instead of looping; operators never set it.
 """
 
@@ -32,6 +34,7 @@ def crash_if_injected(stage: str, prompt: str) -> None:
 
 
 UPLOAD_POINT = "decode-upload"
+TRANSFORM_STEP_POINT = "transform-step"
 
 
 def pause_if_injected(point: str) -> None:

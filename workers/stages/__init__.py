@@ -9,3 +9,7 @@ or storage code, so the worker process wires them to the hand-off.
 
 class StageCancelled(Exception):
     """A job was stopped at a step boundary because its caller asked (``should_stop()`` returned True)."""
+
+
+class StagePreempted(Exception):
+    """A job handed back at a step boundary because its worker is going away (SIGTERM); its state was saved."""

@@ -14,13 +14,20 @@ latents with the image ``condition`` concatenated on the channels, and the DiT
 also cross-attends to ``image_embeds`` -- reporting each step and stopping at
 a step boundary when asked 3. return float32 latents *before* the VAE's
 latents_mean/latents_std denormalisation, which the decode stage applies.
+
+Resumable: at every step boundary ``at_boundary`` may take a `DenoiseState`
+(the latents and the scheduler's multistep memory after step n); ``denoise``
+given one (``resume=``) skips the steps it covers and continues bit-exactly.
+Where the state is stored is the caller's business (`workers.checkpoints`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -43,6 +50,94 @@ VAE_SCALE_TEMPORAL = 4
 
 OnStep = Callable[[int, int], None]
 ShouldStop = Callable[[], bool]
+
+# What a multistep scheduler's ``step()`` changes, by diffusers' attribute names (UniPC: the last
+# outputs and timesteps it extrapolates from, its warm-up order and corrector input; Euler and
+# DPM++ share ``_step_index``/``model_outputs``). Everything else follows from the config and
+# ``set_timesteps``, so a fresh scheduler plus these is the scheduler as it was.
+SCHEDULER_STEP_STATE = (
+    "model_outputs",
+    "timestep_list",
+    "lower_order_nums",
+    "last_sample",
+    "this_order",
+    "_step_index",
+)
+
+
+@dataclass
+class DenoiseState:
+    """A denoising loop paused after ``step`` of ``total`` steps: enough to continue it bit-exactly.
+
+    ``tensors`` are the latents (``"latents"``) and the scheduler's tensors (``"scheduler.<attr>"`` and
+    ``"scheduler.<attr>.<i>"`` for list items); ``scheduler`` holds its scalars and list shapes (JSON-able).
+    """
+
+    step: int
+    total: int
+    tensors: dict[str, torch.Tensor]
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.tensors["latents"]
+
+    @classmethod
+    def capture(cls, step: int, total: int, latents: torch.Tensor, scheduler: Any) -> DenoiseState:
+        """A host copy of the loop's state (the loop goes on mutating its own)."""
+        tensors = {"latents": latents.detach().to("cpu", copy=True).contiguous()}
+        meta: dict[str, Any] = {}
+        for name in SCHEDULER_STEP_STATE:
+            if not hasattr(scheduler, name):
+                continue
+            value = getattr(scheduler, name)
+            if isinstance(value, torch.Tensor):
+                tensors[f"scheduler.{name}"] = value.detach().to("cpu", copy=True).contiguous()
+                meta[name] = {"tensor": True}
+            elif isinstance(value, list):
+                present = []
+                for i, item in enumerate(value):
+                    if isinstance(item, torch.Tensor):
+                        tensors[f"scheduler.{name}.{i}"] = item.detach().to("cpu", copy=True).contiguous()
+                        present.append(i)
+                    elif item is not None:
+                        raise TypeError(f"cannot save scheduler.{name}[{i}] of type {type(item).__name__}")
+                meta[name] = {"list": len(value), "tensors": present}
+            elif value is None or isinstance(value, bool | int | float):
+                meta[name] = {"value": value}
+            else:
+                raise TypeError(f"cannot save scheduler.{name} of type {type(value).__name__}")
+        return cls(step, total, tensors, meta)
+
+    def restore_into(self, scheduler: Any, device: torch.device) -> None:
+        """Put the saved step state into ``scheduler`` (fresh, after ``set_timesteps``); refuses a mismatch."""
+        for name, entry in self.scheduler.items():
+            # Some (UniPC's this_order) only exist once step() ran: the allow-list, not hasattr, decides.
+            if name not in SCHEDULER_STEP_STATE or not isinstance(entry, dict):
+                raise ValueError(f"saved denoising state names scheduler.{name}, which this scheduler does not keep")
+            if entry.get("tensor"):
+                value: Any = self._tensor(f"scheduler.{name}", device)
+            elif "list" in entry:
+                length, present = int(entry["list"]), {int(i) for i in entry.get("tensors", [])}
+                if len(getattr(scheduler, name, None) or []) != length or not present <= set(range(length)):
+                    raise ValueError(
+                        f"saved scheduler.{name} has {length} entries; this scheduler keeps another number"
+                    )
+                value = [self._tensor(f"scheduler.{name}.{i}", device) if i in present else None for i in range(length)]
+            elif isinstance(entry.get("value"), bool | int | float) or entry.get("value") is None:
+                value = entry.get("value")
+            else:
+                raise ValueError(f"saved scheduler.{name} is not a number")
+            setattr(scheduler, name, value)
+
+    def _tensor(self, name: str, device: torch.device) -> torch.Tensor:
+        if name not in self.tensors:
+            raise ValueError(f"saved denoising state lacks tensor {name}")
+        return self.tensors[name].to(device)
+
+
+# Called after every step with (steps done, total, a way to capture the state now); may raise to stop there.
+AtBoundary = Callable[[int, int, Callable[[], DenoiseState]], None]
 
 
 def latent_shape(
@@ -118,6 +213,8 @@ class DenoiseStage:
         flow_shift: float | None,
         on_step: OnStep | None = None,
         should_stop: ShouldStop | None = None,
+        resume: DenoiseState | None = None,
+        at_boundary: AtBoundary | None = None,
     ) -> torch.Tensor:
         """Final latents [1, 16, 1 + (num_frames - 1) / 4, height / 8, width / 8], float32.
 
@@ -125,7 +222,8 @@ class DenoiseStage:
         the text embeddings, and for an i2v DiT ``image_embeds`` and
         ``condition`` too. ``on_step(i, total)`` runs after step i (1-based);
         ``should_stop()`` is asked before every step and raises
-        `StageCancelled` when it says True.
+        `StageCancelled` when it says True. ``resume`` continues a loop saved
+        after its step ``resume.step``; ``at_boundary`` runs after ``on_step``.
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1 (got {num_inference_steps})")
@@ -141,14 +239,36 @@ class DenoiseStage:
         latents = self.initial_latents(height=height, width=width, num_frames=num_frames, seed=seed)
         self._check_condition_shape(conditioning, latents)
         total = len(timesteps)
+        done = 0
+        if resume is not None:
+            done = self._resumed(resume, scheduler, latents, total)
+            latents = resume.latents.to(self.device)
         for step_index, t in enumerate(timesteps):
+            if step_index < done:
+                continue
             if should_stop is not None and should_stop():
                 raise StageCancelled(f"stopped before denoising step {step_index + 1} of {total}")
             noise_pred = self._predict_noise(latents, t, conditioning, guidance_scale)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(step_index + 1, total)
+            if at_boundary is not None:
+                at_boundary(
+                    step_index + 1,
+                    total,
+                    functools.partial(DenoiseState.capture, step_index + 1, total, latents, scheduler),
+                )
         return latents.float()
+
+    def _resumed(self, state: DenoiseState, scheduler: Any, latents: torch.Tensor, total: int) -> int:
+        """Steps ``state`` already covers, after checking it fits this job and loading it into ``scheduler``."""
+        saved = state.tensors.get("latents")
+        if saved is None or tuple(saved.shape) != tuple(latents.shape) or saved.dtype != latents.dtype:
+            raise ValueError("saved denoising state does not match this job's latents; it belongs to another job")
+        if state.total != total or not 0 < state.step < total:
+            raise ValueError(f"saved denoising state is at step {state.step} of {state.total}; this job has {total}")
+        state.restore_into(scheduler, self.device)
+        return state.step
 
     def initial_latents(self, *, height: int, width: int, num_frames: int, seed: int) -> torch.Tensor:
         """The job's starting noise: float32, drawn on the CPU so every device gets the same numbers.

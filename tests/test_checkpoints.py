@@ -1,0 +1,181 @@
+"""Never lose DiT work (issue 15), on a real farm: real worker processes, Valkey, Mooncake TCP, SeaweedFS, ffmpeg.
+
+Latent checkpoints replace a lost hand-off or a failed decode; ``decode-from`` re-renders from them;
+a transform killed or preempted mid-denoise resumes from its last save on another worker with the same
+frames; cancel and completion leave no checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from scheduler.core import jobs
+from scheduler.core.keys import Stage
+from scheduler.core.object_store import S3Config, get_bytes, make_s3_client
+from scheduler.core.settings import CheckpointSettings
+from scheduler.intake.submit import submit
+from scheduler.ops import job_admin
+from tests.farm_fixtures import Farm
+from tests.farm_harness import wait_finished, wait_until, worker_logs
+from tests.video_probe import probe_frame_count
+
+pytestmark = pytest.mark.slow
+
+JOB: dict[str, Any] = {"prompt": "a red fox in snow", "width": 64, "height": 48, "frames": 17, "steps": 8}
+LOSSLESS = {**JOB, "codec": {"name": "lossless"}}
+
+
+def checkpoints_of(farm: Farm, job_id: str) -> list[str]:
+    client = make_s3_client(_s3(farm))
+    listed = client.list_objects_v2(Bucket=farm.settings.s3.bucket, Prefix=f"checkpoints/{job_id}/")
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def _s3(farm: Farm) -> S3Config:
+    s3 = farm.settings.s3
+    return S3Config(s3.endpoint_url, s3.bucket, s3.access_key, s3.secret_key)
+
+
+def transform_field(farm: Farm, job_id: str, name: str) -> str | None:
+    return jobs.job_fields(farm.conn, job_id).get(f"transform.{name}")
+
+
+def frames_digest(farm: Farm, record: dict[str, Any]) -> str:
+    """The SHA-256 of every decoded frame (the decode worker's metadata), for lossless comparisons."""
+    key = record["result"]["video_key"].rsplit("/", 1)[0] + "/metadata.json"
+    return str(json.loads(get_bytes(make_s3_client(_s3(farm)), farm.settings.s3.bucket, key))["frames_sha256"])
+
+
+def test_decode_reads_the_checkpoint_when_the_transform_worker_died_after_publishing(farm: Farm) -> None:
+    conn = farm.conn
+    fleet = farm.fleet()
+    fleet.start(Stage.ENCODE, Stage.TRANSFORM)  # no decoder yet: nobody pulls
+    job_id = submit(conn, farm.settings, JOB)
+    wait_until(lambda: transform_field(farm, job_id, "checkpoint"), 90, "the latents checkpoint")
+    assert jobs.job_fields(conn, job_id)["decode.state"] == "queued", "published, not pulled"
+    fleet.sigkill(Stage.TRANSFORM)
+    fleet.start(Stage.DECODE)
+    record = wait_finished(conn, job_id, timeout=120)
+    assert record["state"] == "succeeded", worker_logs(farm.settings)
+    transform, decode = record["stages"]["transform"], record["stages"]["decode"]
+    assert decode["recovery"] == "from checkpoint (transform attempt 1)"
+    assert transform["steps_computed"] == "8" and transform["attempt"] == "1", "the DiT ran once"
+    assert record["stages"]["encode"]["attempt"] == "1", "no lineage recompute"
+    assert (
+        probe_frame_count(get_bytes(make_s3_client(_s3(farm)), farm.settings.s3.bucket, record["result"]["video_key"]))
+        == 17
+    )
+    assert checkpoints_of(farm, job_id) == [], "completion deletes the checkpoints"
+
+
+def test_a_decode_retried_after_failure_uses_the_checkpoint(farm: Farm) -> None:
+    conn = farm.conn
+    fleet = farm.fleet({"REELFARM_FAULT_SLOW": "decode:30"})
+    fleet.start(*Stage)
+    job_id = submit(conn, farm.settings, JOB)
+    wait_until(lambda: jobs.job_fields(conn, job_id).get("decode.state") == "running", 90, "decode to start")
+    wait_until(lambda: transform_field(farm, job_id, "checkpoint"), 30, "the latents checkpoint")
+    fleet.sigkill(Stage.DECODE)  # after it pulled and acknowledged: the hand-off is gone
+    fleet.extra_env = {}
+    fleet.start(Stage.DECODE)
+    record = wait_finished(conn, job_id, timeout=120)
+    assert record["state"] == "succeeded", worker_logs(farm.settings)
+    assert record["stages"]["decode"]["attempt"] == "2"
+    assert record["stages"]["decode"]["recovery"] == "from checkpoint (transform attempt 1)"
+    assert record["stages"]["transform"]["steps_computed"] == "8" and record["stages"]["transform"]["attempt"] == "1"
+    assert [f["stage"] for f in record["failures"]] == ["decode"]
+
+
+def test_decode_from_re_renders_with_another_codec_and_cancel_leaves_no_checkpoint(
+    make_farm: Callable[..., Farm],
+) -> None:
+    farm = make_farm(checkpoints=CheckpointSettings(retention_days=1))
+    conn = farm.conn
+    fleet = farm.fleet()
+    fleet.start(*Stage)
+    job_id = submit(conn, farm.settings, JOB)
+    first = wait_finished(conn, job_id, timeout=120)
+    assert first["state"] == "succeeded" and first["result"]["codec"] == "h264", worker_logs(farm.settings)
+    assert checkpoints_of(farm, job_id) == [f"checkpoints/{job_id}/transform-a1.latents"], "retention keeps it"
+
+    assert job_admin.decode_from(conn, job_id, {"name": "lossless"}, secret=farm.settings.require_secret()) == 2
+    again = wait_finished(conn, job_id, timeout=120)
+    assert again["state"] == "succeeded", worker_logs(farm.settings)
+    assert again["result"]["codec"] == "lossless" and again["result"]["sha256"] != first["result"]["sha256"]
+    assert again["stages"]["decode"]["recovery"] == "from checkpoint (transform attempt 1)"
+    assert again["stages"]["transform"]["steps_computed"] == "8", "no DiT step ran for the re-render"
+    with pytest.raises(job_admin.JobAdminError, match="finished jobs only"):
+        job_admin.decode_from(conn, submit(conn, farm.settings, {**JOB, "seed": 9}), None, secret=b"x")
+
+    # Cancelled while its decode waits: the checkpoint goes with it.
+    fleet.sigkill(Stage.DECODE)
+    doomed = submit(conn, farm.settings, {**JOB, "seed": 7})
+    wait_until(lambda: transform_field(farm, doomed, "checkpoint"), 90, "the latents checkpoint")
+    assert job_admin.cancel_job(conn, doomed) == "cancelled"
+    assert job_admin.drop_checkpoints(conn, farm.settings, doomed) == 1
+    assert checkpoints_of(farm, doomed) == []
+
+
+def test_sigkill_at_step_6_of_8_resumes_at_step_6_on_another_worker_with_the_same_frames(
+    make_farm: Callable[..., Farm],
+) -> None:
+    farm = make_farm(checkpoints=CheckpointSettings(save_every_steps=2, save_min_steps=0))
+    conn = farm.conn
+    fleet = farm.fleet({"REELFARM_FAULT_SLOW": "transform-step-6:60"})
+    fleet.start(*Stage)
+    job_id = submit(conn, farm.settings, LOSSLESS)
+    wait_until(lambda: json.loads(transform_field(farm, job_id, "resume") or "{}").get("step") == 6, 90, "save at 6")
+    killed = fleet.worker(Stage.TRANSFORM).pid
+    fleet.sigkill(Stage.TRANSFORM)
+    fleet.extra_env = {}
+    fleet.start(Stage.TRANSFORM)
+    record = wait_finished(conn, job_id, timeout=120)
+    assert record["state"] == "succeeded", worker_logs(farm.settings)
+    transform = record["stages"]["transform"]
+    assert transform["recovery"] == "pulled; resumed at step 6" and transform["attempt"] == "2"
+    assert f"-{killed}-" not in transform["worker"], "resumed on another worker"
+    assert transform["steps_computed"] == "8", "steps 1-6 ran once, on the killed worker; 7-8 on the new one"
+    assert checkpoints_of(farm, job_id) == []
+    uninterrupted = wait_finished(conn, submit(conn, farm.settings, LOSSLESS, job_id="uninterrupted"), timeout=120)
+    assert uninterrupted["stages"]["transform"].get("recovery") == "pulled"
+    assert frames_digest(farm, record) == frames_digest(farm, uninterrupted)
+
+
+def test_sigterm_at_step_5_of_8_saves_hands_back_and_exits_within_a_step(make_farm: Callable[..., Farm]) -> None:
+    # No periodic saves: the resume point can only come from the preemption's own save.
+    farm = make_farm(checkpoints=CheckpointSettings(save_every_steps=100, save_min_steps=0))
+    conn = farm.conn
+    step_pause = 0.5
+    fleet = farm.fleet({"REELFARM_FAULT_SLOW": f"transform-step:{step_pause}"})
+    fleet.start(*Stage)
+    job_id = submit(conn, farm.settings, LOSSLESS)
+    wait_until(lambda: transform_field(farm, job_id, "progress") == "5/8", 90, "step 5")
+    worker = fleet.worker(Stage.TRANSFORM)
+    signalled, signalled_wall = time.monotonic(), time.time()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    exit_seconds = time.monotonic() - signalled
+    preempted = jobs.read_status(conn, job_id)
+    handback_seconds = preempted["failures"][0]["at"] - signalled_wall
+    assert preempted["failures"][0]["reason"].startswith("preempted: worker stopping: handed back after step")
+    saved_step = json.loads(preempted["stages"]["transform"]["resume"])["step"]
+    assert saved_step in (5, 6), "saved at the step boundary after the signal"
+    fleet.extra_env = {}
+    fleet.start(Stage.TRANSFORM)
+    record = wait_finished(conn, job_id, timeout=120)
+    assert record["state"] == "succeeded", worker_logs(farm.settings)
+    transform = record["stages"]["transform"]
+    assert transform["recovery"] == f"pulled; resumed at step {saved_step}" and transform["steps_computed"] == "8"
+    uninterrupted = wait_finished(conn, submit(conn, farm.settings, LOSSLESS, job_id="uninterrupted"), timeout=120)
+    assert frames_digest(farm, record) == frames_digest(farm, uninterrupted)
+    # One step of the tiny model plus one save is well under a second here, on top of the pause the test
+    # injects at each step; the exit adds the worker's own teardown (threads, engine, deregistration).
+    print(f"\nSIGTERM at step 5 of 8: handed back after {handback_seconds:.2f}s, exited after {exit_seconds:.2f}s")
+    assert handback_seconds < 2 * step_pause + 2.0, f"took {handback_seconds:.1f}s to hand the job back"
+    assert exit_seconds < handback_seconds + 10.0, f"took {exit_seconds:.1f}s to exit after SIGTERM"
