@@ -20,8 +20,9 @@ import torch
 
 from tests.conftest_models import TINY_MODEL_SEED
 from workers.models.__main__ import main as models_cli
+from workers.models.build import MARKER_FILE
 from workers.models.loading import ModelDirError, check_model_dir, load_image_encoder, model_task
-from workers.models.tiny import MARKER_FILE, build_tiny_model
+from workers.models.tiny import build_tiny_model
 from workers.stages.decode import StreamingVaeDecoder, frames_to_uint8
 from workers.stages.encode import TextEncodeStage
 from workers.stages.image_encode import ImageConditionStage, crop_to_aspect_ratio, prepare_condition_image
@@ -384,6 +385,6 @@ def test_tiny_cli_builds_i2v_and_will_not_mix_tasks(
     assert capsys.readouterr().out == f"{tiny_i2v_model_dir}\n"
 
     assert models_cli(["tiny", str(tiny_model_dir), "--i2v"]) == 2
-    assert "holds a tiny t2v model, not i2v" in capsys.readouterr().err
+    assert "holds a tiny t2v model, not tiny i2v" in capsys.readouterr().err
     assert models_cli(["tiny", str(tiny_i2v_model_dir)]) == 2
-    assert "holds a tiny i2v model, not t2v" in capsys.readouterr().err
+    assert "holds a tiny i2v model, not tiny t2v" in capsys.readouterr().err

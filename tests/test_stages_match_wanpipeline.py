@@ -19,8 +19,9 @@ import torch
 
 from tests.conftest_models import TINY_MODEL_SEED
 from workers.models.__main__ import main as models_cli
+from workers.models.build import MARKER_FILE
 from workers.models.loading import ModelDirError, check_model_dir, load_scheduler
-from workers.models.tiny import MARKER_FILE, build_tiny_model
+from workers.models.tiny import build_tiny_model
 from workers.stages import StageCancelled
 from workers.stages.decode import StreamingVaeDecoder, frames_to_uint8
 from workers.stages.encode import TextEncodeStage
@@ -271,7 +272,7 @@ def test_tiny_cli_refuses_a_non_empty_foreign_dir(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.startswith("error: refusing to write a tiny model into")
+    assert result.stderr.startswith("error: refusing to write a tiny t2v model into")
     assert result.stderr.count("\n") == 1
     assert sorted(path.name for path in foreign.iterdir()) == ["notes.txt"]
 

@@ -33,6 +33,21 @@ def model_tiny(model_dir: Path) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "workers.models", "tiny", str(model_dir)])
 
 
+@model.command("build")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--arch",
+    required=True,
+    help="tiny, tiny-i2v, bench (CPU pipeline benchmarks) or wan2.1-t2v-1.3b (the published shape, random weights)",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="weight seed; the same seed gives identical files")
+def model_build(model_dir: Path, arch: str, seed: int) -> None:
+    """Write a model directory of a named architecture in diffusers format (random weights, no downloads)."""
+    # The architectures live with the models (workers.models.presets), which checks the name.
+    command = [sys.executable, "-m", "workers.models", "build", str(model_dir), "--arch", arch, "--seed", str(seed)]
+    os.execv(sys.executable, command)
+
+
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("stage", type=click.Choice(["encode", "transform", "decode"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)

@@ -1,9 +1,11 @@
-"""Command line for model directories: ``python -m workers.models tiny DIR [--seed N] [--i2v]``.
+"""Command line for model directories: ``python -m workers.models tiny|build DIR ...``.
 
-``tiny`` writes a tiny Wan2.1 t2v model (with ``--i2v``, an image-to-video
-model; see `workers.models.tiny`) and prints its path; it does nothing when
-DIR already holds that model and refuses (exit status 2, one line on stderr) a
-directory holding anything else.
+``tiny DIR [--seed N] [--i2v]`` writes a tiny Wan2.1 t2v model (with ``--i2v``,
+an image-to-video model; see `workers.models.tiny`); ``build DIR --arch NAME
+[--seed N]`` writes any architecture of `workers.models.presets` (production
+shapes such as ``wan2.1-t2v-1.3b``, the ``bench`` preset). Both print the
+directory's path; they do nothing when DIR already holds that model and refuse
+(exit status 2, one line on stderr) a directory holding anything else.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from workers.models.loading import ModelDirError
+from workers.models.presets import ARCHS, build_arch_model
 from workers.models.tiny import build_tiny_model
 
 EXIT_USAGE = 2
@@ -22,7 +25,10 @@ EXIT_USAGE = 2
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        model_dir = build_tiny_model(Path(args.dir), seed=args.seed, i2v=args.i2v)
+        if args.command == "tiny":
+            model_dir = build_tiny_model(Path(args.dir), seed=args.seed, i2v=args.i2v)
+        else:
+            model_dir = build_arch_model(Path(args.dir), args.arch, seed=args.seed)
     except ModelDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -37,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="a new or empty directory (or one already holding this tiny model)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives identical files")
     tiny.add_argument("--i2v", action="store_true", help="an image-to-video model (Wan2.1-I2V layout) instead of t2v")
+    build = commands.add_parser("build", help="write a model of a named architecture with deterministic random weights")
+    build.add_argument("dir", help="a new or empty directory (or one already holding this model)")
+    build.add_argument(
+        "--arch",
+        required=True,
+        choices=list(ARCHS),
+        help="; ".join(f"{arch.name}: {arch.summary}" for arch in ARCHS.values()),
+    )
+    build.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives identical files")
     return parser
 
 
