@@ -179,3 +179,28 @@ def test_sigterm_at_step_5_of_8_saves_hands_back_and_exits_within_a_step(make_fa
     print(f"\nSIGTERM at step 5 of 8: handed back after {handback_seconds:.2f}s, exited after {exit_seconds:.2f}s")
     assert handback_seconds < 2 * step_pause + 2.0, f"took {handback_seconds:.1f}s to hand the job back"
     assert exit_seconds < handback_seconds + 10.0, f"took {exit_seconds:.1f}s to exit after SIGTERM"
+
+
+def test_retention_sweep_deletes_only_checkpoints_past_the_window(s3_config: S3Config, s3_client: Any) -> None:
+    from types import SimpleNamespace
+
+    from scheduler.core.object_store import put_bytes
+    from scheduler.core.settings import FarmSettings, S3Settings
+    from workers import checkpoints
+
+    window = CheckpointSettings(retention_days=1, orphan_days=0.5)  # the longer of the two applies
+    settings = FarmSettings(s3=S3Settings(bucket=s3_config.bucket), checkpoints=window)
+    rt: Any = SimpleNamespace(settings=settings, s3=s3_client)
+    for key in ("checkpoints/a/transform-a1.latents", "renders/a/video.mp4"):
+        put_bytes(s3_client, s3_config.bucket, key, b"x")
+    listed = lambda: sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_config.bucket).get("Contents", []))  # noqa: E731
+    now, later = time.time(), time.time() + 2 * 86400
+    checkpoints._last_sweep = 0.0
+    assert checkpoints.sweep_expired(rt, now=now) == 0, "a fresh checkpoint is inside the window"
+    checkpoints._last_sweep = 0.0
+    assert checkpoints.sweep_expired(rt, now=now + 0.8 * 86400) == 0, "within retention_days, past orphan_days"
+    checkpoints._last_sweep = later - 60
+    assert checkpoints.sweep_expired(rt, now=later) == 0, "at most one sweep an hour"
+    checkpoints._last_sweep = 0.0
+    assert checkpoints.sweep_expired(rt, now=later) == 1
+    assert listed() == ["renders/a/video.mp4"], "only the checkpoint prefix is swept"

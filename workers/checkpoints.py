@@ -18,7 +18,8 @@ checked against the job before any stage computes on them. Any failure means "no
 caller falls back to lineage.
 
 Lifetime: everything of a job lies under ``output_keys.checkpoint_prefix``; it is deleted when the
-video is complete (or kept ``checkpoints.retention_days`` and swept later) and when the job is cancelled.
+video is complete (or kept ``checkpoints.retention_days`` and swept later) and when the job is cancelled;
+an hourly sweep deletes leftovers (a failed job's) after ``orphan_days``.
 """
 
 from __future__ import annotations
@@ -236,12 +237,13 @@ def delete_job_checkpoints(client: Any, bucket: str, key_prefix: str, job_id: st
 def on_job_ended(rt: StageRuntime, job_id: str, *, completed: bool) -> None:
     """A job completed or was cancelled on this worker: drop its checkpoints unless retention keeps them."""
     settings = rt.settings.checkpoints
-    if rt.s3 is None or (completed and settings.retention_days > 0):
+    if rt.s3 is None:
         return
-    try:
-        delete_job_checkpoints(rt.s3, rt.settings.s3.bucket, settings.key_prefix, job_id)
-    except ObjectStoreError as exc:
-        log.warning("job %s: checkpoints not deleted (%s); the retention sweep or an operator must", job_id, exc)
+    if not (completed and settings.retention_days > 0):
+        try:
+            delete_job_checkpoints(rt.s3, rt.settings.s3.bucket, settings.key_prefix, job_id)
+        except ObjectStoreError as exc:
+            log.warning("job %s: checkpoints not deleted (%s); the retention sweep will", job_id, exc)
     if completed:
         sweep_expired(rt)
 
@@ -250,14 +252,15 @@ _last_sweep = 0.0
 
 
 def sweep_expired(rt: StageRuntime, now: float | None = None) -> int:
-    """Delete checkpoints older than the retention window, at most once per ``SWEEP_INTERVAL_SECONDS`` per worker."""
+    """Delete checkpoints older than the retention window (at least ``orphan_days``: failed jobs' leftovers),
+    at most once per ``SWEEP_INTERVAL_SECONDS`` per worker; returns how many went."""
     global _last_sweep
     settings = rt.settings.checkpoints
     now = time.time() if now is None else now
-    if settings.retention_days <= 0 or now - _last_sweep < SWEEP_INTERVAL_SECONDS:
+    if now - _last_sweep < SWEEP_INTERVAL_SECONDS:
         return 0
     _last_sweep = now
-    cutoff = datetime.fromtimestamp(now, UTC) - timedelta(days=settings.retention_days)
+    cutoff = datetime.fromtimestamp(now, UTC) - timedelta(days=max(settings.retention_days, settings.orphan_days))
     try:
         return delete_objects_under(rt.s3, rt.settings.s3.bucket, settings.key_prefix.strip("/") + "/", cutoff)
     except ObjectStoreError as exc:

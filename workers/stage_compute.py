@@ -102,12 +102,12 @@ class TransformCompute:
             on_step=on_step,
             should_stop=should_stop,
             resume=resume,
-            at_boundary=_saving_boundary(job) if rt.s3 is not None else None,
+            at_boundary=saving_boundary(job) if rt.s3 is not None else None,
         )
         return {"latents": latents}
 
 
-def _saving_boundary(job: StageJob) -> AtBoundary:
+def saving_boundary(job: StageJob) -> AtBoundary:
     """The transform's step-boundary hook: save every K steps (in the background), and on preemption save,
     wait for the save, and hand the job back (``StagePreempted``)."""
     from workers.checkpoints import save_state

@@ -98,8 +98,11 @@ class CheckpointSettings(BaseModel):
     # Checkpoint objects go under s3://BUCKET/<key_prefix>/<job id>/, apart from the outputs.
     key_prefix: str = "checkpoints"
     # 0: delete a job's checkpoints when its video is complete. N > 0: keep them N days (for
-    # `reelfarm decode-from` re-renders); workers delete older ones at most once an hour.
+    # `reelfarm decode-from` re-renders).
     retention_days: float = Field(default=0.0, ge=0)
+    # What nothing deletes (checkpoints of jobs that failed) goes after this many days, or after
+    # retention_days if longer: workers sweep the checkpoint prefix at most once an hour.
+    orphan_days: float = Field(default=7.0, gt=0)
     # Save the denoising state every this many steps; 0 = every 10% of the job's steps.
     save_every_steps: int = Field(default=0, ge=0)
     # Jobs with fewer steps never save mid-denoise and are not preempted: finishing costs less.
