@@ -10,7 +10,8 @@ import torch
 
 from scheduler.core.spec import JobSpec
 from workers.checkpoints import CheckpointUnusable, parse, serialize, state_from_parsed, state_metadata
-from workers.stages.transform import DenoiseStage, DenoiseState
+from workers.stages.denoise_state import DenoiseState
+from workers.stages.transform import DenoiseStage
 from workers.transfer.packing import bytes_checksum
 
 STAGE_TASK = "t2v"

@@ -41,7 +41,8 @@ from scheduler.core.keys import Stage
 from scheduler.core.object_store import ObjectStoreError, delete_objects_under, get_bytes, put_bytes
 from scheduler.core.output_keys import checkpoint_prefix, denoise_state_key, latents_checkpoint_key
 from scheduler.core.spec import JobSpec
-from workers.stages.transform import VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL, DenoiseState
+from workers.stages.denoise_state import DenoiseState
+from workers.stages.transform import VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL
 from workers.transfer.packing import ChecksumMismatch, bytes_checksum, verify_bytes
 
 if TYPE_CHECKING:

@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 
     from workers.runtime import StageRuntime
     from workers.stages.decode import StreamingVaeDecoder
+    from workers.stages.denoise_state import DenoiseState
     from workers.stages.encode import TextEncodeStage
     from workers.stages.image_encode import ImageConditionStage
-    from workers.stages.transform import AtBoundary, DenoiseStage, DenoiseState
+    from workers.stages.transform import AtBoundary, DenoiseStage
 
 
 def torch_dtype(name: str) -> torch.dtype:
