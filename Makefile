@@ -22,7 +22,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check scheduler workers tests bench
-	$(VENV)/bin/mypy scheduler workers
+	$(VENV)/bin/mypy scheduler workers bench
 	$(VENV)/bin/lint-imports
 
 bench: setup

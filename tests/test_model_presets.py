@@ -126,4 +126,7 @@ def test_the_cli_refuses_to_build_one_preset_over_another(tmp_path: Path, tiny_m
         timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr == f"error: {tiny_model_dir} holds a tiny t2v model, not bench; choose a new directory for the bench model\n"
+    assert (
+        result.stderr
+        == f"error: {tiny_model_dir} holds a tiny t2v model, not bench; choose a new directory for the bench model\n"
+    )

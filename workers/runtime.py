@@ -135,6 +135,7 @@ class StageRuntime:
             "model_loads": str(self.model_loads),
             "jobs_done": str(self.jobs_done),
             "slots": str(self.pool.num_slots),
+            "slot_bytes": str(self.pool.slot_bytes),
             # How this worker receives payloads: "private" (TCP, straight into its tensors) or "slot" (copied out).
             "receive": "private" if self.engine.reads_into_private_memory else "slot",
             "started_at": repr(time.time()),

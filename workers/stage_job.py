@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -78,11 +79,16 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         crash_if_injected(rt.stage.value, spec.prompt)
         inputs: dict[str, torch.Tensor] = {}
         upstream = this_stage.previous
+        pulled: tuple[int, float] | None = None
         if upstream is not None:
+            pull_started = time.monotonic()
             inputs = _pull_or_checkpoint(rt, job_id, spec, upstream, upstream_attempt or 1)
+            pulled = (sum(t.nbytes for t in inputs.values()), time.monotonic() - pull_started)
         pause_if_injected(rt.stage.value)
+        compute_started = time.monotonic()
         outputs = _compute(rt, job_id, spec, attempt, inputs)
-        if not _finish(rt, job_id, spec, attempt, outputs, started):
+        timing = StageTiming(started, time.monotonic() - compute_started, pulled)
+        if not _finish(rt, job_id, spec, attempt, outputs, timing):
             outcome = "superseded"
         elif this_stage.next is None:
             checkpoints.on_job_ended(rt, job_id, completed=True)
@@ -184,7 +190,18 @@ def _compute(
     return compute.outputs_for(StageJob(rt, job_id, spec, attempt), inputs)
 
 
-def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: StageOutputs, started: float) -> bool:
+@dataclass(frozen=True)
+class StageTiming:
+    """What the finished stage records besides its outcome: when it started, the model's seconds, the pull."""
+
+    started: float  # time.monotonic() at the start fence
+    compute_seconds: float
+    pulled: tuple[int, float] | None  # input bytes and pull seconds; None for encode
+
+
+def _finish(
+    rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: StageOutputs, timing: StageTiming
+) -> bool:
     """Publish and enqueue the next stage (or record the result), fenced on this attempt still being current."""
     next_stage = rt.stage.next
     room_key = None
@@ -204,7 +221,15 @@ def _finish(rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs:
                     jobs.clear_inflight(rt.conn, job_id, rt.stage, attempt)
                     return False
                 pipe.multi()
-                jobs.mark_stage_finished(pipe, job_id, rt.stage, attempt, time.monotonic() - started)
+                jobs.mark_stage_finished(
+                    pipe,
+                    job_id,
+                    rt.stage,
+                    attempt,
+                    time.monotonic() - timing.started,
+                    timing.compute_seconds,
+                    timing.pulled,
+                )
                 if next_stage is not None:
                     next_call = StageCall(job_id, next_stage, attempt_of(fields, next_stage) + 1, attempt)
                     rt.rooms.publish(desc, signature, pipeline=pipe)

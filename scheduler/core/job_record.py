@@ -69,6 +69,13 @@ class StageField(StrEnum):
     STARTED_AT = "started_at"
     FINISHED_AT = "finished_at"
     SECONDS = "seconds"
+    # The model's share of SECONDS (the decode stage's upload included); the rest is the farm's own
+    # work inside the stage: pulling the input, publishing the output, record writes.
+    COMPUTE_SECONDS = "compute_seconds"
+    # The hand-off into this stage: payload bytes pulled from the upstream worker and the pull's seconds
+    # (claim, transfer, checksum, ack). Absent for encode, which has no upstream stage.
+    INPUT_BYTES = "input_bytes"
+    PULL_SECONDS = "pull_seconds"
     PROGRESS = "progress"
     # How this attempt got its input or starting point (pulled, from a checkpoint, resumed at a step).
     RECOVERY = "recovery"

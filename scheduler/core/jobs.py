@@ -160,17 +160,29 @@ def record_checkpoint(conn: Any, job_id: str, stage: Stage, attempt: int, name: 
     )
 
 
-def mark_stage_finished(pipe: Any, job_id: str, stage: Stage, attempt: int, seconds: float) -> None:
+def mark_stage_finished(
+    pipe: Any,
+    job_id: str,
+    stage: Stage,
+    attempt: int,
+    seconds: float,
+    compute_seconds: float | None = None,
+    pulled: tuple[int, float] | None = None,
+) -> None:
+    """The stage attempt is done: its span, the model's share of it, and the hand-off it pulled (bytes, seconds)."""
     pipe.zrem(keys.inflight_key(), keys.inflight_member(job_id, stage, attempt))
-    pipe.hset(
-        keys.job_key(job_id),
-        mapping={
-            stage_field(stage, _STATE): StageState.DONE.value,
-            stage_field(stage, StageField.FINISHED_AT): _now(),
-            stage_field(stage, StageField.SECONDS): f"{seconds:.3f}",
-            "updated_at": _now(),
-        },
-    )
+    fields = {
+        stage_field(stage, _STATE): StageState.DONE.value,
+        stage_field(stage, StageField.FINISHED_AT): _now(),
+        stage_field(stage, StageField.SECONDS): f"{seconds:.3f}",
+        "updated_at": _now(),
+    }
+    if compute_seconds is not None:
+        fields[stage_field(stage, StageField.COMPUTE_SECONDS)] = f"{compute_seconds:.4f}"
+    if pulled is not None:
+        fields[stage_field(stage, StageField.INPUT_BYTES)] = str(pulled[0])
+        fields[stage_field(stage, StageField.PULL_SECONDS)] = f"{pulled[1]:.4f}"
+    pipe.hset(keys.job_key(job_id), mapping=fields)
 
 
 def mark_succeeded(pipe: Any, job_id: str, result: dict[str, Any]) -> None:
