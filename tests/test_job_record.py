@@ -113,6 +113,9 @@ def test_a_checkpoint_is_named_only_for_the_current_attempt_of_an_unfinished_job
     for state in FINISHED_STATES:
         done = plant(conn, state, **{stage_field(Stage.TRANSFORM, StageField.ATTEMPT): "2"})
         assert not jobs.record_checkpoint(conn, done, Stage.TRANSFORM, 2, StageField.CHECKPOINT, ref.to_json())
+        # Kept for retention: a succeeded job still takes its latents (the decode may win the race); nothing else.
+        kept = jobs.record_checkpoint(conn, done, Stage.TRANSFORM, 2, StageField.CHECKPOINT, ref.to_json(), kept=True)
+        assert kept is (state is JobState.SUCCEEDED)
     # A value planted by hand is no checkpoint.
     for planted in (
         "{not json",

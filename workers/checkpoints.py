@@ -100,7 +100,9 @@ def _write(
         log.warning("job %s: checkpoint %s not written: %s", job_id, key, exc)
         return False
     ref = CheckpointRef(key, checksum, len(data), attempt, int(metadata["step"]))
-    if jobs.record_checkpoint(rt.conn, job_id, Stage.TRANSFORM, attempt, name, ref.to_json()):
+    # Latents outlive a completed job when retention keeps them (for decode-from), even if the decode won the race.
+    kept = name is StageField.CHECKPOINT and rt.settings.checkpoints.retention_days > 0
+    if jobs.record_checkpoint(rt.conn, job_id, Stage.TRANSFORM, attempt, name, ref.to_json(), kept=kept):
         log.info("job %s: checkpointed %s (%d bytes, %.3fs)", job_id, key, len(data), time.monotonic() - started)
         return True
     # Superseded, completed or cancelled while writing: nobody will read it, so it must not stay.
