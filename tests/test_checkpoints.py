@@ -147,38 +147,41 @@ def test_sigkill_at_step_6_of_8_resumes_at_step_6_on_another_worker_with_the_sam
     assert frames_digest(farm, record) == frames_digest(farm, uninterrupted)
 
 
-def test_sigterm_at_step_5_of_8_saves_hands_back_and_exits_within_a_step(make_farm: Callable[..., Farm]) -> None:
+def test_sigterm_at_step_5_of_8_saves_at_the_next_step_hands_back_and_exits(make_farm: Callable[..., Farm]) -> None:
     # No periodic saves: the resume point can only come from the preemption's own save.
     farm = make_farm(checkpoints=CheckpointSettings(save_every_steps=100, save_min_steps=0))
     conn = farm.conn
-    step_pause = 0.5
-    fleet = farm.fleet({"REELFARM_FAULT_SLOW": f"transform-step:{step_pause}"})
+    # The worker waits after step 5, so the signal lands there however loaded the machine is.
+    pause = 5.0
+    fleet = farm.fleet({"REELFARM_FAULT_SLOW": f"transform-step-5:{pause}"})
     fleet.start(*Stage)
     job_id = submit(conn, farm.settings, LOSSLESS)
     wait_until(lambda: transform_field(farm, job_id, "progress") == "5/8", 90, "step 5")
     worker = fleet.worker(Stage.TRANSFORM)
     signalled, signalled_wall = time.monotonic(), time.time()
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=30) == 0
+    assert worker.wait(timeout=60) == 0
     exit_seconds = time.monotonic() - signalled
     preempted = jobs.read_status(conn, job_id)
     handback_seconds = preempted["failures"][0]["at"] - signalled_wall
-    assert preempted["failures"][0]["reason"].startswith("preempted: worker stopping: handed back after step")
-    saved_step = json.loads(preempted["stages"]["transform"]["resume"])["step"]
-    assert saved_step in (5, 6), "saved at the step boundary after the signal"
+    assert preempted["failures"][0]["reason"] == (
+        "preempted: worker stopping: handed back after step 6 of 8, state saved: True"
+    ), "one more step, then the save and the hand-back: not the rest of the job"
+    assert json.loads(preempted["stages"]["transform"]["resume"])["step"] == 6
+    assert preempted["stages"]["transform"]["steps_computed"] == "6"
     fleet.extra_env = {}
     fleet.start(Stage.TRANSFORM)
     record = wait_finished(conn, job_id, timeout=120)
     assert record["state"] == "succeeded", worker_logs(farm.settings)
     transform = record["stages"]["transform"]
-    assert transform["recovery"] == f"pulled; resumed at step {saved_step}" and transform["steps_computed"] == "8"
+    assert transform["recovery"] == "pulled; resumed at step 6" and transform["steps_computed"] == "8"
     uninterrupted = wait_finished(conn, submit(conn, farm.settings, LOSSLESS, job_id="uninterrupted"), timeout=120)
     assert frames_digest(farm, record) == frames_digest(farm, uninterrupted)
-    # One step of the tiny model plus one save is well under a second here, on top of the pause the test
-    # injects at each step; the exit adds the worker's own teardown (threads, engine, deregistration).
-    print(f"\nSIGTERM at step 5 of 8: handed back after {handback_seconds:.2f}s, exited after {exit_seconds:.2f}s")
-    assert handback_seconds < 2 * step_pause + 2.0, f"took {handback_seconds:.1f}s to hand the job back"
-    assert exit_seconds < handback_seconds + 10.0, f"took {exit_seconds:.1f}s to exit after SIGTERM"
+    # Both include what is left of the injected pause; the exit adds the worker's teardown (threads, engine).
+    print(
+        f"\nSIGTERM during step 5's pause: handed back after {handback_seconds:.2f}s, exited after {exit_seconds:.2f}s"
+    )
+    assert handback_seconds < pause + 10.0
 
 
 def test_retention_sweep_deletes_only_checkpoints_past_the_window(s3_config: S3Config, s3_client: Any) -> None:
