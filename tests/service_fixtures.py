@@ -7,6 +7,8 @@ conftest, would make a second set of session servers).
 - ``valkey_server`` (session): ``ValkeyService`` -- ``url`` (with the password),
   ``password``, ``server`` (the ``ManagedServer``).
 - ``redis_url`` (function): the same URL, after a ``FLUSHALL``.
+- ``tls_redis`` (session): ``TlsRedis`` -- Debian's redis-server on a TLS-only port with an ACL user
+  (``url()``, ``ca_file``); the default user is off.
 - ``s3_server`` (session): ``S3Service`` -- ``endpoint_url``, keys, ``server``,
   ``config(bucket)``.
 - ``s3_config`` (function): an ``S3Config`` naming a fresh, empty bucket that is
@@ -32,6 +34,7 @@ from scheduler.core.object_store import S3Config, ensure_bucket, make_s3_client,
 from scheduler.local.processes import ManagedServer
 from scheduler.local.seaweedfs import start_s3_server
 from scheduler.local.valkey import start_valkey
+from tests.tls_redis import TlsRedis, start_tls_redis
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,16 @@ def redis_url(valkey_server: ValkeyService) -> str:
     finally:
         conn.close()
     return valkey_server.url
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    """A Redis that speaks only TLS (CA in ``ca_file``) and admits only its ACL user (``url()``)."""
+    server = start_tls_redis(tmp_path_factory.mktemp("redis-tls"), secrets.token_hex(16))
+    try:
+        yield server
+    finally:
+        server.server.stop()
 
 
 @pytest.fixture(scope="session")

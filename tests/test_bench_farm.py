@@ -17,6 +17,7 @@ import pytest
 from bench.overhead import JobOverhead, overheads, queue_adjusted
 
 REPO = Path(__file__).resolve().parents[1]
+PULL = 0.004
 
 
 def _record(created: float, spans: dict[str, tuple[float, float, float]], worker: str = "w") -> dict[str, str]:
@@ -28,6 +29,8 @@ def _record(created: float, spans: dict[str, tuple[float, float, float]], worker
             f"{stage}.compute_seconds": repr(compute),
             f"{stage}.worker": f"{stage}-{worker}",
         }
+        if stage != "encode":
+            record[f"{stage}.pull_seconds"] = repr(PULL)
     return record
 
 
@@ -45,6 +48,15 @@ def test_overhead_counts_waits_only_once_the_job_is_ready_and_a_worker_is_free()
     # Second job: ready at 0 but the encode worker was free only at 1.0; transform ready at 2.0, free at 3.0.
     assert two.wait == pytest.approx({"encode": 0.005, "transform": 0.01, "decode": 0.02})
     assert queue_adjusted(two) == pytest.approx(0.035 + 0.045 + 0.01 + 0.01)
+    assert one.pull == {"encode": 0.0, "transform": PULL, "decode": PULL}
+
+
+def test_a_producer_with_its_slots_full_is_not_counted_as_waiting() -> None:
+    first = _record(0.0, {"encode": (0.0, 1.0, 1.0), "transform": (1.0, 5.0, 4.0), "decode": (5.0, 6.0, 1.0)})
+    # One slot: encode holds job 1's output until transform pulled it (1.0 + PULL); starting at 1.01 is 6 ms late.
+    second = _record(0.0, {"encode": (1.01, 2.0, 0.99), "transform": (5.0, 9.0, 4.0), "decode": (9.0, 10.0, 1.0)})
+    _, two = overheads([first, second], slots=1)
+    assert two.wait["encode"] == pytest.approx(1.01 - (1.0 + PULL))
 
 
 def _bench(*args: str, timeout: float = 600) -> str:

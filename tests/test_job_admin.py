@@ -211,6 +211,8 @@ def test_info_shows_queues_and_workers(conn: redis.Redis, settings: FarmSettings
     result = cli(settings, tmp_path, "info", "--json")
     info = json.loads(result.output)
     assert info["queues"]["encode"]["default"]["high"] == 1
+    # Both submissions raised the encode stage's autoscaling demand as they were enqueued.
+    assert info["demand"] == {"encode": 2, "transform": 0, "decode": 0}
     (worker,) = info["workers"]
     assert (worker["stage"], worker["model"], worker["device"], worker["state"], worker["current_job"]) == (
         "transform",
@@ -221,6 +223,7 @@ def test_info_shows_queues_and_workers(conn: redis.Redis, settings: FarmSettings
     )
     text = cli(settings, tmp_path, "info").output
     assert "transform-host-1-abc" in text and "cuda:0" in text and "ago" in text
+    assert "encode 2, transform 0, decode 0" in text
 
 
 # --------------------------------------------------------------------------- progress view

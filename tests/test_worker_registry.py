@@ -45,3 +45,22 @@ def test_updates_change_live_records_and_create_nothing(conn: redis.Redis) -> No
     assert record is not None
     assert (record["state"], record["current_job"], record["jobs_done"]) == ("busy", "j1", "5")
     assert conn.ttl(keys.worker_key("encode-a")) > 0
+
+
+def test_listing_forgets_expired_workers_but_never_one_that_re_registered_meanwhile(
+    conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker_registry.register_worker(conn, "encode-gone", RECORD, ttl_seconds=30)
+    worker_registry.register_worker(conn, "encode-back", RECORD, ttl_seconds=30)
+    conn.delete(keys.worker_key("encode-gone"))
+    # "encode-back" is read as expired, then its heartbeat puts the record back before the listing forgets it
+    # (every worker's maintenance pass lists workers, so this interleaving happens under load).
+    real_get = worker_registry.get_worker
+    monkeypatch.setattr(
+        worker_registry, "get_worker", lambda c, wid: None if wid == "encode-back" else real_get(c, wid)
+    )
+    assert worker_registry.live_workers(conn) == []
+    members = {m.decode() for m in conn.smembers(keys.workers_index_key())}  # type: ignore[union-attr]
+    assert members == {"encode-back"}, "a live worker was dropped from the index: no listing would show it again"
+    monkeypatch.undo()
+    assert [w["worker_id"] for w in worker_registry.live_workers(conn)] == ["encode-back"]

@@ -6,9 +6,11 @@ whose prompt contains MARKER. ``REELFARM_FAULT_SLOW=POINT:SECONDS`` pauses a wor
 at POINT, widening the window in which a test can kill it: a stage name pauses
 that stage mid-job (after its input was pulled and acknowledged);
 ``decode-upload`` pauses the decode worker right after the first part of the
-video's multipart upload landed, so a kill there leaves an incomplete upload;
-``transform-step`` pauses after every denoising step, ``transform-step-N`` after
-step N only (after its checkpoint save was started). It exists so tests can show that a job which keeps
+video's multipart upload landed, so a kill there leaves an incomplete upload; ``STAGE-pull`` pauses
+a consuming stage after it claimed its job and before it pulls the input (the multi-host test cuts the
+producer's network link in that window); ``transform-step`` pauses after every denoising step,
+``transform-step-N`` after step N only (after its checkpoint save was started).
+``POINT:SECONDS:MARKER`` pauses only jobs whose prompt has MARKER. It exists so tests can show that a job which keeps
 killing workers is quarantined instead of looping; operators never set it.
 """
 
@@ -37,8 +39,16 @@ UPLOAD_POINT = "decode-upload"
 TRANSFORM_STEP_POINT = "transform-step"
 
 
-def pause_if_injected(point: str) -> None:
-    slow_point, _, seconds = os.environ.get("REELFARM_FAULT_SLOW", "").partition(":")
-    if slow_point == point and seconds:
+def pull_point(stage: str) -> str:
+    """The point just before a stage pulls its input: the producer has published and waits for the pull."""
+    return f"{stage}-pull"
+
+
+def pause_if_injected(point: str, prompt: str = "") -> None:
+    """Pause at ``point`` if ``REELFARM_FAULT_SLOW=POINT:SECONDS[:MARKER]`` names it (and, with a MARKER, only for
+    jobs whose prompt contains it, so one worker can pause for one test job and not for the others)."""
+    slow_point, _, rest = os.environ.get("REELFARM_FAULT_SLOW", "").partition(":")
+    seconds, _, marker = rest.partition(":")
+    if slow_point == point and seconds and (not marker or marker in prompt):
         log.error("fault injection: pausing at %s for %s s on purpose", point, seconds)
         time.sleep(float(seconds))

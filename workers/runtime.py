@@ -2,7 +2,8 @@
 
 Lifecycle::
 
-    1. load settings, connect to Redis (clear exit if unreachable)
+    1. load settings; check the farm secret and the advertised transfer address; connect to Redis
+       (each a one-line exit when wrong: no secret, an address not this host's, Redis unreachable or refusing)
     2. load the stage's model ONCE (clear exit if the model dir is wrong)
     3. start the Mooncake engine and register the slot pool ONCE
     4. register the worker (stage, endpoint, model, load counter) and start heartbeating
@@ -31,12 +32,13 @@ from typing import Any
 import redis
 
 from scheduler.core import worker_registry
-from scheduler.core.connection import connect_redis, eviction_warning
+from scheduler.core.connection import connect_redis, eviction_warning, redis_client
 from scheduler.core.descriptors import DescriptorLimits
 from scheduler.core.keys import Stage, acks_key
 from scheduler.core.reaper import ReaperThread
 from scheduler.core.rooms import Rooms
 from scheduler.core.settings import FarmSettings
+from workers.advertised_address import check_advertised_address
 from workers.slot_sizing import slot_bytes_for
 from workers.stage_seam import StageCompute
 from workers.transfer.mooncake_engine import MooncakeEngine
@@ -170,7 +172,10 @@ class StageRuntime:
                     claims = list(self.claims)
                 for room in claims:
                     self.rooms.renew_claim(room, self.worker_id, self.settings.worker.worker_ttl_seconds)
-                fields = {"free_slots": str(self.pool.free_count)}
+                with self._lock:
+                    held = len(self.held)
+                # held_outputs: part of the stage's demand (scheduler.core.demand), so scale-down spares it.
+                fields = {"free_slots": str(self.pool.free_count), "held_outputs": str(held)}
                 if not worker_registry.heartbeat(
                     self.conn, self.worker_id, self.settings.worker.worker_ttl_seconds, fields
                 ):
@@ -215,7 +220,7 @@ class StageRuntime:
 
     def _ack_loop(self) -> None:
         # A dedicated connection: BLPOP blocks it.
-        listener = redis.Redis(connection_pool=redis.ConnectionPool.from_url(self.settings.require_redis_url()))
+        listener = redis_client(self.settings)
         key = acks_key(self.worker_id)
         while not self._stop.is_set():
             try:
@@ -294,11 +299,15 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     global _CURRENT
     from workers.stage_compute import load_all
 
+    # Cheap checks first, each a one-line refusal: the farm secret, the advertised address, then Redis.
+    accepted = settings.accepted_secrets()
+    nat_warning = check_advertised_address(settings.transfer.hostname, settings.transfer.allow_nat_hostname)
+    if nat_warning:
+        log.warning(nat_warning)
     conn = connect_redis(settings)
     warning = eviction_warning(conn)
     if warning:
         log.warning(warning)
-    accepted = settings.accepted_secrets()
     computes, tasks = load_all(stage, settings)
     s3 = None
     # Decode uploads results; an i2v encoder reads each job's conditioning image from the bucket;

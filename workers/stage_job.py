@@ -34,7 +34,7 @@ from scheduler.core.logging_setup import log_context
 from scheduler.core.spec import JobSpec
 from scheduler.core.stage_calls import StageCall
 from workers import checkpoints
-from workers.fault_injection import crash_if_injected, pause_if_injected
+from workers.fault_injection import crash_if_injected, pause_if_injected, pull_point
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
 from workers.runtime import StageRuntime, current_runtime
 from workers.stage_seam import MalformedJob, StageJob, StageOutputs
@@ -81,10 +81,11 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         upstream = this_stage.previous
         pulled: tuple[int, float] | None = None
         if upstream is not None:
+            pause_if_injected(pull_point(rt.stage.value), spec.prompt)
             pull_started = time.monotonic()
             inputs = _pull_or_checkpoint(rt, job_id, spec, upstream, upstream_attempt or 1)
             pulled = (sum(t.nbytes for t in inputs.values()), time.monotonic() - pull_started)
-        pause_if_injected(rt.stage.value)
+        pause_if_injected(rt.stage.value, spec.prompt)
         compute_started = time.monotonic()
         outputs = _compute(rt, job_id, spec, attempt, inputs)
         timing = StageTiming(started, time.monotonic() - compute_started, pulled)

@@ -3,7 +3,8 @@
 - ``common``: the shared ``--config`` option, one-line errors, spec options, tables;
 - ``job_commands``: submit, status, wait, run, decode-from;
 - ``batch_commands``: batch, ls, cancel, retry, report, manifest, cron;
-- ``farm_commands``: up, down, worker, model, info, metrics.
+- ``farm_commands``: up, down, worker, model, info, metrics;
+- ``deploy_commands``: settings-doc, worker-ready.
 
 Nothing here imports torch: submitting and watching jobs needs no GPU stack.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import click
 
-from scheduler.cli import batch_commands, farm_commands, job_commands
+from scheduler.cli import batch_commands, deploy_commands, farm_commands, job_commands
 
 
 @click.group()
@@ -39,6 +40,8 @@ for _command in (
     batch_commands.report_command,
     batch_commands.manifest_command,
     batch_commands.cron_command,
+    deploy_commands.settings_doc,
+    deploy_commands.worker_ready,
 ):
     main.add_command(_command)
 

@@ -18,6 +18,7 @@ import click
 
 from scheduler.cli.common import farm_command, stop_on_signals, table
 from scheduler.core.connection import connect_redis
+from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings, parse_worker_counts
 
 
@@ -94,7 +95,7 @@ def down(settings: FarmSettings) -> None:
 @farm_command
 def info_command(settings: FarmSettings, as_json: bool) -> None:
     """Queue depths per stage and priority; live workers with model, device, heartbeat, state and job; refused calls."""
-    from scheduler.core import keys, stage_calls
+    from scheduler.core import demand, keys, stage_calls
     from scheduler.ops import job_admin
 
     conn = connect_redis(settings)
@@ -113,6 +114,8 @@ def info_command(settings: FarmSettings, as_json: bool) -> None:
             "workers": [asdict(w) for w in workers],
             "inflight": inflight,
             "delayed_retries": delayed,
+            # What the autoscaler sees (KEDA reads these keys' lengths); recounted by every maintenance pass.
+            "demand": {stage.value: count for stage, count in demand.read_demand(conn).items()},
             "refused_calls": {"counts": refused_counts, "recent": [asdict(r) for r in refused]},
         }
         click.echo(json.dumps(body, indent=2))
@@ -124,6 +127,8 @@ def info_command(settings: FarmSettings, as_json: bool) -> None:
         rows.append([*label, *[str(row.depths[p]) for p in keys.PRIORITIES], str(row.total)])
     click.echo(table(rows))
     click.echo(f"in flight: {inflight} stage executions; waiting out a retry backoff: {delayed}")
+    by_stage = ", ".join(f"{stage.value} {count}" for stage, count in demand.read_demand(conn).items())
+    click.echo(f"demand (autoscaling keys {keys.demand_key(Stage.ENCODE).rsplit(':', 1)[0]}:STAGE): {by_stage}")
     click.echo("")
     if refused_counts:
         by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(refused_counts.items()))

@@ -93,6 +93,23 @@ def queue_name(stage: Stage, priority: str = "default", model: str = DEFAULT_MOD
     return name if priority == "default" else f"{name}-{priority}"
 
 
+def stage_of_queue(name: str) -> Stage | None:
+    """The stage whose queue ``name`` is (any model, any priority), or None for a queue that is not the farm's."""
+    for stage in Stage:
+        base = f"{PREFIX}-{stage.value}"
+        if name == base or name.startswith((f"{base}@", f"{base}-")):
+            return stage
+    return None
+
+
+def demand_key(stage: Stage) -> str:
+    """List whose *length* is the stage's demand (queued + parked retries + in flight + held outputs).
+
+    A list, not a counter: KEDA's redis scaler measures a key with LLEN (see ``scheduler.core.demand``).
+    """
+    return f"{PREFIX}:demand:{stage.value}"
+
+
 def stage_job_id(job_id: str, stage: Stage, attempt: int) -> str:
     """rq job id of one attempt of one stage: unique, so a re-enqueue never collides."""
     return f"{check_id(job_id, 'job id')}-{stage.value}-a{attempt}"

@@ -28,7 +28,7 @@ from rq.registry import (
 from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp
 
-from scheduler.core import keys
+from scheduler.core import demand, keys
 from scheduler.core.job_record import Routing
 from scheduler.core.keys import Stage
 from scheduler.core.stage_calls import SIGNATURE_META_KEY, STAGE_ENTRYPOINT, CallFields, StageCall, sign_call
@@ -103,6 +103,8 @@ def enqueue_stages(
         by_queue.setdefault((call.stage, routing.priority, routing.model), []).append(_stage_job_data(secret, call))
     for (stage, priority, model), datas in by_queue.items():
         stage_queue(conn, stage, priority, model).enqueue_many(datas, pipeline=pipeline)
+        # In the same pipeline as the jobs: an autoscaler sees the demand when the work exists.
+        demand.add_demand(pipeline if pipeline is not None else conn, stage, len(datas))
 
 
 def call_fields(job: Job) -> CallFields:
@@ -204,6 +206,25 @@ def requeue_stranded(conn: redis.Redis, min_age_seconds: float, now: float | Non
                 requeued.append(rq_job_id)
             conn.delete(seen_key)
     return requeued
+
+
+def stage_backlog(conn: redis.Redis) -> dict[Stage, int]:
+    """Stage jobs waiting per stage, over every farm queue rq knows (all models, all priorities), counting
+    the ones rq dequeued but no worker started yet (its intermediate lists)."""
+    backlog = dict.fromkeys(Stage, 0)
+    farm_queues = [
+        (stage, queue)
+        for queue in Queue.all(connection=conn, serializer=JSONSerializer)
+        if (stage := keys.stage_of_queue(queue.name)) is not None
+    ]
+    pipe = conn.pipeline(transaction=False)
+    for _, queue in farm_queues:
+        pipe.llen(queue.key)
+        pipe.llen(queue.intermediate_queue_key)
+    lengths = pipe.execute()
+    for i, (stage, _) in enumerate(farm_queues):
+        backlog[stage] += int(lengths[2 * i]) + int(lengths[2 * i + 1])
+    return backlog
 
 
 def queue_depths(conn: redis.Redis, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)) -> dict[str, int]:

@@ -10,7 +10,8 @@ thread into a key that expires after ``worker_ttl_seconds``. A pass:
    through ``recovery.restart_job`` (or quarantines it past its attempt budget),
 3. releases delayed retries whose backoff is over,
 4. puts back stage jobs that rq dequeued but no worker started (``queues.requeue_stranded``:
-   the connection died between rq's BLMOVE and the start, e.g. in a Redis restart).
+   the connection died between rq's BLMOVE and the start, e.g. in a Redis restart),
+5. recounts each stage's demand key for the autoscaler (``demand.refresh_demand``).
 
 Worst-case detection = worker_ttl_seconds + interval (defaults 15 s + 5 s).
 """
@@ -23,7 +24,7 @@ import threading
 
 import redis
 
-from scheduler.core import jobs, keys, queues, recovery, worker_registry
+from scheduler.core import demand, jobs, keys, queues, recovery, worker_registry
 from scheduler.core.job_record import StageField, stage_field
 
 log = logging.getLogger("reelfarm.reaper")
@@ -74,6 +75,8 @@ def reap_once(
             actions.append(f"released {released} delayed retries")
         for rq_job_id in queues.requeue_stranded(conn, stranded_after_seconds):
             actions.append(f"{rq_job_id}: dequeued but never started; put back on its queue")
+        # Last, so the counts include what this pass put back.
+        demand.refresh_demand(conn, queues.stage_backlog(conn))
     finally:
         conn.eval(_UNLOCK, 1, keys.reaper_lock_key(), token)
     for line in actions:

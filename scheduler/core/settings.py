@@ -32,10 +32,15 @@ class SettingsError(UserError, ValueError):
 class S3Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # S3 API endpoint (MinIO, SeaweedFS, ...); None = AWS S3.
     endpoint_url: str | None = None
+    # Bucket for videos, posters, metadata and batch manifests; created at worker start if missing.
     bucket: str = "reelfarm"
+    # Access key id; None (with secret_key None) = boto3's own chain (instance role, ~/.aws).
     access_key: str | None = None
+    # Secret access key belonging to access_key.
     secret_key: str | None = None
+    # Region name sent with signed requests (most S3-compatible servers accept any).
     region: str = "us-east-1"
     # Every object key starts with this; keys never contain raw user input.
     key_prefix: str = "renders"
@@ -52,9 +57,16 @@ class S3Settings(BaseModel):
 class TransferSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # The address peers reach this worker's transfer engine at (advertised in its worker record): it must be
+    # one of this host's own addresses (a pod IP, the host's LAN address), else the worker refuses to start.
     hostname: str = "127.0.0.1"
+    # NAT / port-forwarding set-ups: advertise ``hostname`` although no local interface has it (a warning at start).
+    allow_nat_hostname: bool = False
+    # Mooncake transport: ``tcp`` or ``rdma``.
     protocol: str = "tcp"
+    # RDMA device (e.g. ``mlx5_0``); empty for TCP.
     device_name: str = ""
+    # Registered buffers per worker: outputs held for consumers plus the one being written (backpressure).
     slots: int = Field(default=2, ge=1)
     # Bytes per slot; the pool registers slots x slot size once at start. None: sized from the
     # model configs and the resolution limits (the largest payload the farm can accept).
@@ -69,6 +81,7 @@ class TransferSettings(BaseModel):
 class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # How often a worker refreshes its record (from a thread, also during a job).
     heartbeat_seconds: float = Field(default=2.0, gt=0)
     # A worker whose heartbeat key is older than this is dead.
     worker_ttl_seconds: int = Field(default=15, ge=2)
@@ -78,10 +91,13 @@ class WorkerSettings(BaseModel):
     max_attempts: int = Field(default=3, ge=1)
     # Backoff before retrying a stage that raised: base * 2^(attempt-1).
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    # How often the maintenance pass (dead workers, delayed retries, stranded dequeues, demand keys) runs.
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
     # On SIGTERM a producer stays up this long for consumers to pull what it still holds.
     shutdown_grace_seconds: float = Field(default=60.0, ge=0)
+    # Torch device the stage's model runs on: ``cpu`` or ``cuda``.
     device: str = "cpu"
+    # Torch dtype of the model weights, e.g. ``float32``, ``bfloat16``.
     dtype: str = "float32"
     # Models (by name) this worker loads and serves; empty = every model in the farm's settings.
     models: list[str] = Field(default_factory=list)
@@ -129,6 +145,7 @@ class FetchSettings(BaseModel):
     # Hosts (exact names) or CIDR ranges that may be fetched although they are loopback, private,
     # link-local or reserved -- e.g. an image server inside the farm's own network.
     allow: list[str] = Field(default_factory=list)
+    # Redirects followed, each re-checked against the policy.
     max_redirects: int = Field(default=3, ge=0, le=10)
     # The whole fetch (every redirect hop, every byte) must finish within this.
     timeout_seconds: float = Field(default=20.0, gt=0)
@@ -137,17 +154,24 @@ class FetchSettings(BaseModel):
 class FarmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # ``redis://[USER:]PASSWORD@host:6379/0``, or ``rediss://`` for TLS; None = the embedded farm's.
     redis_url: str | None = None
+    # ``rediss://``: the CA bundle (PEM) that signed the server's certificate; None = the system's CAs.
+    redis_ca_file: Path | None = None
+    # The default model: a Wan2.1 directory in diffusers format (the tiny one is built when missing).
     model_dir: Path = DEFAULT_HOME / "models" / "tiny-wan-t2v"
     # More models this farm serves, by name (jobs pick one with their `model` field).
     models: dict[str, Path] = Field(default_factory=dict)
+    # Farm secret for stage-call and descriptor HMACs; the same on scheduler and every worker.
     secret: str | None = None
     # Rotation: workers also accept calls and descriptors signed with this one (see README, Security).
     previous_secret: str | None = None
+    # Local state: the embedded farm's servers, logs and settings file; batch manifests.
     home: Path = DEFAULT_HOME
     s3: S3Settings = S3Settings()
     transfer: TransferSettings = TransferSettings()
     worker: WorkerSettings = WorkerSettings()
+    # Largest job specs the farm accepts at submit.
     limits: SpecLimits = SpecLimits()
     fetch: FetchSettings = FetchSettings()
     checkpoints: CheckpointSettings = CheckpointSettings()
@@ -217,6 +241,7 @@ class FarmSettings(BaseModel):
 
 ENV_VARS: dict[str, tuple[str, ...]] = {
     "REELFARM_REDIS_URL": ("redis_url",),
+    "REELFARM_REDIS_CA_FILE": ("redis_ca_file",),
     "REELFARM_MODEL_DIR": ("model_dir",),
     "REELFARM_SECRET": ("secret",),
     "REELFARM_PREVIOUS_SECRET": ("previous_secret",),
@@ -229,6 +254,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "REELFARM_TRANSFER_HOSTNAME": ("transfer", "hostname"),
     "REELFARM_TRANSFER_PROTOCOL": ("transfer", "protocol"),
     "REELFARM_TRANSFER_DEVICE": ("transfer", "device_name"),
+    "REELFARM_TRANSFER_ALLOW_NAT": ("transfer", "allow_nat_hostname"),
     "REELFARM_DEVICE": ("worker", "device"),
     "REELFARM_WORKER_MODELS": ("worker", "models"),
     "REELFARM_WORKERS": ("workers_per_stage",),

@@ -48,12 +48,19 @@ class SpecLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Widest video a job may ask for, in pixels (with the two below: what slots are sized for).
     max_width: int = Field(default=1280, ge=16)
+    # Tallest video a job may ask for, in pixels.
     max_height: int = Field(default=1280, ge=16)
+    # Most frames a job may ask for.
     max_frames: int = Field(default=81, ge=1)
+    # Most denoising steps per job.
     max_steps: int = Field(default=100, ge=1)
+    # Longest prompt (and negative prompt), in characters.
     max_prompt_chars: int = Field(default=2000, ge=1)
+    # Largest conditioning image file, in bytes.
     max_image_bytes: int = Field(default=20 * 2**20, ge=1)
+    # Largest conditioning image, in pixels (read from its header, checked before decoding).
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
 
 

@@ -81,6 +81,16 @@ def get_worker(conn: redis.Redis, worker_id: str) -> dict[str, str] | None:
     return {k.decode(): v.decode() for k, v in raw.items()} or None
 
 
+# Forget an expired worker -- unless it re-registered since it was read: a plain SREM after the read
+# could drop the id of a worker whose heartbeat just put its record back, and its heartbeats (which
+# refresh the record only) would never re-add it, hiding a live worker from every listing.
+# KEYS: worker record, index. ARGV: worker id.
+_FORGET_IF_EXPIRED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
+"""
+
+
 def live_workers(conn: redis.Redis) -> list[dict[str, str]]:
     ids = sorted(m.decode() for m in conn.smembers(keys.workers_index_key()))  # type: ignore[union-attr]
     alive = []
@@ -88,7 +98,7 @@ def live_workers(conn: redis.Redis) -> list[dict[str, str]]:
         record = get_worker(conn, worker_id)
         if record is None:
             # Expired: forget it so the index does not grow with every restart.
-            conn.srem(keys.workers_index_key(), worker_id)
+            conn.eval(_FORGET_IF_EXPIRED, 2, keys.worker_key(worker_id), keys.workers_index_key(), worker_id)
         else:
             alive.append(record)
     return alive

@@ -16,6 +16,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,19 @@ def start_worker(
     log_dir: Path,
     extra_env: dict[str, str] | None = None,
     slot: WorkerSlot | None = None,
+    launcher: Sequence[str] = (),
+    log_name: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """One ``python -m workers STAGE`` process; ``slot`` sets its threads and CPUs (else one thread, unpinned)."""
+    """One ``python -m workers STAGE`` process; ``slot`` sets its threads and CPUs (else one thread, unpinned).
+
+    ``launcher`` is a command the worker runs under (the multi-host test's ``ip netns exec NAME``);
+    ``log_name`` names its log (``worker-<log_name>.log``) when several workers of a stage share ``log_dir``.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
-    name = stage.value if slot is None or slot.index == 0 else slot.name
+    name = log_name or (stage.value if slot is None or slot.index == 0 else slot.name)
     log = (log_dir / f"worker-{name}.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers", stage.value],
+        [*launcher, sys.executable, "-m", "workers", stage.value],
         env={**worker_env(settings, slot.threads if slot else None), **(extra_env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -14,6 +14,7 @@ import os
 import shutil
 import sysconfig
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +101,7 @@ def weed_server_args(
     data_dir: Path,
     ports: dict[str, int],
     volume_size_limit_mb: int = DEFAULT_VOLUME_SIZE_LIMIT_MB,
+    host: str = LOOPBACK,
 ) -> list[str]:
     """The ``weed server -s3`` command line (no secrets on it: the keys are in ``s3.json``)."""
     socket_flags, _ = _weed_unix_sockets(ports, data_dir)
@@ -111,8 +113,8 @@ def weed_server_args(
         f"-config_dir={data_dir / 'config'}",
         "server",
         f"-dir={data_dir / 'data'}",
-        f"-ip={LOOPBACK}",
-        f"-ip.bind={LOOPBACK}",
+        f"-ip={host}",
+        f"-ip.bind={host}",
         f"-master.port={ports['master']}",
         f"-master.port.grpc={ports['master_grpc']}",
         # Single-master mode: no Raft quorum wait (about 1.8 s, and a race that can
@@ -151,8 +153,11 @@ def start_s3_server(
     binary: Path | None = None,
     timeout: float = S3_START_TIMEOUT,
     detach: bool = True,
+    host: str = LOOPBACK,
 ) -> ManagedServer:
     """Start a SeaweedFS S3 server (master, volume, filer and S3 gateway in one ``weed`` process).
+
+    ``host``: the address it binds and advertises (loopback unless a test puts it on its own network).
 
     ``port`` is the S3 port (None picks one); the other seven ports are always
     picked free. Returns once a signed ``ListBuckets`` succeeds and a volume
@@ -179,14 +184,14 @@ def start_s3_server(
             with contextlib.suppress(OSError):
                 stale.unlink()
         mark = log_size(log_path)
-        proc = spawn(weed_server_args(exe, data_dir, ports, volume_size_limit_mb), log_path, data_dir, env, detach)
+        proc = spawn(weed_server_args(exe, data_dir, ports, volume_size_limit_mb, host), log_path, data_dir, env, detach)
         server = ManagedServer(
             name="seaweedfs",
             pid=proc.pid,
             port=ports["s3"],
             log_path=log_path,
             data_dir=data_dir,
-            url=f"http://{LOOPBACK}:{ports['s3']}",
+            url=f"http://{host}:{ports['s3']}",
             stop_timeout=S3_STOP_TIMEOUT,
             ports=ports,
             cleanup_paths=tmp_sockets,
@@ -206,7 +211,7 @@ def _s3_ready_check(server: ManagedServer, access_key: str, secret_key: str) -> 
     client = make_s3_client(
         S3Config(server.url, "", access_key, secret_key), connect_timeout=1.0, read_timeout=5.0, max_attempts=1
     )
-    master_status = f"http://{LOOPBACK}:{server.ports['master']}/dir/status"
+    master_status = f"http://{urllib.parse.urlsplit(server.url).hostname}:{server.ports['master']}/dir/status"
     state = {"volume_joined": False}
 
     def check() -> str | None:

@@ -61,12 +61,12 @@ def _config_string(value: str, what: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def valkey_config(data_dir: Path, port: int, password: str) -> str:
+def valkey_config(data_dir: Path, port: int, password: str, host: str = LOOPBACK) -> str:
     """The valkey.conf text for an embedded server (exposed for tests and for operators to read)."""
     return "\n".join(
         [
             "# Written by reelfarm (scheduler/local/) on every start; edits are overwritten.",
-            f"bind {LOOPBACK}",
+            f"bind {host}",
             f"port {port}",
             "protected-mode yes",
             f"requirepass {_config_string(password, 'Redis password')}",
@@ -93,10 +93,12 @@ def start_valkey(
     binary: Path | None = None,
     timeout: float = VALKEY_START_TIMEOUT,
     detach: bool = True,
+    host: str = LOOPBACK,
 ) -> ManagedServer:
     """Start (or restart on the same ``data_dir``, replaying its AOF) a password-protected Valkey on 127.0.0.1.
 
-    ``port=None`` picks a free port. Returns once ``PING`` with the password answers.
+    ``port=None`` picks a free port. Returns once ``PING`` with the password answers. ``host`` binds another
+    address of this host instead of loopback (the multi-host test's server namespace); the embedded farm never does.
     """
     # The control plane's own client; imported here to keep this module light.
     import redis
@@ -111,7 +113,7 @@ def start_valkey(
     attempts = 1 if port is not None else PORT_ATTEMPTS
     for _ in range(attempts):
         chosen = port if port is not None else free_port()
-        write_private(conf_path, valkey_config(data_dir, chosen, password))
+        write_private(conf_path, valkey_config(data_dir, chosen, password, host))
         mark = log_size(log_path)
         proc = spawn([str(exe), str(conf_path)], log_path, data_dir, None, detach)
         server = ManagedServer(
@@ -120,13 +122,13 @@ def start_valkey(
             port=chosen,
             log_path=log_path,
             data_dir=data_dir,
-            url=f"redis://{LOOPBACK}:{chosen}",
+            url=f"redis://{host}:{chosen}",
             ports={"redis": chosen},
             process=proc,
         )
         # No client-side retries: the loop below is the retry, and it checks the process between tries.
         client = redis.Redis(
-            host=LOOPBACK,
+            host=host,
             port=chosen,
             password=password,
             socket_connect_timeout=0.5,
@@ -141,7 +143,7 @@ def start_valkey(
                 return "still loading its append-only file"
             except redis.AuthenticationError:
                 raise LocalServerError(
-                    f"the server on {LOOPBACK}:{chosen} refused the password: another Redis may own that port; "
+                    f"the server on {host}:{chosen} refused the password: another Redis may own that port; "
                     "choose another port"
                 ) from None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
