@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler.core import jobs, keys
+from scheduler.core import jobs, keys, recovery
 from scheduler.core.job_record import (
     FINISHED_STATES,
     VANISHED,
+    CheckpointRef,
     JobState,
     StageField,
     StageState,
+    checkpoint_ref,
     count_states,
     lua_finished,
     read_records,
@@ -97,3 +99,62 @@ def test_records_are_read_in_chunks_and_vanished_ones_are_none(conn: redis.Redis
     assert [record is None for _, record in read] == [False, True, False, False]
     assert dict(read_records(conn, ids))["jgone"] is None
     assert count_states(conn, ids) == {"queued": 3, VANISHED: 1}
+
+
+# --- checkpoints in the record (issue 15) ------------------------------------------------------------
+
+
+def test_a_checkpoint_is_named_only_for_the_current_attempt_of_an_unfinished_job(conn: redis.Redis) -> None:
+    ref = CheckpointRef("checkpoints/j/transform-a2.latents", "xxh3_128:00", 10, 2, 8)
+    current = plant(conn, JobState.RUNNING, **{stage_field(Stage.TRANSFORM, StageField.ATTEMPT): "2"})
+    assert jobs.record_checkpoint(conn, current, Stage.TRANSFORM, 2, StageField.CHECKPOINT, ref.to_json())
+    assert checkpoint_ref(jobs.job_fields(conn, current), Stage.TRANSFORM, StageField.CHECKPOINT) == ref
+    assert not jobs.record_checkpoint(conn, current, Stage.TRANSFORM, 1, StageField.CHECKPOINT, ref.to_json())
+    for state in FINISHED_STATES:
+        done = plant(conn, state, **{stage_field(Stage.TRANSFORM, StageField.ATTEMPT): "2"})
+        assert not jobs.record_checkpoint(conn, done, Stage.TRANSFORM, 2, StageField.CHECKPOINT, ref.to_json())
+        # Kept for retention: a succeeded job still takes its latents (the decode may win the race); nothing else.
+        kept = jobs.record_checkpoint(conn, done, Stage.TRANSFORM, 2, StageField.CHECKPOINT, ref.to_json(), kept=True)
+        assert kept is (state is JobState.SUCCEEDED)
+    # A value planted by hand is no checkpoint.
+    for planted in (
+        "{not json",
+        "[]",
+        '{"key": "k"}',
+        '{"key": "k", "checksum": "c", "bytes": "x", "attempt": 1, "step": 1}',
+    ):
+        assert checkpoint_ref({"transform.checkpoint": planted}, Stage.TRANSFORM, StageField.CHECKPOINT) is None
+
+
+def test_a_failed_decode_restarts_at_decode_when_the_latents_are_checkpointed(conn: redis.Redis) -> None:
+    ref = CheckpointRef("checkpoints/j/transform-a1.latents", "xxh3_128:00", 10, 1, 8)
+    done = {stage_field(Stage.TRANSFORM, StageField.STATE): StageState.DONE.value}
+    attempts = {stage_field(stage, StageField.ATTEMPT): "1" for stage in Stage}
+    without = plant(conn, JobState.RUNNING, **done, **attempts)
+    assert recovery.plan_restart(conn, without, Stage.DECODE, jobs.job_fields(conn, without)).stage is Stage.ENCODE
+    with_ref = plant(conn, JobState.RUNNING, **done, **attempts, **{"transform.checkpoint": ref.to_json()})
+    plan = recovery.plan_restart(conn, with_ref, Stage.DECODE, jobs.job_fields(conn, with_ref))
+    assert (plan.stage, plan.upstream_attempt) == (Stage.DECODE, 1), "no DiT re-run: decode reads the checkpoint"
+    jobs.forget_checkpoint(conn, with_ref, Stage.TRANSFORM, StageField.CHECKPOINT)
+    assert recovery.plan_restart(conn, with_ref, Stage.DECODE, jobs.job_fields(conn, with_ref)).stage is Stage.ENCODE
+
+
+def test_status_shows_the_recovery_path_and_the_dit_steps_computed() -> None:
+    from scheduler.cli.job_commands import describe_status
+
+    record = {
+        "job_id": "j1",
+        "state": "succeeded",
+        "stages": {
+            "transform": {
+                "state": "done",
+                "attempt": "2",
+                "recovery": "pulled; resumed at step 6",
+                "steps_computed": "8",
+            },
+            "decode": {"state": "done", "attempt": "1", "recovery": "from checkpoint (transform attempt 2)"},
+        },
+    }
+    text = describe_status(record)
+    assert "input pulled; resumed at step 6, DiT steps computed 8" in text
+    assert "input from checkpoint (transform attempt 2)" in text

@@ -8,7 +8,9 @@ that stage mid-job (after its input was pulled and acknowledged);
 ``decode-upload`` pauses the decode worker right after the first part of the
 video's multipart upload landed, so a kill there leaves an incomplete upload; ``STAGE-pull`` pauses
 a consuming stage after it claimed its job and before it pulls the input (the multi-host test cuts the
-producer's network link in that window). ``POINT:SECONDS:MARKER`` pauses only jobs whose prompt has MARKER. It exists so tests can show that a job which keeps
+producer's network link in that window); ``transform-step`` pauses after every denoising step,
+``transform-step-N`` after step N only (after its checkpoint save was started).
+``POINT:SECONDS:MARKER`` pauses only jobs whose prompt has MARKER. It exists so tests can show that a job which keeps
 killing workers is quarantined instead of looping; operators never set it.
 """
 
@@ -34,6 +36,7 @@ def crash_if_injected(stage: str, prompt: str) -> None:
 
 
 UPLOAD_POINT = "decode-upload"
+TRANSFORM_STEP_POINT = "transform-step"
 
 
 def pull_point(stage: str) -> str:

@@ -25,6 +25,7 @@ import secrets
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,8 @@ class StageRuntime:
     # What the worker record shows, kept here too so a re-registration restores it rather than zeroing it.
     jobs_done: int = 0
     status: dict[str, str] = field(default_factory=lambda: {"state": "idle", "current_job": ""})
+    # Set by the first SIGTERM while busy: a preemptible denoise saves at its next step and hands back.
+    preempt: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -98,6 +101,11 @@ class StageRuntime:
     def rooms(self) -> Rooms:
         # Built once: the heartbeat and every hand-off use it, and it registers four scripts.
         return Rooms(self.conn)
+
+    @functools.cached_property
+    def background(self) -> ThreadPoolExecutor:
+        """One thread for object-store writes the job thread must not wait for (checkpoints), in order."""
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-io")
 
     @property
     def produces(self) -> bool:
@@ -248,6 +256,9 @@ class StageRuntime:
             log.warning("exiting with %d unacknowledged outputs; consumers will recompute them", len(self.held))
 
     def close(self) -> None:
+        if "background" in self.__dict__:
+            # Finish the checkpoint writes already started: each is what a recovery would read.
+            self.background.shutdown(wait=True)
         self._stop.set()
         if self._reaper is not None:
             self._reaper.stop()
@@ -299,8 +310,10 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
         log.warning(warning)
     computes, tasks = load_all(stage, settings)
     s3 = None
-    # Decode uploads results; an i2v encoder reads each job's conditioning image from the bucket.
-    if stage is Stage.DECODE or (stage is Stage.ENCODE and "i2v" in tasks.values()):
+    # Decode uploads results; an i2v encoder reads each job's conditioning image from the bucket;
+    # with checkpoints on, transform writes them and decode reads them.
+    checkpoints = settings.checkpoints.enabled and stage is Stage.TRANSFORM
+    if stage is Stage.DECODE or checkpoints or (stage is Stage.ENCODE and "i2v" in tasks.values()):
         s3 = connect_store(settings)
     engine = transfer_engine(settings)
     slot_bytes = (

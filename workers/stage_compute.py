@@ -9,7 +9,7 @@ the bucket, progress and cancellation through the job record, the upload.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,17 +19,20 @@ import torch
 from scheduler.core import jobs
 from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings
+from workers.fault_injection import TRANSFORM_STEP_POINT, pause_if_injected
 from workers.models.loading import Component, ModelTask, check_model_dir, model_task
 from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
+from workers.stages import StagePreempted
 
 if TYPE_CHECKING:
     import PIL.Image
 
     from workers.runtime import StageRuntime
     from workers.stages.decode import StreamingVaeDecoder
+    from workers.stages.denoise_state import DenoiseState
     from workers.stages.encode import TextEncodeStage
     from workers.stages.image_encode import ImageConditionStage
-    from workers.stages.transform import DenoiseStage
+    from workers.stages.transform import AtBoundary, DenoiseStage
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -72,7 +75,8 @@ class TransformCompute:
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         rt, spec = job.rt, job.spec
 
-        # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries.
+        # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries,
+        #    resuming from the job's last saved state, saving every K steps, handing back when preempted.
         def on_step(done: int, total: int) -> None:
             jobs.set_progress(rt.conn, job.job_id, Stage.TRANSFORM, done, total)
 
@@ -80,6 +84,18 @@ class TransformCompute:
             return jobs.cancel_requested(rt.conn, job.job_id)
 
         from workers.stages import dit_speed
+
+        # A step cache keeps state across steps that a mid-denoise save does not hold, so a step-cached
+        # job neither resumes nor saves mid-denoise (nor is preempted: it finishes on SIGTERM); its
+        # finished latents are still checkpointed.
+        resumable = rt.s3 is not None and rt.settings.checkpoints.enabled and spec.cache is None
+        resume = None
+        if resumable:
+            from workers.checkpoints import state_from_checkpoint
+
+            resume = state_from_checkpoint(rt, job.job_id, spec)
+        if resume is not None:
+            jobs.set_recovery(rt.conn, job.job_id, Stage.TRANSFORM, f"pulled; resumed at step {resume.step}")
 
         # The job's step cache (if any) is on for this job only: the DiT stays resident for the next one.
         with dit_speed.step_cache(self.denoiser.transformer, spec.cache) as calls:
@@ -94,9 +110,34 @@ class TransformCompute:
                 flow_shift=spec.flow_shift,
                 on_step=on_step,
                 should_stop=should_stop,
+                resume=resume,
+                at_boundary=saving_boundary(job) if resumable else None,
             )
         jobs.set_dit_report(rt.conn, job.job_id, {**self.denoiser.speed_options(), **calls.as_record()})
         return {"latents": latents}
+
+
+def saving_boundary(job: StageJob) -> AtBoundary:
+    """The transform's step-boundary hook: save every K steps (in the background), and on preemption save,
+    wait for the save, and hand the job back (``StagePreempted``)."""
+    from workers.checkpoints import save_state
+
+    rt, settings = job.rt, job.rt.settings.checkpoints
+    interval = settings.save_interval(job.spec.steps)
+    preemptible = settings.preempts(job.spec.steps)
+
+    def at_boundary(done: int, total: int, capture: Callable[[], DenoiseState]) -> None:
+        if done < total:
+            if preemptible and rt.preempt.is_set():
+                saved = save_state(rt, job.job_id, job.attempt, capture()).result()
+                raise StagePreempted(f"worker stopping: handed back after step {done} of {total}, state saved: {saved}")
+            if interval and done % interval == 0:
+                save_state(rt, job.job_id, job.attempt, capture())
+        # Tests only: widen the window around a step boundary (every step, or one step).
+        pause_if_injected(TRANSFORM_STEP_POINT)
+        pause_if_injected(f"{TRANSFORM_STEP_POINT}-{done}")
+
+    return at_boundary
 
 
 @dataclass

@@ -10,6 +10,11 @@ Outcomes never escape as exceptions to rq: the job record is the source of
 truth. Lost inputs and failed attempts go back through ``recovery.restart_job``
 (lineage, backoff, quarantine); a refused descriptor fails the job; a stale
 attempt -- one the farm already replaced -- discards its output.
+
+The DiT's work is kept apart (``workers.checkpoints``): a finished transform's
+latents are checkpointed in the background right after the hand-off, a decode
+that cannot pull them reads that checkpoint before falling back to lineage, and
+a preempted transform hands its job back with its state saved.
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ import redis
 import torch
 
 from scheduler.core import jobs, keys, recovery, worker_metrics, worker_registry
-from scheduler.core.job_record import Routing, attempt_of, is_finished
+from scheduler.core.job_record import Routing, StageField, attempt_of, is_finished
 from scheduler.core.keys import Stage
 from scheduler.core.logging_setup import log_context
 from scheduler.core.spec import JobSpec
 from scheduler.core.stage_calls import StageCall
+from workers import checkpoints
 from workers.fault_injection import crash_if_injected, pause_if_injected, pull_point
 from workers.handoff import InputLost, InputRefused, pull_input, stage_output
 from workers.runtime import StageRuntime, current_runtime
 from workers.stage_seam import MalformedJob, StageJob, StageOutputs
-from workers.stages import StageCancelled
+from workers.stages import StageCancelled, StagePreempted
 
 log = logging.getLogger("reelfarm.stage")
 
@@ -56,6 +62,7 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         if upstream_attempt is not None:
             rt.rooms.release_input(job_id, this_stage, upstream_attempt)
         jobs.mark_cancelled(rt.conn, job_id, this_stage, jobs.CANCEL_REASON)
+        checkpoints.on_job_ended(rt, job_id, completed=False)
         return {"job_id": job_id, "stage": stage, "outcome": "cancelled"}
     started = time.monotonic()
     if not jobs.mark_stage_started(rt.conn, job_id, this_stage, rt.worker_id, attempt):
@@ -76,14 +83,16 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         if upstream is not None:
             pause_if_injected(pull_point(rt.stage.value), spec.prompt)
             pull_started = time.monotonic()
-            inputs = pull_input(rt, job_id, upstream, upstream_attempt or 1)
+            inputs = _pull_or_checkpoint(rt, job_id, spec, upstream, upstream_attempt or 1)
             pulled = (sum(t.nbytes for t in inputs.values()), time.monotonic() - pull_started)
         pause_if_injected(rt.stage.value, spec.prompt)
         compute_started = time.monotonic()
-        outputs = _compute(rt, job_id, spec, inputs)
+        outputs = _compute(rt, job_id, spec, attempt, inputs)
         timing = StageTiming(started, time.monotonic() - compute_started, pulled)
         if not _finish(rt, job_id, spec, attempt, outputs, timing):
             outcome = "superseded"
+        elif this_stage.next is None:
+            checkpoints.on_job_ended(rt, job_id, completed=True)
     except (InputRefused, MalformedJob) as exc:
         outcome = f"failed: {exc}"
         pipe = rt.conn.pipeline(transaction=True)
@@ -100,6 +109,10 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         jobs.clear_inflight(pipe, job_id, this_stage, attempt)
         jobs.mark_cancelled(pipe, job_id, this_stage, str(exc))
         pipe.execute()
+        checkpoints.on_job_ended(rt, job_id, completed=False)
+    except StagePreempted as exc:
+        # Handed back at once with its state saved; another worker resumes it from there.
+        outcome = _restart(rt, job_id, this_stage, attempt, f"preempted: {exc}", delay=0.0)
     except Exception as exc:  # noqa: BLE001 - any stage error is retried with backoff, then quarantined
         log.exception("job %s: %s attempt %d raised", job_id, stage, attempt)
         backoff = rt.settings.worker.retry_backoff_seconds * 2 ** (attempt - 1)
@@ -142,7 +155,32 @@ def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: 
             time.sleep(1.0)
 
 
-def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, torch.Tensor]) -> StageOutputs:
+def _pull_or_checkpoint(
+    rt: StageRuntime, job_id: str, spec: JobSpec, upstream: Stage, upstream_attempt: int
+) -> dict[str, torch.Tensor]:
+    """The upstream stage's tensors: pulled from its producer, or -- when that is lost and the DiT's output
+    was checkpointed -- read from the checkpoint instead of recomputing the DiT."""
+    try:
+        inputs = pull_input(rt, job_id, upstream, upstream_attempt)
+    except InputLost as lost:
+        if upstream is not Stage.TRANSFORM or rt.s3 is None or not rt.settings.checkpoints.enabled:
+            raise
+        try:
+            inputs, from_attempt = checkpoints.latents_from_checkpoint(rt, job_id, spec)
+        except checkpoints.CheckpointUnusable as exc:
+            # Forgotten, so the restart below goes to lineage instead of back to this checkpoint.
+            jobs.forget_checkpoint(rt.conn, job_id, Stage.TRANSFORM, StageField.CHECKPOINT)
+            raise InputLost(f"{lost}; no usable checkpoint either ({exc})") from None
+        log.info("job %s: %s; read the latents checkpoint of transform attempt %d", job_id, lost, from_attempt)
+        jobs.set_recovery(rt.conn, job_id, rt.stage, f"from checkpoint (transform attempt {from_attempt})")
+        return inputs
+    jobs.set_recovery(rt.conn, job_id, rt.stage, "pulled")
+    return inputs
+
+
+def _compute(
+    rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, inputs: dict[str, torch.Tensor]
+) -> StageOutputs:
     compute = rt.computes.get(spec.model)
     if compute is None:
         raise MalformedJob(
@@ -150,7 +188,7 @@ def _compute(rt: StageRuntime, job_id: str, spec: JobSpec, inputs: dict[str, tor
         )
     if (spec.image is not None) != (rt.tasks[spec.model] == "i2v"):
         raise MalformedJob(f"model {spec.model!r} is a {rt.tasks[spec.model]} model; the job is {spec.task}")
-    return compute.outputs_for(StageJob(rt, job_id, spec), inputs)
+    return compute.outputs_for(StageJob(rt, job_id, spec, attempt), inputs)
 
 
 @dataclass(frozen=True)
@@ -202,6 +240,9 @@ def _finish(
                 worker_registry.increment(pipe, rt.worker_id, "jobs_done")
                 pipe.execute()
                 rt.jobs_done += 1
+                if rt.stage is Stage.TRANSFORM and rt.s3 is not None and rt.settings.checkpoints.enabled:
+                    # After the publish: the checkpoint never delays the hand-off.
+                    checkpoints.save_latents(rt, job_id, attempt, outputs["latents"], spec.steps)
                 return True
             except redis.WatchError:
                 continue

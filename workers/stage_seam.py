@@ -26,11 +26,12 @@ class MalformedJob(ValueError):
 
 @dataclass(frozen=True)
 class StageJob:
-    """One job as a stage computes it: the worker it runs in, its id and its spec."""
+    """One job as a stage computes it: the worker it runs in, its id, its spec and the attempt running."""
 
     rt: StageRuntime
     job_id: str
     spec: JobSpec
+    attempt: int = 1
 
 
 # A producing stage's tensors for the next stage, or the last stage's result record.

@@ -54,6 +54,9 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
             # Remembered too: rq's teardown may replace the exit with a ConnectionError during an outage.
             self._stop_requested = True
             raise WarmExit(0)
+        # Busy: a preemptible denoise (settings.checkpoints) saves at its next step and hands the job
+        # back; any other job finishes first. Either way rq stops taking jobs after this one.
+        self.runtime.preempt.set()
         super().request_stop(signum, frame)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:

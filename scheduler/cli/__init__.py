@@ -1,7 +1,7 @@
 """The ``reelfarm`` command line: one click group, assembled from its command modules.
 
 - ``common``: the shared ``--config`` option, one-line errors, spec options, tables;
-- ``job_commands``: submit, status, wait, run;
+- ``job_commands``: submit, status, wait, run, decode-from;
 - ``batch_commands``: batch, ls, cancel, retry, report, manifest, cron;
 - ``farm_commands``: up, down, worker, model, info, metrics, serve (the HTTP front), api-key;
 - ``deploy_commands``: settings-doc, worker-ready.
@@ -26,6 +26,7 @@ for _command in (
     job_commands.status,
     job_commands.wait,
     job_commands.run,
+    job_commands.decode_from,
     farm_commands.up,
     farm_commands.down,
     farm_commands.worker,

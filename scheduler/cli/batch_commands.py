@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -183,6 +184,9 @@ def cancel_command(settings: FarmSettings, job_id: str | None, batch_name: str |
     conn = connect_redis(settings)
     if job_id:
         outcome = job_admin.cancel_job(conn, job_id)
+        if outcome == "cancelled":
+            # A running job's worker drops them itself when it stops.
+            _drop_checkpoints(conn, settings, job_id)
         if outcome == "finished":
             fail(f"job {job_id} already finished; nothing to cancel (`reelfarm status {job_id}`)", code=1)
         click.echo(
@@ -192,11 +196,27 @@ def cancel_command(settings: FarmSettings, job_id: str | None, batch_name: str |
         )
         return
     assert batch_name is not None
-    counts = job_admin.cancel_jobs(conn, batch.batch_job_ids(conn, batch_name))
+    counts = {"cancelled": 0, "requested": 0, "finished": 0}
+    for one in batch.batch_job_ids(conn, batch_name):
+        outcome = job_admin.cancel_job(conn, one)
+        counts[outcome] += 1
+        if outcome == "cancelled":
+            _drop_checkpoints(conn, settings, one)
     click.echo(
         f"batch {batch_name}: cancelled {counts['cancelled']} queued jobs, requested a stop of "
         f"{counts['requested']} running ones, {counts['finished']} had already finished"
     )
+
+
+def _drop_checkpoints(conn: Any, settings: FarmSettings, job_id: str) -> None:
+    from scheduler.core.object_store import ObjectStoreError
+    from scheduler.ops import job_admin
+
+    try:
+        job_admin.drop_checkpoints(conn, settings, job_id)
+    except ObjectStoreError as exc:
+        # The cancel itself stands; only the cleanup is left to do.
+        click.echo(f"reelfarm: {job_id} cancelled, but its checkpoints stay: {exc}", err=True)
 
 
 @click.command("retry")

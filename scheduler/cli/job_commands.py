@@ -53,6 +53,26 @@ def wait(job_id: str, settings: FarmSettings, timeout: float, as_json: bool) -> 
     sys.exit(0 if record["state"] == jobs.JobState.SUCCEEDED.value else 1)
 
 
+@click.command("decode-from")
+@click.argument("job_id")
+@click.option("--codec", type=click.Choice(["h264", "lossless"]), default=None, help="render with this codec instead")
+@click.option("--crf", type=int, default=None, help="h264 quality (0-51, lower is better)")
+@click.option("--wait", "wait_", is_flag=True, help="wait for the new video, showing progress")
+@farm_command
+def decode_from(job_id: str, settings: FarmSettings, codec: str | None, crf: int | None, wait_: bool) -> None:
+    """Re-render a finished job's video from its latents checkpoint (a new decode only, no DiT)."""
+    from scheduler.ops.job_admin import decode_from as queue_decode
+
+    options = {k: v for k, v in (("name", codec), ("crf", crf)) if v is not None}
+    attempt = queue_decode(connect_redis(settings), job_id, options or None, secret=settings.require_secret())
+    click.echo(f"{job_id}: decode attempt {attempt} queued from the latents checkpoint")
+    if wait_:
+        record = wait_for_job(settings, job_id, 3600.0, quiet=False)
+        if record["state"] != jobs.JobState.SUCCEEDED.value:
+            fail(f"job {job_id}: decode-from failed: {record['error']}", code=1)
+        click.echo(f"video: {record['result']['video']}")
+
+
 @click.command()
 @click.argument("prompt")
 @spec_options
@@ -103,6 +123,12 @@ def describe_status(record: dict[str, Any]) -> str:
             bits.append(f"attempt {stage['attempt']}")
         if "worker" in stage:
             bits.append(f"on {stage['worker']}")
+        if "recovery" in stage:
+            bits.append(f"input {stage['recovery']}")
+        if "steps_computed" in stage:
+            bits.append(f"DiT steps computed {stage['steps_computed']}")
+        if "checkpoint" in stage:
+            bits.append("latents checkpointed")
         if "seconds" in stage:
             bits.append(f"{float(stage['seconds']):.1f}s")
         lines.append(f"  {name:<9} " + ", ".join(bits))

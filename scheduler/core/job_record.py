@@ -6,6 +6,9 @@ One Redis hash per job (``keys.job_key``); all values are strings::
     cancel_requested, retries, attempt_base, ...
     <stage>.state  <stage>.worker  <stage>.attempt  <stage>.started_at
     <stage>.finished_at  <stage>.seconds  <stage>.progress ("done/total")
+    <stage>.recovery ("pulled", "from checkpoint ...", "pulled; resumed at step n")
+    transform.steps_computed (DiT steps run, over every attempt of this run)
+    transform.checkpoint / transform.resume (JSON ``CheckpointRef``: latents / mid-denoise save)
 
 Nothing else in the project spells a per-stage field or a state: code names a
 field with ``stage_field(stage, StageField.ATTEMPT)`` and a state with the
@@ -18,6 +21,7 @@ that expired after it was indexed is ``None`` there and ``VANISHED`` in counts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -75,6 +79,13 @@ class StageField(StrEnum):
     PROGRESS = "progress"
     # Transform only: how the DiT ran (speed options, DiT calls, calls a step cache skipped), as JSON.
     DIT = "dit"
+    # How this attempt got its input or starting point (pulled, from a checkpoint, resumed at a step).
+    RECOVERY = "recovery"
+    # DiT steps actually computed, summed over the attempts of this run (a resumed attempt adds only its own).
+    STEPS_COMPUTED = "steps_computed"
+    # The object-store checkpoint of the finished latents, and the latest mid-denoise save (``CheckpointRef``).
+    CHECKPOINT = "checkpoint"
+    RESUME = "resume"
 
 
 def stage_field(stage: Stage | str, name: StageField) -> str:
@@ -108,6 +119,42 @@ def is_finished(fields: Mapping[str, Any]) -> bool:
         return JobState(str(fields.get("state"))).finished
     except ValueError:
         return True
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """Where a checkpoint object lies and what its bytes must hash to (the record is trusted; the bucket is not)."""
+
+    key: str
+    checksum: str
+    nbytes: int
+    attempt: int
+    step: int  # steps the saved state covers (the total for finished latents)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "key": self.key,
+                "checksum": self.checksum,
+                "bytes": self.nbytes,
+                "attempt": self.attempt,
+                "step": self.step,
+            }
+        )
+
+
+def checkpoint_ref(fields: Mapping[str, Any], stage: Stage, name: StageField) -> CheckpointRef | None:
+    """The checkpoint the record names in ``<stage>.<name>``, or None (absent or unreadable)."""
+    raw = fields.get(stage_field(stage, name))
+    try:
+        entry = json.loads(raw) if raw else None
+        if not isinstance(entry, dict):
+            return None
+        return CheckpointRef(
+            str(entry["key"]), str(entry["checksum"]), int(entry["bytes"]), int(entry["attempt"]), int(entry["step"])
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -121,10 +121,46 @@ def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, att
 
 
 def set_progress(conn: Any, job_id: str, stage: Stage, done: int, total: int) -> None:
-    conn.hset(
-        keys.job_key(job_id),
-        mapping={stage_field(stage, StageField.PROGRESS): f"{done}/{total}", "updated_at": _now()},
-    )
+    """Step ``done`` of ``total`` is computed: shown as progress, and counted in ``<stage>.steps_computed``
+    (which a resumed attempt only adds its own steps to, so the record says how often the DiT really ran)."""
+    key = keys.job_key(job_id)
+    pipe = conn.pipeline(transaction=True)
+    pipe.hset(key, mapping={stage_field(stage, StageField.PROGRESS): f"{done}/{total}", "updated_at": _now()})
+    pipe.hincrby(key, stage_field(stage, StageField.STEPS_COMPUTED), 1)
+    pipe.execute()
+
+
+def set_recovery(conn: Any, job_id: str, stage: Stage, how: str) -> None:
+    """Say how this attempt of ``stage`` got its input or starting point (``reelfarm status`` shows it)."""
+    conn.hset(keys.job_key(job_id), stage_field(stage, StageField.RECOVERY), how)
+
+
+# Name a checkpoint in the record only while the attempt that wrote it is current and the job unfinished
+# (or, when retention keeps checkpoints, succeeded: a fast decode may finish before the write); otherwise
+# the writer deletes the object, as a cancel or completion may already have cleaned up.
+# KEYS: job. ARGV: stage, attempt, field, value, "1" if a succeeded job may still take it.
+_RECORD_CHECKPOINT = f"""
+local state, attempt = unpack(redis.call('HMGET', KEYS[1], 'state', ARGV[1] .. '.{_ATTEMPT}'))
+if not state or attempt ~= ARGV[2] then return 0 end
+if {lua_finished("state")} and not (state == '{JobState.SUCCEEDED}' and ARGV[5] == '1') then return 0 end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+return 1
+"""
+
+
+def forget_checkpoint(conn: Any, job_id: str, stage: Stage, name: StageField) -> None:
+    """Drop a checkpoint the record names that turned out unusable, so recovery falls back to lineage."""
+    conn.hdel(keys.job_key(job_id), stage_field(stage, name))
+
+
+def record_checkpoint(
+    conn: Any, job_id: str, stage: Stage, attempt: int, name: StageField, value: str, *, kept: bool = False
+) -> bool:
+    """Store ``value`` (a ``CheckpointRef`` as JSON) in ``<stage>.<name>`` if ``attempt`` is current and the job
+    unfinished -- or succeeded, when ``kept`` (retention keeps checkpoints after completion); True if stored."""
+    field = stage_field(stage, name)
+    args = (stage.value, str(attempt), field, value, "1" if kept else "0")
+    return bool(conn.eval(_RECORD_CHECKPOINT, 1, keys.job_key(job_id), *args))
 
 
 def set_dit_report(conn: Any, job_id: str, report: dict[str, Any]) -> None:

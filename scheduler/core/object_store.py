@@ -316,12 +316,39 @@ def put_bytes(
     return UploadResult(key, len(data), hashlib.sha256(data).hexdigest(), _etag(response), parts=1)
 
 
-def get_bytes(client: S3Client, bucket: str, key: str) -> bytes:
+def get_bytes(client: S3Client, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
+    """The object's bytes; with ``max_bytes``, an object larger than that is refused before it is read whole."""
     try:
         response = client.get_object(Bucket=bucket, Key=key)
-        return bytes(response["Body"].read())
+        if max_bytes is None:
+            return bytes(response["Body"].read())
+        data = bytes(response["Body"].read(max_bytes + 1))
     except (BotoCoreError, ClientError, OSError) as exc:
         raise _describe(client, exc, f"GetObject {s3_uri(bucket, key)}") from None
+    if len(data) > max_bytes:
+        response["Body"].close()
+        raise ObjectStoreError(f"{s3_uri(bucket, key)} is larger than the {max_bytes} bytes expected; it is not ours")
+    return data
+
+
+def delete_objects_under(client: S3Client, bucket: str, prefix: str, older_than: datetime | None = None) -> int:
+    """Delete the objects under ``prefix`` (only those last modified before ``older_than``, if given); returns how many."""
+    if not prefix:
+        raise ValueError("refusing to delete a whole bucket: give a prefix")
+    deleted = 0
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            doomed = [
+                {"Key": obj["Key"]}
+                for obj in page.get("Contents", [])
+                if older_than is None or obj["LastModified"] < older_than
+            ]
+            if doomed:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": doomed, "Quiet": True})
+                deleted += len(doomed)
+    except (BotoCoreError, ClientError, OSError) as exc:
+        raise _describe(client, exc, f"deleting objects under {s3_uri(bucket, prefix)}") from None
+    return deleted
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Object keys of a job's outputs: deterministic, derived from the job id and configured prefixes.
+"""Object keys of a job's outputs and checkpoints: deterministic, derived from the job id and configured prefixes.
 
 A retried decode writes to the same keys (overwrite, never duplicate), and no
 key is ever built from free-form user text: the optional per-job prefix is
@@ -30,3 +30,22 @@ def output_keys(farm_prefix: str, job_prefix: str | None, job_id: str) -> Output
         metadata=f"{base}/metadata.json",
         input_image=f"{base}/input-image",
     )
+
+
+def checkpoint_prefix(farm_prefix: str, job_id: str) -> str:
+    """Everything checkpointed for ``job_id`` lies under this (deleted together at completion or cancel).
+
+    Checkpoints live under their own farm prefix (settings ``checkpoints.key_prefix``), never beside the
+    video: a job's output folder holds exactly its video, poster and metadata.
+    """
+    return "/".join([p for p in (farm_prefix.strip("/"),) if p] + [keys.check_id(job_id, "job id")]) + "/"
+
+
+def latents_checkpoint_key(farm_prefix: str, job_id: str, attempt: int) -> str:
+    """The finished latents of transform attempt ``attempt`` (what decode reads when it cannot pull)."""
+    return f"{checkpoint_prefix(farm_prefix, job_id)}transform-a{int(attempt)}.latents"
+
+
+def denoise_state_key(farm_prefix: str, job_id: str, attempt: int) -> str:
+    """The latest mid-denoise save of transform attempt ``attempt`` (overwritten at each save)."""
+    return f"{checkpoint_prefix(farm_prefix, job_id)}transform-a{int(attempt)}.state"

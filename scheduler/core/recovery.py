@@ -8,8 +8,11 @@ Every route back into the pipeline goes through ``restart_job``:
   failed) -- lineage: the upstream stage is recomputed.
 
 The restart point is the failed stage itself when its input room can still be
-pulled, otherwise the nearest upstream stage whose input still exists (encode
-always can: its input is the spec). Each stage has an attempt budget; a job
+pulled -- or, for decode, when the transform's finished latents were
+checkpointed (the record names the checkpoint; ``workers.checkpoints``) --
+otherwise the nearest upstream stage whose input still exists (encode always
+can: its input is the spec). A transform restarted that way resumes from its
+last mid-denoise save, if it made one. Each stage has an attempt budget; a job
 that exhausts it is quarantined -- FAILED with its whole failure history --
 instead of looping. The attempt counter is also the fence: a restart bumps
 ``<stage>.attempt`` under WATCH, and a stale attempt that finishes later finds
@@ -31,6 +34,7 @@ from scheduler.core.job_record import (
     StageField,
     StageState,
     attempt_of,
+    checkpoint_ref,
     is_finished,
     routing_of,
     stage_field,
@@ -70,10 +74,22 @@ def input_room_available(conn: redis.Redis, job_id: str, stage: Stage, fields: d
     return attempt if lease > time.time() else None
 
 
+def checkpointed_input(stage: Stage, fields: dict[str, str]) -> int | None:
+    """The transform attempt whose latents decode can read from a checkpoint, else None (never for other stages)."""
+    upstream = stage.previous
+    if upstream is not Stage.TRANSFORM or stage_state_of(fields, upstream) != StageState.DONE:
+        return None
+    if checkpoint_ref(fields, upstream, StageField.CHECKPOINT) is None:
+        return None
+    return attempt_of(fields, upstream)
+
+
 def plan_restart(conn: redis.Redis, job_id: str, failed: Stage, fields: dict[str, str]) -> RestartPlan:
     stage = failed
     while stage.previous is not None:
         attempt = input_room_available(conn, job_id, stage, fields)
+        if attempt is None:
+            attempt = checkpointed_input(stage, fields)
         if attempt is not None:
             return RestartPlan(stage, attempt)
         stage = stage.previous

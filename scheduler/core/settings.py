@@ -126,6 +126,40 @@ class TransformSettings(BaseModel):
     attention_backend: str | None = Field(default=None, min_length=1, max_length=64)
 
 
+class CheckpointSettings(BaseModel):
+    """Never lose DiT work: latent checkpoints, mid-denoise saves and preemption (``workers.checkpoints``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Write every finished transform's latents to the object store (in the background, after the hand-off),
+    # so a decode that cannot pull, or is retried, starts from them instead of re-running the DiT.
+    enabled: bool = True
+    # Checkpoint objects go under s3://BUCKET/<key_prefix>/<job id>/, apart from the outputs.
+    key_prefix: str = "checkpoints"
+    # 0: delete a job's checkpoints when its video is complete. N > 0: keep them N days (for
+    # `reelfarm decode-from` re-renders).
+    retention_days: float = Field(default=0.0, ge=0)
+    # What nothing deletes (checkpoints of jobs that failed) goes after this many days, or after
+    # retention_days if longer: workers sweep the checkpoint prefix at most once an hour.
+    orphan_days: float = Field(default=7.0, gt=0)
+    # Save the denoising state every this many steps; 0 = every 10% of the job's steps.
+    save_every_steps: int = Field(default=0, ge=0)
+    # Jobs with fewer steps never save mid-denoise and are not preempted: finishing costs less.
+    save_min_steps: int = Field(default=20, ge=0)
+    # SIGTERM on a transform worker mid-denoise (of a job of at least save_min_steps steps): save at the
+    # next step boundary, hand the job back, exit. False: finish the job first, as other stages do.
+    preempt_on_sigterm: bool = True
+
+    def save_interval(self, steps: int) -> int:
+        """Steps between mid-denoise saves for a job of ``steps`` steps; 0 when it never saves."""
+        if not self.enabled or steps < max(self.save_min_steps, 2):
+            return 0
+        return self.save_every_steps or max(1, steps // 10)
+
+    def preempts(self, steps: int) -> bool:
+        return self.enabled and self.preempt_on_sigterm and steps >= self.save_min_steps
+
+
 class FetchSettings(BaseModel):
     """What the farm may fetch on a submitter's behalf (conditioning image URLs); see ``scheduler.intake.fetch_policy``."""
 
@@ -209,6 +243,7 @@ class FarmSettings(BaseModel):
     limits: SpecLimits = SpecLimits()
     fetch: FetchSettings = FetchSettings()
     http: HttpSettings = HttpSettings()
+    checkpoints: CheckpointSettings = CheckpointSettings()
     # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
     spec_defaults: dict[str, Any] = Field(default_factory=dict)
     # How many workers of each stage the embedded farm (`reelfarm up`) starts; a stage left out gets one.

@@ -14,19 +14,27 @@ latents with the image ``condition`` concatenated on the channels, and the DiT
 also cross-attends to ``image_embeds`` -- reporting each step and stopping at
 a step boundary when asked 3. return float32 latents *before* the VAE's
 latents_mean/latents_std denormalisation, which the decode stage applies.
+
+Resumable: at every step boundary ``at_boundary`` may take a `DenoiseState`
+(the latents and the scheduler's multistep memory after step n); ``denoise``
+given one (``resume=``) skips the steps it covers and continues bit-exactly.
+Where the state is stored is the caller's business (`workers.checkpoints`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from workers.models.loading import fresh_scheduler, load_scheduler, load_transformer
 from workers.stages import StageCancelled, dit_speed
+from workers.stages.denoise_state import DenoiseState
 from workers.stages.payloads import (
     CONDITION,
     IMAGE_EMBEDS,
@@ -43,6 +51,9 @@ VAE_SCALE_TEMPORAL = 4
 
 OnStep = Callable[[int, int], None]
 ShouldStop = Callable[[], bool]
+
+# Called after every step with (steps done, total, a way to capture the state now); may raise to stop there.
+AtBoundary = Callable[[int, int, Callable[[], DenoiseState]], None]
 
 
 def latent_shape(
@@ -143,6 +154,8 @@ class DenoiseStage:
         flow_shift: float | None,
         on_step: OnStep | None = None,
         should_stop: ShouldStop | None = None,
+        resume: DenoiseState | None = None,
+        at_boundary: AtBoundary | None = None,
     ) -> torch.Tensor:
         """Final latents [1, 16, 1 + (num_frames - 1) / 4, height / 8, width / 8], float32.
 
@@ -150,7 +163,8 @@ class DenoiseStage:
         the text embeddings, and for an i2v DiT ``image_embeds`` and
         ``condition`` too. ``on_step(i, total)`` runs after step i (1-based);
         ``should_stop()`` is asked before every step and raises
-        `StageCancelled` when it says True.
+        `StageCancelled` when it says True. ``resume`` continues a loop saved
+        after its step ``resume.step``; ``at_boundary`` runs after ``on_step``.
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1 (got {num_inference_steps})")
@@ -166,14 +180,36 @@ class DenoiseStage:
         latents = self.initial_latents(height=height, width=width, num_frames=num_frames, seed=seed)
         self._check_condition_shape(conditioning, latents)
         total = len(timesteps)
+        done = 0
+        if resume is not None:
+            done = self._resumed(resume, scheduler, latents, total)
+            latents = resume.latents.to(self.device)
         for step_index, t in enumerate(timesteps):
+            if step_index < done:
+                continue
             if should_stop is not None and should_stop():
                 raise StageCancelled(f"stopped before denoising step {step_index + 1} of {total}")
             noise_pred = self._predict_noise(latents, t, conditioning, guidance_scale)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(step_index + 1, total)
+            if at_boundary is not None:
+                at_boundary(
+                    step_index + 1,
+                    total,
+                    functools.partial(DenoiseState.capture, step_index + 1, total, latents, scheduler),
+                )
         return latents.float()
+
+    def _resumed(self, state: DenoiseState, scheduler: Any, latents: torch.Tensor, total: int) -> int:
+        """Steps ``state`` already covers, after checking it fits this job and loading it into ``scheduler``."""
+        saved = state.tensors.get("latents")
+        if saved is None or tuple(saved.shape) != tuple(latents.shape) or saved.dtype != latents.dtype:
+            raise ValueError("saved denoising state does not match this job's latents; it belongs to another job")
+        if state.total != total or not 0 < state.step < total:
+            raise ValueError(f"saved denoising state is at step {state.step} of {state.total}; this job has {total}")
+        state.restore_into(scheduler, self.device)
+        return state.step
 
     def initial_latents(self, *, height: int, width: int, num_frames: int, seed: int) -> torch.Tensor:
         """The job's starting noise: float32, drawn on the CPU so every device gets the same numbers.

@@ -175,6 +175,20 @@ def _digest(byte_views: Iterable[torch.Tensor], algorithm: str) -> str:
     return f"{algorithm}:{hasher.hexdigest()}"
 
 
+def bytes_checksum(data: bytes | memoryview, algorithm: str | None = None) -> str:
+    """``"<algorithm>:<hex>"`` of a whole byte string, with the payload hashers (checkpoint objects)."""
+    hasher = _hasher(algorithm or DEFAULT_CHECKSUM)
+    hasher.update(data)
+    return f"{algorithm or DEFAULT_CHECKSUM}:{hasher.hexdigest()}"
+
+
+def verify_bytes(data: bytes | memoryview, expected: str) -> None:
+    """Raise ``ChecksumMismatch`` unless ``data`` hashes to ``expected`` (with the algorithm it names)."""
+    actual = bytes_checksum(data, _algorithm_of(expected))
+    if actual != expected:
+        raise ChecksumMismatch(f"checksum is {actual}, expected {expected}")
+
+
 def _algorithm_of(checksum: str) -> str:
     algorithm, sep, _ = checksum.partition(":")
     if not sep:
