@@ -163,3 +163,85 @@ def test_sharded_decode_bench_smoke(tmp_path: Path) -> None:
     assert rows[1]["max_abs_diff_vs_one_process"] < FLOAT_TOLERANCE and rows[1]["halo"] == 11
     assert all(r["seconds"] > 0 and min(r["peak_mib_per_rank"]) >= 0 for r in rows)
     assert "| 2 | 2x1 |" in out
+
+
+@pytest.mark.integration
+def test_a_dead_rank_fails_the_decode_and_the_group_restarts(tiny_model_dir: Path) -> None:
+    from workers.decode_group import DecodeRankGroup
+    from workers.stages.decode import StreamingVaeDecoder
+    from workers.stages.sharded_decode import ShardGrid
+
+    latents = _latents()[:, :, :2]
+    expected = _one_process_chunks(tiny_model_dir, latents)
+    group = DecodeRankGroup(tiny_model_dir, ShardGrid(2, 1), timeout_seconds=30)
+    decoder = group.start(StreamingVaeDecoder(tiny_model_dir))
+    try:
+        assert group.healthy() and group.describe()["decode_grid"] == "2x1"
+        group.children[0].kill()
+        group.children[0].wait()
+        assert not group.healthy()
+        with pytest.raises(RuntimeError):
+            list(decoder.decode_chunks(latents))
+        decoder = group.restart()
+        assert group.healthy() and group.restarts == 1
+        for got, want in zip(decoder.decode_chunks(latents), expected, strict=True):
+            assert float((got - want).abs().max()) < FLOAT_TOLERANCE
+    finally:
+        group.close()
+
+
+def test_decode_grid_setting_and_rank_counts() -> None:
+    from pydantic import ValidationError
+
+    from scheduler.core.settings import WorkerSettings
+    from workers.stages.sharded_decode import ShardGrid
+
+    assert WorkerSettings().decode_grid == "1x1"
+    assert WorkerSettings(decode_grid="2x2").decode_grid == "2x2"
+    with pytest.raises(ValidationError):
+        WorkerSettings(decode_grid="2by2")
+    assert [str(ShardGrid.for_ranks(n)) for n in (1, 2, 4, 6)] == ["1x1", "2x1", "2x2", "3x2"]
+    with pytest.raises(ValueError, match="positive number"):
+        ShardGrid.for_ranks(0)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_killing_a_rank_mid_job_retries_the_decode_and_the_group_comes_back(farm: Any, s3_config: Any) -> None:
+    """A decode worker with a 2x1 group; one follower rank SIGKILLed mid-upload: the attempt fails, the farm
+    retries it, the group restarts (new pid, restarts=1) and the job lands one video."""
+    import os
+    import signal
+
+    from scheduler.core.keys import Stage
+    from scheduler.core.object_store import list_incomplete_uploads, make_s3_client
+    from scheduler.core.worker_registry import live_workers
+    from scheduler.intake.submit import submit
+    from tests.farm_harness import wait_finished, wait_until, worker_logs
+    from tests.video_probe import probe_frame_count
+
+    worker = farm.settings.worker.model_copy(update={"decode_grid": "2x1", "decode_group_timeout_seconds": 30.0})
+    farm.settings = farm.settings.model_copy(update={"worker": worker})
+    # Lossless 512x256x33 from the tiny model is two multipart parts: the pause after the first is the window.
+    spec = {"prompt": "a red fox in snow", "width": 512, "height": 256, "frames": 33, "steps": 2}
+    fleet = farm.fleet({"REELFARM_FAULT_SLOW": "decode-upload:8"})
+    fleet.start(*Stage)
+    job_id = submit(farm.conn, farm.settings, {**spec, "codec": {"name": "lossless"}})
+    client = make_s3_client(s3_config)
+
+    def decode_record() -> dict[str, Any]:
+        return next(w for w in live_workers(farm.conn) if w.get("stage") == "decode")
+
+    wait_until(lambda: [u for u in list_incomplete_uploads(client, s3_config.bucket, "") if job_id in u.key], 240,
+               "the first part of the video upload")  # fmt: skip
+    first = decode_record()
+    assert (first["decode_ranks"], first["decode_grid"], first["decode_group"]) == ("2", "2x1", "up")
+    os.kill(int(first["decode_rank_pids"]), signal.SIGKILL)
+    record = wait_finished(farm.conn, job_id, timeout=300)
+    assert record["state"] == "succeeded", worker_logs(farm.settings)
+    assert record["failures"] and record["failures"][0]["stage"] == "decode"
+    after = decode_record()
+    assert after["decode_group"] == "up" and int(after["decode_group_restarts"]) >= 1
+    assert after["decode_rank_pids"] != first["decode_rank_pids"]
+    body = client.get_object(Bucket=s3_config.bucket, Key=record["result"]["video_key"])["Body"].read()
+    assert probe_frame_count(body) == 33

@@ -43,10 +43,13 @@ class DecodeRankGroup:
     grid: ShardGrid
     timeout_seconds: float = 120.0  # a collective (or the group's start) waiting longer fails the attempt
     threads_per_rank: int = 1
+    dtype: str = "float32"  # the followers' VAE dtype: rank 0's (the worker's) own
+    startup_seconds: float = 900.0  # followers loading their VAE (imports included) on a busy host
     halo: int | None = None  # None: from the decoder's receptive field (tests pass a smaller one on purpose)
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     decoder: ShardedVaeDecoder | None = None
     restarts: int = 0
+    base: StreamingVaeDecoder | None = None
 
     def start(self, base: StreamingVaeDecoder) -> ShardedVaeDecoder:
         """Start ranks 1..N-1 and join them as rank 0 with ``base`` (the worker's resident VAE)."""
@@ -65,6 +68,8 @@ class DecodeRankGroup:
                 str(self.grid),
                 str(store.port),
                 str(self.model_dir),
+                "--dtype",
+                self.dtype,
                 "--timeout",
                 str(self.timeout_seconds),
             ]
@@ -72,31 +77,48 @@ class DecodeRankGroup:
                 command += ["--halo", str(self.halo)]
             self.children.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
         try:
+            self._wait_until_loaded(store)
             comm = GlooCollectives(store, 0, size, self.timeout_seconds)
-        except Exception:
+        except BaseException:
             self._kill_children()
             raise
         self._store = store  # rank 0 hosts the store: it lives as long as the group
+        self.base = base
         self.decoder = ShardedVaeDecoder(base, self.grid, comm, halo=self.halo)
         return self.decoder
+
+    def _wait_until_loaded(self, store: TCPStore) -> None:
+        """Wait for every follower to load its VAE (as long as it takes a live process, up to
+        ``startup_seconds``): on a busy host that can outlast the collectives' timeout by far."""
+        deadline = time.monotonic() + self.startup_seconds
+        for rank, child in enumerate(self.children, start=1):
+            while not store.check([f"loaded/{rank}"]):
+                if child.poll() is not None:
+                    raise RuntimeError(
+                        f"decode rank {rank} exited with status {child.returncode} while starting; see its log"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"decode rank {rank} did not load its VAE in {self.startup_seconds:.0f} s")
+                time.sleep(0.1)
 
     def healthy(self) -> bool:
         """Every follower is still running (rank 0 is this process)."""
         return self.decoder is not None and all(child.poll() is None for child in self.children)
 
-    def describe(self) -> dict[str, Any]:
-        """What the worker record shows about the group (``reelfarm info``)."""
+    def describe(self) -> dict[str, str]:
+        """What the worker record shows about the group (``reelfarm info``); refreshed by every heartbeat."""
         return {
-            "decode_ranks": self.grid.size,
+            "decode_ranks": str(self.grid.size),
             "decode_grid": str(self.grid),
-            "decode_group_healthy": self.healthy(),
-            "decode_group_restarts": self.restarts,
+            "decode_group": "up" if self.healthy() else "down",
+            "decode_group_restarts": str(self.restarts),
+            "decode_rank_pids": ",".join(str(child.pid) for child in self.children),
         }
 
     def restart(self) -> ShardedVaeDecoder:
         """After a failed decode: drop the group, kill what is left of it, start it again."""
-        assert self.decoder is not None, "restart() needs a started group"
-        base = self.decoder.base
+        assert self.base is not None, "restart() needs a group that was started"
+        base = self.base
         self._kill_children()
         self.decoder = None
         self.restarts += 1
@@ -130,11 +152,14 @@ def _seconds(value: float) -> Any:
     return timedelta(seconds=value)
 
 
-def follow(rank: int, grid: ShardGrid, port: int, model_dir: Path, timeout: float, halo: int | None) -> int:
+def follow(
+    rank: int, grid: ShardGrid, port: int, model_dir: Path, timeout: float, halo: int | None, dtype: str = "float32"
+) -> int:
     """A follower rank's life: load the VAE, join the group, decode shards until rank 0 says stop."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    base = StreamingVaeDecoder(model_dir)
+    base = StreamingVaeDecoder(model_dir, dtype=getattr(torch, dtype))
     store = TCPStore("127.0.0.1", port, grid.size, is_master=False, timeout=_seconds(timeout))
+    store.set(f"loaded/{rank}", "1")  # rank 0 now joins the group, which must then form within the timeout
     decoder = ShardedVaeDecoder(base, grid, GlooCollectives(store, rank, grid.size, timeout), halo=halo)
     while decoder.follow():
         pass
@@ -151,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     rank.add_argument("model_dir", type=Path)
     rank.add_argument("--timeout", type=float, default=120.0)
     rank.add_argument("--halo", type=int)
+    rank.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"decode rank {args.rank}: %(message)s")
     try:
-        return follow(args.rank, args.grid, args.port, args.model_dir, args.timeout, args.halo)
+        return follow(args.rank, args.grid, args.port, args.model_dir, args.timeout, args.halo, args.dtype)
     except RuntimeError as exc:
         # rank 0 went away or another rank died: this follower's group is over; the worker starts a new one.
         log.warning("leaving the decode group: %s", str(exc).splitlines()[0] if str(exc) else exc)

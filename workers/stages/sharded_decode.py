@@ -28,7 +28,8 @@ Why this equals the one-process decode (up to float reassociation):
   From there on the shard's input is exact again and the halo covers the rest.
 
 Lifecycle: rank 0 (the decode worker) calls ``iter_frames(latents)``: it
-broadcasts the job's shape and latents, all ranks decode, and the trimmed
+announces the job's shape (through the store: an idle follower may wait
+for its next job indefinitely, the collectives keep a short timeout), broadcasts the latents, all ranks decode, and the trimmed
 cores of each chunk are gathered to rank 0 once per chunk -- the gather of
 chunk k overlaps the decode of chunk k+1. Ranks 1..N-1 call ``follow()`` in a
 loop; ``stop()`` on rank 0 ends their loops.
@@ -37,6 +38,7 @@ loop; ``stop()`` on rank 0 ends their loops.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,6 +59,7 @@ from torch.distributed import BroadcastOptions, GatherOptions, ProcessGroupGloo,
 from workers.stages.decode import StreamingVaeDecoder
 
 _STOP, _DECODE = 0, 1  # the header's first field
+_IDLE_POLL_SECONDS = 5.0  # how often an idle follower checks that its parent (rank 0) still lives
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,14 @@ class ShardGrid:
         if len(parts) > 2 or rows < 1 or cols < 1:
             raise ValueError(f"decode grid {text!r}: write ROWSxCOLS with positive numbers, e.g. 2x1 or 2x2")
         return cls(rows, cols)
+
+    @classmethod
+    def for_ranks(cls, ranks: int) -> ShardGrid:
+        """The squarest grid of ``ranks`` ranks, rows >= cols (4 -> 2x2, 2 -> 2x1, 6 -> 3x2)."""
+        if ranks < 1:
+            raise ValueError(f"decode ranks {ranks}: give a positive number of decode processes")
+        cols = max(c for c in range(1, math.isqrt(ranks) + 1) if ranks % c == 0)
+        return cls(ranks // cols, cols)
 
     @property
     def size(self) -> int:
@@ -174,6 +185,14 @@ class Collectives(Protocol):
     rank: int
     size: int
 
+    def announce(self, header: list[int]) -> None:
+        """Rank 0: publish the next job's header."""
+        ...
+
+    def next_job(self) -> list[int] | None:
+        """Ranks 1..N-1: wait, however long, for rank 0's next header; None once rank 0 is gone."""
+        ...
+
     def broadcast(self, tensor: torch.Tensor) -> None: ...
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
     def gather_start(self, tensor: torch.Tensor) -> PendingGather: ...
@@ -204,7 +223,26 @@ class GlooCollectives:
         options._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]  # loopback: ranks share a host
         options._timeout = timedelta(seconds=timeout_seconds)
         self.group: Any = ProcessGroupGloo(store, rank, size, options)
-        self.rank, self.size = rank, size
+        self.store, self.rank, self.size = store, rank, size
+        self._jobs = 0
+
+    # Jobs are announced through the store, not a collective: a follower waits between jobs for as
+    # long as the worker stays idle, while every collective keeps the group's (short) timeout.
+    def announce(self, header: list[int]) -> None:
+        self.store.set(f"job/{self._jobs}", ",".join(str(v) for v in header))
+        self._jobs += 1
+
+    def next_job(self) -> list[int] | None:
+        key, parent = f"job/{self._jobs}", os.getppid()
+        while True:
+            try:
+                self.store.wait([key], timedelta(seconds=_IDLE_POLL_SECONDS))
+                break
+            except RuntimeError:  # the poll timed out, or the store (rank 0's process) is gone
+                if os.getppid() != parent:
+                    return None
+        self._jobs += 1
+        return [int(v) for v in self.store.get(key).decode().split(",")]
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         options = BroadcastOptions()
@@ -304,17 +342,16 @@ class ShardedVaeDecoder:
         """Rank 0: the decoder's float output per latent frame [1, 3, n, 8H, 8W], assembled from every rank."""
         self.base.check_latents(latents)
         latents = latents.to(self.base.device, dtype=torch.float32).contiguous()
-        self.comm.broadcast(torch.tensor([_DECODE, *latents.shape[2:]], dtype=torch.int64))
+        self.comm.announce([_DECODE, *(int(v) for v in latents.shape[2:])])
         self.comm.broadcast(latents)
         yield from self._decode(latents)
 
     def follow(self) -> bool:
         """Ranks 1..N-1: take part in rank 0's next decode; False once rank 0 called ``stop``."""
-        header = torch.zeros(4, dtype=torch.int64)
-        self.comm.broadcast(header)
-        op, frames, height, width = (int(v) for v in header)
-        if op == _STOP:
+        header = self.comm.next_job()
+        if header is None or header[0] != _DECODE:
             return False
+        _, frames, height, width = header
         latents = torch.empty((1, self.base.z_dim, frames, height, width), dtype=torch.float32)
         self.comm.broadcast(latents)
         for _ in self._decode(latents):
@@ -323,7 +360,7 @@ class ShardedVaeDecoder:
 
     def stop(self) -> None:
         """Rank 0: end the other ranks' ``follow`` loops."""
-        self.comm.broadcast(torch.tensor([_STOP, 0, 0, 0], dtype=torch.int64))
+        self.comm.announce([_STOP, 0, 0, 0])
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
