@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,17 +134,24 @@ def write_vae(model_dir: Path, arch_name: str) -> Path:
     return model_dir
 
 
-def run_child(config: dict[str, Any]) -> dict[str, Any]:
+def run_child(config: dict[str, Any], module: str = "bench.decode") -> dict[str, Any]:
+    """``python -m MODULE --child`` with ``config`` on stdin: one measurement in a fresh process, its JSON row back."""
     env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]), "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "bench.decode", "--child"],
+        [sys.executable, "-m", module, "--child"],
         input=json.dumps(config).encode(),
         capture_output=True,
         env=env,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"decode measurement {config} failed:\n{done.stderr.decode()[-3000:]}")
+        raise RuntimeError(f"{module} measurement {config} failed:\n{done.stderr.decode()[-3000:]}")
     return dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
+
+
+def answer_parent(measure: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """The child side of `run_child`: config from stdin, one JSON row to stdout."""
+    print(json.dumps(measure(json.loads(sys.stdin.read()))))
+    return 0
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -190,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(json.loads(sys.stdin.read()))))
-        return 0
+        return answer_parent(measure)
     rows = []
     with tempfile.TemporaryDirectory(prefix="reelfarm-bench-decode-") as tmp:
         model_dir = write_vae(Path(tmp) / "model", args.arch)

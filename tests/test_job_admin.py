@@ -267,10 +267,14 @@ def test_info_lists_workers_with_free_slots_and_receive_path(
 ) -> None:
     record = {"stage": "transform", "state": "idle", "slots": "2", "free_slots": "1", "receive": "private"}
     worker_registry.register_worker(conn, "transform-w1", {**record, "device": "cpu"}, ttl_seconds=30)
-    worker_registry.register_worker(conn, "decode-w1", {**record, "stage": "decode", "receive": "slot"}, ttl_seconds=30)
+    group = {"decode_ranks": "4", "decode_grid": "2x2", "decode_group": "up"}
+    worker_registry.register_worker(
+        conn, "decode-w1", {**record, **group, "stage": "decode", "receive": "slot"}, ttl_seconds=30
+    )
     rows = {row.worker_id: row for row in job_admin.worker_rows(conn)}
     assert rows["transform-w1"].free_slots == "1/2" and rows["transform-w1"].receive == "private"
     assert rows["decode-w1"].receive == "slot"
+    assert rows["decode-w1"].decode_group == "4:2x2:up" and rows["transform-w1"].decode_group == "-"
     result = cli(settings, tmp_path, "info")
     assert result.exit_code == 0, result.output
     header, *lines = [
@@ -278,3 +282,4 @@ def test_info_lists_workers_with_free_slots_and_receive_path(
     ]
     assert header.split()[-1] == "RECEIVE"
     assert {line.split()[0]: line.split()[-1] for line in lines} == {"transform-w1": "private", "decode-w1": "slot"}
+    assert {line.split()[0]: line.split()[-2] for line in lines} == {"transform-w1": "-", "decode-w1": "4:2x2:up"}

@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated model names to serve (default: all configured)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
+        "--decode-ranks", type=int, default=None, help="decode: spread the VAE over N processes (grid: squarest)"
+    )
+    parser.add_argument("--decode-grid", default=None, help="decode: the ranks' grid over the frame, ROWSxCOLS")
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=int(os.environ["REELFARM_METRICS_PORT"]) if os.environ.get("REELFARM_METRICS_PORT") else None,
@@ -49,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.models:
             chosen = [m.strip() for m in args.models.split(",") if m.strip()]
             settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"models": chosen})})
+        if args.decode_ranks is not None or args.decode_grid is not None:
+            from workers.stages.sharded_decode import ShardGrid
+
+            grid = ShardGrid.parse(args.decode_grid) if args.decode_grid else ShardGrid.for_ranks(args.decode_ranks)
+            if args.decode_ranks is not None and grid.size != args.decode_ranks:
+                raise ValueError(f"--decode-grid {grid} has {grid.size} ranks, not --decode-ranks {args.decode_ranks}")
+            worker = settings.worker.model_copy(update={"decode_grid": str(grid)})
+            settings = settings.model_copy(update={"worker": worker})
         runtime = start_runtime(stage, settings)
     except Exception as exc:  # noqa: BLE001 - start-up errors are reported in one line, not a traceback
         print(f"reelfarm worker {stage.value}: cannot start: {exc}", file=sys.stderr)

@@ -30,12 +30,13 @@ from scheduler.core.object_store import (
 from scheduler.core.output_keys import output_keys
 from scheduler.core.spec import JobSpec
 from workers.fault_injection import UPLOAD_POINT, pause_if_injected
-from workers.stages.decode import StreamingVaeDecoder
 from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encode_jpeg
 
 if TYPE_CHECKING:
     # Only the type: the runtime builds the stages that call this module, so a real import would loop back.
     from workers.runtime import StageRuntime
+    from workers.stages.decode import StreamingVaeDecoder
+    from workers.stages.sharded_decode import ShardedVaeDecoder
 
 log = logging.getLogger("reelfarm.decode")
 
@@ -55,7 +56,11 @@ def _upload_sink(upload: StreamingMultipartUpload) -> Callable[[bytes], None]:
 
 
 def render_and_upload(
-    rt: StageRuntime, decoder: StreamingVaeDecoder, job_id: str, spec: JobSpec, latents: torch.Tensor
+    rt: StageRuntime,
+    decoder: StreamingVaeDecoder | ShardedVaeDecoder,
+    job_id: str,
+    spec: JobSpec,
+    latents: torch.Tensor,
 ) -> dict[str, Any]:
     bucket = rt.settings.s3.bucket
     out = output_keys(rt.settings.s3.key_prefix, spec.output_prefix, job_id)

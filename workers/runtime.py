@@ -141,6 +141,7 @@ class StageRuntime:
             # How this worker receives payloads: "private" (TCP, straight into its tensors) or "slot" (copied out).
             "receive": "private" if self.engine.reads_into_private_memory else "slot",
             "started_at": repr(time.time()),
+            **self._compute_fields(),
             **status,
         }
         worker_registry.register_worker(self.conn, self.worker_id, info, self.settings.worker.worker_ttl_seconds)
@@ -175,7 +176,7 @@ class StageRuntime:
                 with self._lock:
                     held = len(self.held)
                 # held_outputs: part of the stage's demand (scheduler.core.demand), so scale-down spares it.
-                fields = {"free_slots": str(self.pool.free_count), "held_outputs": str(held)}
+                fields = {"free_slots": str(self.pool.free_count), "held_outputs": str(held), **self._compute_fields()}
                 if not worker_registry.heartbeat(
                     self.conn, self.worker_id, self.settings.worker.worker_ttl_seconds, fields
                 ):
@@ -188,6 +189,16 @@ class StageRuntime:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:  # noqa: BLE001 - a dead heartbeat thread would make the farm reap a live worker
                 log.exception("heartbeat failed")
+
+    def _compute_fields(self) -> dict[str, str]:
+        """What a stage's computes report about themselves (a decode group's ranks, grid and health)."""
+        fields: dict[str, str] = {}
+        for compute in self.computes.values():
+            # Only some computes have anything to report; the StageCompute seam stays one method.
+            report = getattr(compute, "record_fields", None)
+            if report is not None:
+                fields.update(report())
+        return fields
 
     def set_status(self, **fields: str) -> None:
         """Show ``fields`` (state, current_job, metrics, ...) in the worker record, now and after a re-registration."""
@@ -269,6 +280,10 @@ class StageRuntime:
         except redis.RedisError:
             pass
         self.engine.close()
+        for compute in self.computes.values():
+            close = getattr(compute, "close", None)  # a decode group's follower processes
+            if close is not None:
+                close()
 
 
 def transfer_engine(settings: FarmSettings, log_level: str | None = None) -> MooncakeEngine:

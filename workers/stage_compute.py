@@ -27,6 +27,7 @@ from workers.stages import StagePreempted
 if TYPE_CHECKING:
     import PIL.Image
 
+    from workers.decode_group import DecodeRankGroup
     from workers.runtime import StageRuntime
     from workers.stages.decode import StreamingVaeDecoder
     from workers.stages.denoise_state import DenoiseState
@@ -145,13 +146,34 @@ class DecodeCompute:
     """The decode stage of one model: the streaming VAE, feeding the encoder and the upload."""
 
     decoder: StreamingVaeDecoder
+    group: DecodeRankGroup | None = None  # with decode_grid above 1x1: the ranks sharing the decode
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         # Imported here: only decode workers load the upload and video-encoder modules.
         from workers.render_upload import render_and_upload
 
-        # 3. Decode: streaming VAE decode -> ffmpeg -> multipart upload.
-        return render_and_upload(job.rt, self.decoder, job.job_id, job.spec, inputs["latents"])
+        if self.group is None:
+            # 3. Decode: streaming VAE decode -> ffmpeg -> multipart upload.
+            return render_and_upload(job.rt, self.decoder, job.job_id, job.spec, inputs["latents"])
+        sharded = self.group.decoder if self.group.healthy() else None
+        if sharded is None:  # a rank died while the worker was idle
+            sharded = self.group.restart()
+        try:
+            # 3. Decode, sharded: the same, with the VAE spread over the group's ranks.
+            return render_and_upload(job.rt, sharded, job.job_id, job.spec, inputs["latents"])
+        except Exception:
+            # A failure anywhere (a rank, ffmpeg, the upload) can leave the followers mid-job: start the
+            # group afresh for the next attempt, then fail this one like any decode failure.
+            self.group.restart()
+            raise
+
+    def record_fields(self) -> dict[str, str]:
+        """The decode group's ranks, grid and health for the worker record (``reelfarm info``)."""
+        return {} if self.group is None else self.group.describe()
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
 
 
 def load_job_image(rt: StageRuntime, uri: str) -> PIL.Image.Image:
@@ -211,7 +233,23 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
         )
     from workers.stages.decode import StreamingVaeDecoder
 
-    return DecodeCompute(StreamingVaeDecoder(model_dir, device=device, dtype=dtype))
+    if settings.worker.decode_grid != "1x1" and device != "cpu":
+        # The group's collectives are gloo on CPU tensors; an nccl group (one GPU per rank) is not built yet.
+        raise ValueError(
+            f"worker.decode_grid {settings.worker.decode_grid} runs on CPU only; set worker.decode_grid: 1x1 for device {device}"
+        )
+    decoder = StreamingVaeDecoder(model_dir, device=device, dtype=dtype)
+    if settings.worker.decode_grid == "1x1":
+        return DecodeCompute(decoder)
+    from workers.decode_group import DecodeRankGroup
+    from workers.stages.sharded_decode import ShardGrid
+
+    grid = ShardGrid.parse(settings.worker.decode_grid)
+    threads = max(1, torch.get_num_threads() // grid.size)
+    timeout = settings.worker.decode_group_timeout_seconds
+    group = DecodeRankGroup(model_dir, grid, timeout, threads_per_rank=threads, dtype=settings.worker.dtype)
+    group.start(decoder)
+    return DecodeCompute(decoder, group)
 
 
 def load_all(stage: Stage, settings: FarmSettings) -> tuple[dict[str, StageCompute], dict[str, str]]:

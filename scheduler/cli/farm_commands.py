@@ -174,7 +174,8 @@ def info_command(settings: FarmSettings, as_json: bool) -> None:
     if not workers:
         click.echo("no live workers (start them with `reelfarm worker STAGE` or `reelfarm up`)")
         return
-    rows = [["WORKER", "STAGE", "STATE", "JOB", "MODEL", "DEVICE", "HEARTBEAT", "DONE", "FREE SLOTS", "RECEIVE"]]
+    header = ["WORKER", "STAGE", "STATE", "JOB", "MODEL", "DEVICE", "HEARTBEAT", "DONE", "FREE SLOTS"]
+    rows = [[*header, "DECODE RANKS", "RECEIVE"]]
     for w in workers:
         rows.append(
             [
@@ -187,6 +188,7 @@ def info_command(settings: FarmSettings, as_json: bool) -> None:
                 f"{w.heartbeat_age:.1f}s ago",
                 str(w.jobs_done),
                 w.free_slots,
+                w.decode_group,
                 w.receive,
             ]
         )

@@ -102,6 +102,12 @@ class WorkerSettings(BaseModel):
     dtype: str = "float32"
     # Models (by name) this worker loads and serves; empty = every model in the farm's settings.
     models: list[str] = Field(default_factory=list)
+    # Decode workers: the VAE decode spread over a ROWSxCOLS grid of processes, each decoding its spatial
+    # shard of every frame (per-process memory falls with the shard's area). Rank 0 is the worker itself,
+    # the others start with it and stay up across jobs. "1x1": one process, no group.
+    decode_grid: str = Field(default="1x1", pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")
+    # A decode-group collective waiting longer than this fails the decode attempt (a rank died or hung).
+    decode_group_timeout_seconds: float = Field(default=120.0, gt=0)
 
 
 class TransformSettings(BaseModel):

@@ -325,6 +325,7 @@ class WorkerRow:
     jobs_done: int
     free_slots: str
     host: str
+    decode_group: str = "-"  # "4:2x2:up": a decode worker's sharded VAE group (ranks, grid, health) ("-": none)
     receive: str = "?"  # "private" (TCP, into the stage's own tensors) or "slot" (registered, copied out)
 
 
@@ -374,6 +375,11 @@ def worker_rows(conn: redis.Redis, now: float | None = None) -> list[WorkerRow]:
                 free_slots=f"{record.get('free_slots', '?')}/{record.get('slots', '?')}",
                 host=record.get("host", ""),
                 receive=record.get("receive", "?"),
+                decode_group=(
+                    f"{record['decode_ranks']}:{record.get('decode_grid', '?')}:{record.get('decode_group', '?')}"
+                    if record.get("decode_ranks")
+                    else "-"
+                ),
             )
         )
     order = {stage.value: i for i, stage in enumerate(Stage)}

@@ -55,31 +55,39 @@ class StreamingVaeDecoder:
     @torch.no_grad()
     def iter_frames(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
         """Yield uint8 frame chunks [n, H, W, 3]: n = 1 for the first latent frame, then 4 per latent frame."""
-        self._check_latents(latents)
-        decoder_input = self.vae.post_quant_conv(self.denormalize(latents))
+        self.check_latents(latents)
+        for chunk in self.decoder_steps(self.vae.post_quant_conv(self.denormalize(latents))):
+            yield self.to_frames(chunk)
+
+    @torch.no_grad()
+    def decoder_steps(self, decoder_input: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The causal decoder over ``decoder_input`` (post_quant_conv's output), one latent frame per call.
+
+        Yields the decoder's float output per latent frame [1, 3, n, 8H, 8W]; the sharded decoder runs the
+        same loop on its spatial shard.
+        """
         # The decoder's causal state lives here, per call, so an abandoned
         # iterator leaves nothing behind on the shared VAE.
         feat_cache: list[torch.Tensor | None] = [None] * self.cache_slots
         for index in range(decoder_input.shape[2]):
             feat_idx = [0]  # each decoder call walks the cache slots from the first
-            chunk = self.vae.decoder(
+            yield self.vae.decoder(
                 decoder_input[:, :, index : index + 1],
                 feat_cache=feat_cache,
                 feat_idx=feat_idx,
                 first_chunk=index == 0,
             )
-            yield self._to_frames(chunk)
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the latent normalisation the DiT works in (WanPipeline does this before ``vae.decode``)."""
         latents = latents.to(self.device, dtype=self.vae.dtype)
         return latents / self.latents_inv_std + self.latents_mean
 
-    def _to_frames(self, chunk: torch.Tensor) -> np.ndarray:
+    def to_frames(self, chunk: torch.Tensor) -> np.ndarray:
         video = torch.clamp(chunk, min=-1.0, max=1.0)
         frames = self.video_processor.postprocess_video(video, output_type="np")[0]
         return frames_to_uint8(frames)
 
-    def _check_latents(self, latents: torch.Tensor) -> None:
+    def check_latents(self, latents: torch.Tensor) -> None:
         if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != self.z_dim:
             raise ValueError(f"expected latents shaped [1, {self.z_dim}, T, H, W], got {list(latents.shape)}")
