@@ -8,7 +8,7 @@ chunk's activations freed before the next) then sees its peak resident set creep
 up with the clip length: +18% from 17 to 81 frames at the Wan2.1 VAE, +21% with
 the tiny VAE at 256x256. Setting the trim threshold (``M_TRIM_THRESHOLD``) turns
 that adjustment off and returns freed memory at the top of the heap at once:
-the same 17-to-81-frame decode then grows +1.2%, with a 27% lower peak, at the
+the same 17-to-81-frame decode then grows +1.2%, with a 28-40% lower peak, at the
 same speed (bench/README.md, "Decode"). Equivalent to ``MALLOC_TRIM_THRESHOLD_=0``
 in the environment, which takes precedence when set.
 """
