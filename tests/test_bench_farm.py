@@ -69,7 +69,7 @@ def _bench(*args: str, timeout: float = 600) -> str:
 
 @pytest.mark.slow
 def test_pipeline_bench_smoke(tmp_path: Path) -> None:
-    out = _bench("bench.pipeline", "--arch", "tiny", "--jobs", "2", "--steps", "1", "--layouts", "1:1:1",
+    out = _bench("bench.pipeline", "--arch", "tiny", "--jobs", "2", "--steps", "1", "--layouts", "1:1:1", "--rounds", "1",
                  "--json", str(tmp_path / "p.json"))  # fmt: skip
     assert "| loop |" in out and "| rq |" in out and "| farm 1:1:1 |" in out
     sides = {side["name"]: side for side in json.loads((tmp_path / "p.json").read_text())}

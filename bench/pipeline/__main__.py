@@ -1,6 +1,10 @@
 """Pipeline throughput: N jobs through the farm vs diffusers' WanPipeline in a loop vs a one-stage rq worker.
 
-Run: ``python -m bench.pipeline [--jobs 12] [--layouts 1:1:1,1:2:1] [--arch bench] [--json PATH]``.
+Run: ``python -m bench.pipeline [--jobs 6] [--rounds 2] [--layouts 1:1:1,1:2:1] [--arch bench] [--json PATH]``.
+
+Every side runs ``--jobs`` jobs per round, the sides interleaved round by
+round, so that load from elsewhere on a shared machine hits all of them alike;
+figures are totals (and means) over the rounds.
 
 Same model directory (built here: the ``bench`` preset by default), same job
 specs (the preset's job shape, seeds 0..N-1, guidance on), same S3 server and
@@ -101,10 +105,12 @@ def run_baseline(mode: str, settings: FarmSettings, specs: list[dict[str, Any]],
     return side
 
 
-def run_farm(settings: FarmSettings, layout_text: str, specs: list[dict[str, Any]], timeout: float) -> Side:
+def run_farm(
+    settings: FarmSettings, layout_text: str, specs: list[dict[str, Any]], timeout: float, round_index: int = 0
+) -> Side:
     layout, dit_threads = layout_of(layout_text)
     conn = connect(settings)
-    name = f"bench-{layout_text.replace(':', '-')}"
+    name = f"bench-{layout_text.replace(':', '-')}-r{round_index}"
     with running_layout(settings, layout, dit_threads) as slots:
         planned = ", ".join(f"{s.name}: {s.threads} thread{'s' if s.threads > 1 else ''}" for s in slots)
         print(f"farm {layout_text}: {planned}", file=sys.stderr)
@@ -129,6 +135,18 @@ def run_farm(settings: FarmSettings, layout_text: str, specs: list[dict[str, Any
     side.dit_busy_steady = busy / (dit_window * layout[Stage.TRANSFORM]) if dit_window > 0 else 0.0
     # The stage seconds the record keeps are the span's; check they are what the record says.
     assert all(stage_field(Stage.TRANSFORM, StageField.SECONDS) in job.fields for job in timelines)
+    return side
+
+
+def combine(rounds: list[Side]) -> Side:
+    """One side over several rounds: total jobs over total seconds; busy fractions and stage means averaged."""
+    first = rounds[0]
+    side = Side(first.name, sum(r.jobs for r in rounds), sum(r.seconds for r in rounds))
+    side.transform_workers = first.transform_workers
+    for stage in first.stages:
+        side.stages[stage] = {key: statistics.mean(r.stages[stage][key] for r in rounds) for key in first.stages[stage]}
+    if first.dit_busy_steady is not None:
+        side.dit_busy_steady = statistics.mean(r.dit_busy_steady or 0.0 for r in rounds)
     return side
 
 
@@ -176,7 +194,7 @@ def report(sides: list[Side], threads: int, arch: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--jobs", type=int, default=6, help="jobs per side per round")
     parser.add_argument(
         "--layouts", default="1:1:1,1:2:1", help="farm layouts encode:transform:decode, comma-separated"
     )
@@ -185,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="override the preset's steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="baselines' torch threads")
     parser.add_argument("--skip", default="", help="comma-separated sides to leave out: loop, rq")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --jobs jobs per side, interleaved")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -196,15 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="reelfarm-bench-pipeline-") as tmp:
         home = Path(tmp)
         model_dir = args.model_dir or build_model(args.arch, home / "model")
-        sides: list[Side] = []
+        measured: dict[str, list[Side]] = {}
         with farm_servers(home / "farm", model_dir.resolve(), spec_defaults={"fps": 16}) as settings:
-            for mode in ("loop", "rq"):
-                if mode not in skip:
-                    sides.append(run_baseline(mode, settings, specs, args.threads))
-                    print(f"{mode}: {sides[-1].videos_per_minute:.2f} videos/min", file=sys.stderr)
-            for layout in args.layouts.split(","):
-                sides.append(run_farm(settings, layout, specs, args.timeout))
-                print(f"farm {layout}: {sides[-1].videos_per_minute:.2f} videos/min", file=sys.stderr)
+            # Rounds interleave the sides, so a shared machine's drift hits them alike.
+            for round_index in range(args.rounds):
+                for mode in ("loop", "rq"):
+                    if mode not in skip:
+                        side = run_baseline(mode, settings, specs, args.threads)
+                        measured.setdefault(side.name, []).append(side)
+                        print(f"round {round_index}: {mode}: {side.videos_per_minute:.2f} videos/min", file=sys.stderr)
+                for layout in args.layouts.split(","):
+                    side = run_farm(settings, layout, specs, args.timeout, round_index)
+                    measured.setdefault(side.name, []).append(side)
+                    print(f"round {round_index}: {side.name}: {side.videos_per_minute:.2f} videos/min", file=sys.stderr)
+    sides = [combine(rounds) for rounds in measured.values()]
     print(report(sides, args.threads, args.arch))
     if args.json:
         args.json.write_text(
