@@ -35,13 +35,9 @@ def test_worker_counts_come_from_the_environment_too() -> None:
     assert settings.worker_layout()[Stage.TRANSFORM] == 3
 
 
-def test_more_workers_than_cpus_run_unpinned_with_the_cpus_shared_by_the_dit_workers() -> None:
+def test_more_workers_than_cpus_run_one_thread_each_unpinned() -> None:
     slots = plan_workers({Stage.ENCODE: 1, Stage.TRANSFORM: 1, Stage.DECODE: 1}, [0, 1])
-    assert [(s.stage, s.threads, s.cpus) for s in slots] == [
-        (Stage.ENCODE, 1, None),
-        (Stage.TRANSFORM, 2, None),
-        (Stage.DECODE, 1, None),
-    ]
+    assert [(s.stage, s.threads, s.cpus) for s in slots] == [(stage, 1, None) for stage in Stage]
     slots = plan_workers({Stage.ENCODE: 1, Stage.TRANSFORM: 3, Stage.DECODE: 2}, [0, 1, 2, 3])
     assert [s.threads for s in slots] == [1, 1, 1, 1, 1, 1]
 

@@ -83,17 +83,17 @@ def plan_workers(layout: dict[Stage, int], cpus: list[int]) -> list[WorkerSlot]:
 
     With no more workers than CPUs, each worker is pinned to CPUs of its own and
     runs that many threads (CPUs left over go to transform workers, the DiT being
-    the expensive stage). With more workers than CPUs nobody is pinned: encode
-    and decode workers run one thread each -- several full-width torch thread
-    pools on one small host starve each other (12 tiny jobs: 64 s with default
-    threading, 5 s with one thread each) -- and the transform workers share the
-    CPUs between them, because on a real run the DiT is busy nearly all the time
-    and the other stages only for moments (bench/pipeline measures the layouts).
+    the expensive stage); with more, every worker runs one thread, unpinned, and
+    the OS shares the CPUs -- several torch thread pools on one small host starve
+    each other otherwise (12 tiny jobs: 64 s with default threading, 5 s with one
+    thread each). That holds for the DiT too: on 2 CPUs, a 2-thread DiT beside
+    1-thread encode and decode workers ran the bench preset at a third of the
+    speed of a 1-thread one (bench.pipeline, layouts 1:1:1 vs 1:1:1x1), and two
+    1-thread transform workers (``--workers transform=2``) were fastest of all.
     """
     order = [(stage, i) for stage, count in layout.items() for i in range(count)]
     if len(order) > len(cpus):
-        dit_threads = max(1, len(cpus) // max(1, layout.get(Stage.TRANSFORM, 0)))
-        return [WorkerSlot(stage, i, dit_threads if stage is Stage.TRANSFORM else 1) for stage, i in order]
+        return [WorkerSlot(stage, i) for stage, i in order]
     shares = [len(cpus) // len(order)] * len(order)
     transform = [n for n, (stage, _) in enumerate(order) if stage is Stage.TRANSFORM] or list(range(len(order)))
     for extra in range(len(cpus) - sum(shares)):
