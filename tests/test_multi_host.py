@@ -34,7 +34,7 @@ from scheduler.core import jobs, worker_registry
 from scheduler.core.connection import connect_redis
 from scheduler.core.keys import Stage
 from scheduler.core.object_store import get_bytes, list_incomplete_uploads
-from scheduler.core.settings import FarmSettings, S3Settings, TransferSettings, WorkerSettings
+from scheduler.core.settings import CheckpointSettings, FarmSettings, S3Settings, TransferSettings, WorkerSettings
 from scheduler.intake.submit import submit
 from scheduler.local.embedded import start_worker, wait_for_workers
 from scheduler.local.processes import stop_pid
@@ -140,6 +140,9 @@ def farm(lab: NetnsLab, tiny_model_dir: Path, tmp_path: Path) -> Iterator[MultiH
                 reaper_interval_seconds=1.0,
                 retry_backoff_seconds=0.2,
             ),
+            # Lineage across hosts is what this test checks: with latent checkpoints on, a decode that cannot
+            # pull from a cut producer reads the checkpoint from S3 instead (tests/test_checkpoints.py).
+            checkpoints=CheckpointSettings(enabled=False),
         )
         faults = {
             Stage.TRANSFORM: f"transform:{TRANSFORM_PAUSE}:{SLOW_MARKER}",
