@@ -213,8 +213,9 @@ def test_killing_a_rank_mid_job_retries_the_decode_and_the_group_comes_back(farm
     import os
     import signal
 
+    from scheduler.core import jobs
     from scheduler.core.keys import Stage
-    from scheduler.core.object_store import list_incomplete_uploads, make_s3_client
+    from scheduler.core.object_store import make_s3_client
     from scheduler.core.worker_registry import live_workers
     from scheduler.intake.submit import submit
     from tests.farm_harness import wait_finished, wait_until, worker_logs
@@ -222,9 +223,11 @@ def test_killing_a_rank_mid_job_retries_the_decode_and_the_group_comes_back(farm
 
     worker = farm.settings.worker.model_copy(update={"decode_grid": "2x1", "decode_group_timeout_seconds": 30.0})
     farm.settings = farm.settings.model_copy(update={"worker": worker})
-    # Lossless 512x256x33 from the tiny model is two multipart parts: the pause after the first is the window.
+    # The decode worker pauses after pulling its input, before decoding: the rank dies with the job in hand,
+    # and the group's first collective of the job finds it gone. (A kill during the upload could land after
+    # the last collective on a fast machine, and the job would rightly not notice.)
     spec = {"prompt": "a red fox in snow", "width": 512, "height": 256, "frames": 33, "steps": 2}
-    fleet = farm.fleet({"REELFARM_FAULT_SLOW": "decode-upload:8"})
+    fleet = farm.fleet({"REELFARM_FAULT_SLOW": "decode:8"})
     fleet.start(*Stage)
     job_id = submit(farm.conn, farm.settings, {**spec, "codec": {"name": "lossless"}})
     client = make_s3_client(s3_config)
@@ -232,14 +235,16 @@ def test_killing_a_rank_mid_job_retries_the_decode_and_the_group_comes_back(farm
     def decode_record() -> dict[str, Any]:
         return next(w for w in live_workers(farm.conn) if w.get("stage") == "decode")
 
-    wait_until(lambda: [u for u in list_incomplete_uploads(client, s3_config.bucket, "") if job_id in u.key], 240,
-               "the first part of the video upload")  # fmt: skip
+    wait_until(lambda: jobs.read_status(farm.conn, job_id)["stages"].get("decode", {}).get("state") == "running", 240,
+               "the decode stage to start")  # fmt: skip
     first = decode_record()
     assert (first["decode_ranks"], first["decode_grid"], first["decode_group"]) == ("2", "2x1", "up")
     os.kill(int(first["decode_rank_pids"]), signal.SIGKILL)
     record = wait_finished(farm.conn, job_id, timeout=300)
     assert record["state"] == "succeeded", worker_logs(farm.settings)
-    assert record["failures"] and record["failures"][0]["stage"] == "decode"
+    # Either the job's first collective met the dead rank (the attempt failed and was retried) or the worker
+    # saw the group down first and restarted it before decoding: both end with one video and a fresh group.
+    assert all(failure["stage"] == "decode" for failure in record["failures"]), record["failures"]
     after = decode_record()
     assert after["decode_group"] == "up" and int(after["decode_group_restarts"]) >= 1
     assert after["decode_rank_pids"] != first["decode_rank_pids"]
