@@ -118,3 +118,10 @@ def wait_all_finished(conn: redis.Redis, job_ids: Sequence[str], timeout: float)
 
 def connect(settings: FarmSettings) -> redis.Redis:
     return connect_redis(settings)
+
+
+def arch_job_shape(arch: str) -> dict[str, int]:
+    """The job shape (width, height, frames, steps) the preset ``arch`` is made for."""
+    from workers.models.presets import arch_named  # the bench may load the data plane; the CLI never does
+
+    return dict(arch_named(arch).job)

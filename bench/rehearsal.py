@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.local_farm import build_model, connect, farm_servers, running_layout, wait_all_finished
-from bench.pipeline.__main__ import arch_job_shape
+from bench.local_farm import arch_job_shape, build_model, connect, farm_servers, running_layout, wait_all_finished
 from scheduler.core import worker_registry
 from scheduler.core.job_record import StageField, stage_field
 from scheduler.core.keys import Stage

@@ -40,7 +40,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.local_farm import build_model, connect, farm_servers, layout_of, running_layout, wait_all_finished
+from bench.local_farm import (
+    arch_job_shape,
+    build_model,
+    connect,
+    farm_servers,
+    layout_of,
+    running_layout,
+    wait_all_finished,
+)
 from scheduler.core.job_record import StageField, stage_field
 from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings
@@ -73,11 +81,6 @@ def job_specs(count: int, shape: dict[str, int]) -> list[dict[str, Any]]:
         {"prompt": f"{PROMPTS[i % len(PROMPTS)]}, take {i}", "seed": i, "guidance_scale": 5.0, "fps": 16, **shape}
         for i in range(count)
     ]
-
-
-def arch_job_shape(arch: str) -> dict[str, int]:
-    code = f"import json; from workers.models.presets import ARCHS; print(json.dumps(dict(ARCHS[{arch!r}].job)))"
-    return dict(json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True).stdout))
 
 
 def run_baseline(mode: str, settings: FarmSettings, specs: list[dict[str, Any]], threads: int) -> Side:

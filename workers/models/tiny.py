@@ -14,6 +14,7 @@ seconds on a CPU.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -164,19 +165,18 @@ TINY_T2V = ModelArch(
     tune=_tune_tiny_t2v,
     job={"width": 128, "height": 96, "frames": 33, "steps": 12},
 )
-TINY_I2V = ModelArch(
+# The same tiny model as a Wan2.1-I2V one: the CLIP tower and a 36-channel DiT that cross-attends to it.
+TINY_I2V = replace(
+    TINY_T2V,
     name="tiny-i2v",
     kind="wan2.1-i2v-tiny",
     label="tiny i2v",
     task="i2v",
     summary="tests and the embedded default: the tiny model as a Wan2.1-I2V one (CLIP tower, 36-channel DiT)",
-    text_encoder=TINY_TEXT_ENCODER,
     transformer=TINY_I2V_TRANSFORMER,
-    vae=TINY_VAE,
     image_encoder=TINY_IMAGE_ENCODER,
     image_size=IMAGE_SIZE,
     tune=_tune_tiny_i2v,
-    job={"width": 128, "height": 96, "frames": 33, "steps": 12},
 )
 
 
