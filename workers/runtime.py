@@ -89,6 +89,9 @@ class StageRuntime:
     # Set by the first SIGTERM while busy: a preemptible denoise saves at its next step and hands back.
     preempt: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Held across the write, so concurrent jobs' status updates land in the order they were decided.
+    _status_lock: threading.Lock = field(default_factory=threading.Lock)
+    _running_jobs: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _reaper: ReaperThread | None = None
@@ -199,6 +202,19 @@ class StageRuntime:
             if report is not None:
                 fields.update(report())
         return fields
+
+    def job_began(self, job_id: str) -> None:
+        """Show ``job_id`` as running (a transform worker runs a batch of jobs at once, one thread each)."""
+        with self._status_lock:
+            self._running_jobs.append(job_id)
+            self.set_status(state="busy", current_job=",".join(self._running_jobs))
+
+    def job_ended(self, job_id: str) -> None:
+        with self._status_lock:
+            if job_id in self._running_jobs:
+                self._running_jobs.remove(job_id)
+            running = ",".join(self._running_jobs)
+            self.set_status(state="busy" if running else "idle", current_job=running)
 
     def set_status(self, **fields: str) -> None:
         """Show ``fields`` (state, current_job, metrics, ...) in the worker record, now and after a re-registration."""
@@ -336,8 +352,12 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
         if settings.transfer.slot_mb
         else slot_bytes_for(stage, list(settings.served_models().values()), settings.limits)
     )
-    log.info("transfer pool: %d slots of %.1f MiB", settings.transfer.slots, slot_bytes / 2**20)
-    pool = SlotPool(engine, slot_bytes=slot_bytes, num_slots=settings.transfer.slots)
+    slots = settings.transfer.slots
+    if stage is Stage.TRANSFORM:
+        # Every job of a batch hands off its own output: a batch of B needs B slots at once.
+        slots = max(slots, settings.transform.batch_size)
+    log.info("transfer pool: %d slots of %.1f MiB", slots, slot_bytes / 2**20)
+    pool = SlotPool(engine, slot_bytes=slot_bytes, num_slots=slots)
     runtime = StageRuntime(
         stage=stage,
         settings=settings,

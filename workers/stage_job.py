@@ -69,7 +69,7 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         # Another copy of this attempt got there first (see jobs.mark_stage_started); it owns the run.
         log.info("job %s: %s attempt %d is already running elsewhere; skipped", job_id, stage, attempt)
         return {"job_id": job_id, "stage": stage, "outcome": "skipped"}
-    rt.set_status(state="busy", current_job=job_id)
+    rt.job_began(job_id)
     outcome = "done"
     try:
         try:
@@ -122,7 +122,7 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         _restart(rt, job_id, this_stage, attempt, "worker shut down mid-job", delay=0.0)
         raise
     finally:
-        rt.set_status(state="idle", current_job="")
+        rt.job_ended(job_id)
     worker_metrics.observe_stage(this_stage, time.monotonic() - started, outcome)
     return {"job_id": job_id, "stage": stage, "outcome": outcome, "seconds": round(time.monotonic() - started, 3)}
 

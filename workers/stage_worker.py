@@ -11,11 +11,17 @@ every dequeued rq job is vetted by ``scheduler.core.stage_calls.vet_call`` befor
 touches its function, and a job that fails is refused (never imported or
 called), recorded, counted, and the worker goes on. An rq job whose hash rq
 cannot even read is refused the same way instead of ending the work loop.
+
+A transform worker with ``transform.batch_size`` above 1 takes compatible queued jobs beside the
+one rq gave it (`workers.batch_take`, each vetted like the first) and runs each in a thread of its
+own through rq's usual execution, so every job keeps its own lifecycle; their denoising steps
+share DiT calls (`workers.stages.step_batcher`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +29,15 @@ from typing import Any
 import redis
 
 from scheduler.core import jobs, worker_metrics
-from scheduler.core.queues import SimpleWorker, call_fields, clean_registries_without_hooks, remove_refused
+from scheduler.core.queues import (
+    SimpleWorker,
+    TimerDeathPenalty,
+    WorkerStatus,
+    call_fields,
+    clean_registries_without_hooks,
+    fetch_stage_job,
+    remove_refused,
+)
 from scheduler.core.stage_calls import (
     CallFields,
     CallRefused,
@@ -34,6 +48,7 @@ from scheduler.core.stage_calls import (
     record_refusal,
     vet_call,
 )
+from workers.batch_take import take_batch_mates
 from workers.runtime import StageRuntime
 
 log = logging.getLogger("reelfarm.worker")
@@ -45,6 +60,9 @@ class WarmExit(SystemExit):
 
 class StageWorker(SimpleWorker):  # type: ignore[misc]
     runtime: StageRuntime
+    # A timer, not SIGALRM: the jobs of a batch run in threads, where no signal handler can be set.
+    # Stage calls carry no rq timeout (the farm keeps its own deadlines), so it never fires anyway.
+    death_penalty_class = TimerDeathPenalty
 
     def request_stop(self, signum: int, frame: Any) -> None:
         # rq signals an idle stop with an Exception subclass, which redis-py turns into a
@@ -84,8 +102,49 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
             # reaper puts it back (queues.requeue_stranded), to be checked again.
             log.warning("rq job %s: Redis failed while checking it (%s); the reaper will put it back", job.id, exc)
             return
-        if allowed:
+        if not allowed:
+            return
+        mates = []
+        if self.runtime.settings.transform.batch_size > 1:
+            try:
+                mates = take_batch_mates(self.runtime, self.queues, str(job.kwargs["job_id"]), self._take_claimed)
+            except redis.RedisError as exc:
+                log.warning("rq job %s: Redis failed while looking for batch-mates (%s); running it alone", job.id, exc)
+        if not mates:
             super().execute_job(job, queue)
+            return
+        self._execute_batch([(job, queue), *mates])
+
+    def _take_claimed(self, queue: Any, rq_job_id: str) -> Any | None:
+        """A batch-mate this worker took off ``queue``: its rq job once vetted, or None (refused, or gone)."""
+        try:
+            job = fetch_stage_job(self.connection, rq_job_id)
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - rq could not read the job hash (or it was deleted meanwhile)
+            fields = CallFields(rq_job_id=rq_job_id, func_name=None)
+            self._refuse(queue, fields, CallRefused(RefusalReason.UNREADABLE, f"rq cannot read it: {exc!r}"[:300]))
+            return None
+        return job if self._vetted_or_refused(job, queue) else None
+
+    def _execute_batch(self, members: list[tuple[Any, Any]]) -> None:
+        """Run each job in its own thread through rq's execution, as ``execute_job`` runs one; wait for all."""
+        log.info("running %d transform jobs as a batch: %s", len(members), ", ".join(job.id for job, _ in members))
+        threads = [
+            threading.Thread(target=self._perform_member, args=member, name=f"batch-{member[0].id}", daemon=True)
+            for member in members
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            # In short waits: the main thread must stay free to take SIGTERM (preemption, stop).
+            while thread.is_alive():
+                thread.join(timeout=0.2)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _perform_member(self, job: Any, queue: Any) -> None:
+        execution = self.prepare_execution(job)
+        self.perform_job(job, queue, execution)
 
     def _vetted_or_refused(self, job: Any, queue: Any) -> bool:
         """True if ``job`` is a signed stage call this worker may run; otherwise it is refused (False)."""

@@ -115,6 +115,14 @@ def stage_job_id(job_id: str, stage: Stage, attempt: int) -> str:
     return f"{check_id(job_id, 'job id')}-{stage.value}-a{attempt}"
 
 
+def job_id_of_stage_job(rq_job_id: str, stage: Stage) -> str | None:
+    """The farm job id inside an rq job id ``stage_job_id`` made for ``stage``; None for any other id."""
+    job_id, sep, attempt = rq_job_id.rpartition(f"-{stage.value}-a")
+    if not sep or not attempt.isdigit() or not job_id:
+        return None
+    return job_id
+
+
 def inflight_key() -> str:
     """Sorted set of running stage executions (``job|stage|attempt``) scored by start time, for the reaper."""
     return f"{PREFIX}:inflight"

@@ -26,7 +26,9 @@ from rq.registry import (
     StartedJobRegistry,
 )
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 from rq.utils import current_timestamp
+from rq.worker import WorkerStatus
 
 from scheduler.core import demand, keys
 from scheduler.core.job_record import Routing
@@ -36,7 +38,16 @@ from scheduler.core.stage_calls import SIGNATURE_META_KEY, STAGE_ENTRYPOINT, Cal
 RESULT_TTL_SECONDS = 24 * 3600
 FAILURE_TTL_SECONDS = 7 * 24 * 3600
 
-__all__ = ["STAGE_ENTRYPOINT", "SimpleWorker", "JSONSerializer", "stage_queue", "enqueue_stage", "call_fields"]
+__all__ = [
+    "STAGE_ENTRYPOINT",
+    "SimpleWorker",
+    "TimerDeathPenalty",
+    "WorkerStatus",
+    "JSONSerializer",
+    "stage_queue",
+    "enqueue_stage",
+    "call_fields",
+]
 
 
 def transaction(conn: redis.Redis) -> Any:
@@ -155,6 +166,39 @@ def clean_registries_without_hooks(queue: Queue) -> None:
     started = StartedJobRegistry(**options)
     queue.connection.zremrangebyscore(started.key, 0, current_timestamp())
     worker_registration.clean_worker_registry(queue)
+
+
+# Take one queued rq job by id, as rq's own dequeue takes the head: off the queue list and -- for a
+# worker of one queue, whose start takes it out again -- into the intermediate list, so a crash before
+# the start leaves it for ``requeue_stranded``. KEYS: queue list, intermediate list. ARGV: id, "1" to park.
+_CLAIM_QUEUED = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  if ARGV[2] == '1' then redis.call('RPUSH', KEYS[2], ARGV[1]) end
+  return 1
+end
+return 0
+"""
+
+
+def queued_ids(conn: redis.Redis, queue: Queue, limit: int) -> list[str]:
+    """The first ``limit`` rq job ids waiting on ``queue``, head first."""
+    raw: list[bytes] = conn.lrange(queue.key, 0, limit - 1)  # type: ignore[assignment]
+    return [item.decode() for item in raw]
+
+
+def claim_queued(conn: redis.Redis, queue: Queue, rq_job_id: str, *, worker_queues: int) -> bool:
+    """Take ``rq_job_id`` off ``queue`` for this worker (True), unless another worker took it first (False).
+
+    ``worker_queues``: how many queues the worker listens on -- rq parks a dequeued job in the
+    intermediate list only for a worker of one queue (BLMOVE), and takes it out again at its start.
+    """
+    parked = "1" if worker_queues == 1 else "0"
+    return bool(conn.eval(_CLAIM_QUEUED, 2, queue.key, queue.intermediate_queue_key, rq_job_id, parked))
+
+
+def fetch_stage_job(conn: redis.Redis, rq_job_id: str) -> Job:
+    """A claimed rq job, read with the farm's JSON serializer (raises when its hash cannot be read)."""
+    return Job.fetch(rq_job_id, connection=conn, serializer=JSONSerializer)
 
 
 def remove_refused(pipe: Any, queue: Queue, rq_job_id: str) -> None:

@@ -130,6 +130,16 @@ class TransformSettings(BaseModel):
     # A diffusers attention backend name (set_attention_backend), e.g. "native", "_native_math",
     # "flash" on GPUs with flash-attn; None keeps the model's default (PyTorch SDPA). Checked at start.
     attention_backend: str | None = Field(default=None, min_length=1, max_length=64)
+    # Denoise up to this many queued jobs together: a worker that takes a job also takes compatible
+    # ones (same model, size, frames and guidance on/off; no step cache) waiting in its queues, and
+    # their steps share DiT calls. Each job keeps its own seed, prompt, steps, progress, cancellation,
+    # failure and hand-off; its frames equal its solo run within the tests' tolerance. The worker's
+    # transfer pool holds at least this many slots, and it takes only as many jobs as it has free
+    # slots. 1 (the default) runs one job at a time: batching pays where one job leaves the device
+    # idle (a GPU at small sizes); on CPUs it gains little (bench.dit).
+    batch_size: int = Field(default=1, ge=1, le=16)
+    # How long a worker that took a job waits for compatible jobs to fill its batch.
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
 
 
 class CheckpointSettings(BaseModel):

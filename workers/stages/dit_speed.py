@@ -5,7 +5,8 @@
   once at load and compiled lazily by dynamo on the first call of each latent shape (never per job);
 - step caching: diffusers' cache hooks (``enable_cache`` / ``disable_cache``), applied around one job
   and removed after it, because the transformer stays resident and serves the next job uncached;
-- counting DiT calls and the ones a cache skipped, for the job's stage result.
+- counting DiT calls and the ones a cache skipped, for the job's stage result: per thread, because the
+  jobs of a batch (`workers.stages.step_batcher`) denoise in threads of their own and share calls.
 
 One-pass guidance lives in the denoising loop itself (`workers.stages.transform`).
 """
@@ -13,8 +14,9 @@ One-pass guidance lives in the denoising loop itself (`workers.stages.transform`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from diffusers.hooks import FirstBlockCacheConfig
@@ -66,6 +68,8 @@ class DitCalls:
 
     calls: int = 0
     full: int = 0
+    # Whether the call that just ended ran every block (a cache may have skipped the rest).
+    ran_every_block: Callable[[], bool] = field(default=lambda: True, repr=False)
 
     @property
     def skipped(self) -> int:
@@ -88,20 +92,30 @@ def step_cache(transformer: WanTransformer3DModel, options: CacheOptions | None)
     counted = DitCalls()
     if options is not None:
         transformer.enable_cache(cache_config(options))
-    # Counted on the transformer itself, never inside its blocks: compiled blocks run no Python hooks.
-    computed_every_block = _computed_every_block(transformer) if options is not None else lambda: True
-
-    def count_call(*_: Any) -> None:
-        counted.calls += 1
-        counted.full += computed_every_block()
-
-    handle = transformer.register_forward_hook(count_call)
+        counted.ran_every_block = _computed_every_block(transformer)
+    # The denoising loop reports its calls (count_dit_calls) in this thread: a forward hook would
+    # count a batch-mate's calls too, and compiled blocks run no Python hooks.
+    token = _COUNTED.set(counted)
     try:
         yield counted
     finally:
-        handle.remove()
+        _COUNTED.reset(token)
         if options is not None:
             transformer.disable_cache()
+
+
+_COUNTED: contextvars.ContextVar[DitCalls | None] = contextvars.ContextVar("reelfarm_dit_calls", default=None)
+
+
+def count_dit_calls(calls: int) -> None:
+    """The job in this thread's ``step_cache`` block took part in ``calls`` more DiT calls (no-op outside one).
+
+    Called right after the call, inside its cache context, so a step cache's state says whether it ran in full.
+    """
+    counted = _COUNTED.get()
+    if counted is not None:
+        counted.calls += calls
+        counted.full += calls * int(counted.ran_every_block())
 
 
 def _computed_every_block(transformer: WanTransformer3DModel) -> Callable[[], bool]:

@@ -23,6 +23,7 @@ Where the state is stored is the caller's business (`workers.checkpoints`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from workers.stages.payloads import (
     TEXT_LENGTH,
     uses_cfg,
 )
+from workers.stages.step_batcher import Member, StepBatcher, StepRequest
 
 # Wan2.1's VAE: 8x spatial and 4x temporal compression (1 + 4k frames -> 1 + k latent frames).
 VAE_SCALE_SPATIAL = 8
@@ -96,6 +98,7 @@ class DenoiseStage:
         one_pass_guidance: bool = False,
         compile_blocks: bool = False,
         attention_backend: str | None = None,
+        batch_jobs: bool = False,
     ) -> None:
         model_dir = Path(model_dir)
         self.device = torch.device(device)
@@ -110,6 +113,9 @@ class DenoiseStage:
         dit_speed.prepare_transformer(
             self.transformer, compile_blocks=compile_blocks, attention_backend=attention_backend
         )
+        # With batch_jobs, denoise() may run in several threads at once (a batch of jobs, one thread
+        # each) and their steps share DiT calls (`workers.stages.step_batcher`).
+        self.batcher = StepBatcher(self._batched_forward, one_pass=one_pass_guidance) if batch_jobs else None
 
     def speed_options(self) -> dict[str, object]:
         """The options this DiT runs with, for the job record (they change rounding, not what a job asks)."""
@@ -184,21 +190,26 @@ class DenoiseStage:
         if resume is not None:
             done = self._resumed(resume, scheduler, latents, total)
             latents = resume.latents.to(self.device)
-        for step_index, t in enumerate(timesteps):
-            if step_index < done:
-                continue
-            if should_stop is not None and should_stop():
-                raise StageCancelled(f"stopped before denoising step {step_index + 1} of {total}")
-            noise_pred = self._predict_noise(latents, t, conditioning, guidance_scale)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                on_step(step_index + 1, total)
-            if at_boundary is not None:
-                at_boundary(
-                    step_index + 1,
-                    total,
-                    functools.partial(DenoiseState.capture, step_index + 1, total, latents, scheduler),
-                )
+        # A step-cached job runs alone (the worker never batches one): the cache decides per DiT call,
+        # so sharing calls would make its frames depend on its batch-mates.
+        batcher = self.batcher if self.batcher is not None and not self.transformer.is_cache_enabled else None
+        joined = batcher.member(f"seed {seed}") if batcher is not None else contextlib.nullcontext(None)
+        with joined as member:
+            for step_index, t in enumerate(timesteps):
+                if step_index < done:
+                    continue
+                if should_stop is not None and should_stop():
+                    raise StageCancelled(f"stopped before denoising step {step_index + 1} of {total}")
+                noise_pred = self._predict_noise(latents, t, conditioning, guidance_scale, member)
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(step_index + 1, total)
+                if at_boundary is not None:
+                    at_boundary(
+                        step_index + 1,
+                        total,
+                        functools.partial(DenoiseState.capture, step_index + 1, total, latents, scheduler),
+                    )
         return latents.float()
 
     def _resumed(self, state: DenoiseState, scheduler: Any, latents: torch.Tensor, total: int) -> int:
@@ -276,13 +287,20 @@ class DenoiseStage:
             )
 
     def _predict_noise(
-        self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, guidance_scale: float
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: Conditioning,
+        guidance_scale: float,
+        member: Member | None = None,
     ) -> torch.Tensor:
         if conditioning.condition is None:
             model_input = latents.to(self.dtype)
         else:
             model_input = torch.cat([latents, conditioning.condition], dim=1).to(self.dtype)
         timestep = t.expand(latents.shape[0])
+        if member is not None and self.batcher is not None:
+            return self._predict_in_batch(self.batcher, member, model_input, timestep, conditioning, guidance_scale)
         if conditioning.negative_embeds is None:
             return self._forward(model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds, "cond")
         if self.one_pass_guidance:
@@ -306,6 +324,32 @@ class DenoiseStage:
             )
         return uncond + guidance_scale * (cond - uncond)
 
+    def _predict_in_batch(
+        self,
+        batcher: StepBatcher,
+        member: Member,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        conditioning: Conditioning,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """``_predict_noise`` with this job's DiT call shared with its batch-mates' (the same guidance maths)."""
+        texts: tuple[torch.Tensor, ...] = (conditioning.prompt_embeds,)
+        if conditioning.negative_embeds is not None:
+            texts = (conditioning.prompt_embeds, conditioning.negative_embeds)
+        outputs = batcher.step(member, StepRequest(model_input, timestep.reshape(1), texts, conditioning.image_embeds))
+        # This job's share of the calls: one per step with one-pass guidance (or no guidance), else one per text.
+        dit_speed.count_dit_calls(1 if self.one_pass_guidance else len(texts))
+        if len(outputs) == 1:
+            return outputs[0]
+        cond, uncond = outputs
+        return uncond + guidance_scale * (cond - uncond)
+
+    def _batched_forward(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self._forward(model_input, timestep, text, image, "batch", counted=False)
+
     def _forward(
         self,
         model_input: torch.Tensor,
@@ -313,6 +357,8 @@ class DenoiseStage:
         text: torch.Tensor,
         image: torch.Tensor | None,
         context: str,
+        *,
+        counted: bool = True,
     ) -> torch.Tensor:
         # A step cache keeps one state per named call (cond and uncond must not share one), as the pipelines name them.
         with dit_speed.cache_context(self.transformer, context):
@@ -323,4 +369,7 @@ class DenoiseStage:
                 encoder_hidden_states_image=image,
                 return_dict=False,
             )[0]
+            if counted:
+                # Inside the cache context: whether this call ran every block is read from its state.
+                dit_speed.count_dit_calls(1)
         return output
