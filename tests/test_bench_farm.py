@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.control_plane import layout_for
 from bench.overhead import JobOverhead, overheads, queue_adjusted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,3 +105,29 @@ def test_rehearsal_bench_smoke(tmp_path: Path) -> None:
     assert int(result["record"]["decode.input_bytes"]) > 0
     assert all(w["peak_kib"] >= w["rss_loaded_kib"] > 0 for w in result["workers"].values())
     assert "| transform |" in out
+
+
+def test_control_plane_layouts_split_workers_equally_over_the_stages() -> None:
+    assert list(layout_for(10).values()) == [3, 4, 3]
+    assert list(layout_for(50).values()) == [16, 17, 17]
+    assert list(layout_for(3).values()) == [1, 1, 1]
+    with pytest.raises(ValueError, match="at least one worker per stage"):
+        layout_for(2)
+
+
+@pytest.mark.slow
+def test_control_plane_bench_smoke(tmp_path: Path) -> None:
+    out = _bench("bench.control_plane", "--workers", "4", "--jobs", "40", "--json", str(tmp_path / "c.json"),
+                 timeout=120)  # fmt: skip
+    result = json.loads((tmp_path / "c.json").read_text())
+    fidelity, (run,) = result["fidelity"], result["runs"]
+    assert fidelity["layout"] == {"encode": 1, "transform": 1, "decode": 1} and fidelity["jobs"] == 20
+    assert run["layout"] == {"encode": 1, "transform": 2, "decode": 1} and run["jobs"] == 40
+    # The whole protocol ran: every job was submitted, claimed twice and finished (the driver checked each
+    # record succeeded); a job costs Redis some hundreds of commands, each stage's rq bookkeeping included.
+    for row in (fidelity, run):
+        assert 150 < row["commands_per_job"] < 600, row
+        assert row["jobs_per_s"] > 0 and 0 < row["redis_main_cores"] <= 1.0
+        assert row["ceiling_jobs_per_s"] >= row["jobs_per_s"]
+        assert row["calls"]["evalsha"] >= 6 * row["jobs"]  # claim, begin-transfer and ack of both hand-offs
+    assert "| 4 workers | 1:2:1 | 40 |" in out and "Fidelity (1:1:1" in out and "saturates at" in out
