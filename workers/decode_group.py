@@ -22,7 +22,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch.distributed import TCPStore
 
+from workers import rank_processes
 from workers.stages.decode import StreamingVaeDecoder
 from workers.stages.sharded_decode import GlooCollectives, ShardedVaeDecoder, ShardGrid
 
@@ -77,29 +77,15 @@ class DecodeRankGroup:
                 command += ["--halo", str(self.halo)]
             self.children.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
         try:
-            self._wait_until_loaded(store)
+            rank_processes.wait_until_loaded(store, self.children, self.startup_seconds, "decode")
             comm = GlooCollectives(store, 0, size, self.timeout_seconds)
         except BaseException:
-            self._kill_children()
+            rank_processes.reap(self.children)
             raise
         self._store = store  # rank 0 hosts the store: it lives as long as the group
         self.base = base
         self.decoder = ShardedVaeDecoder(base, self.grid, comm, halo=self.halo)
         return self.decoder
-
-    def _wait_until_loaded(self, store: TCPStore) -> None:
-        """Wait for every follower to load its VAE (as long as it takes a live process, up to
-        ``startup_seconds``): on a busy host that can outlast the collectives' timeout by far."""
-        deadline = time.monotonic() + self.startup_seconds
-        for rank, child in enumerate(self.children, start=1):
-            while not store.check([f"loaded/{rank}"]):
-                if child.poll() is not None:
-                    raise RuntimeError(
-                        f"decode rank {rank} exited with status {child.returncode} while starting; see its log"
-                    )
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"decode rank {rank} did not load its VAE in {self.startup_seconds:.0f} s")
-                time.sleep(0.1)
 
     def healthy(self) -> bool:
         """Every follower is still running (rank 0 is this process)."""
@@ -119,7 +105,7 @@ class DecodeRankGroup:
         """After a failed decode: drop the group, kill what is left of it, start it again."""
         assert self.base is not None, "restart() needs a group that was started"
         base = self.base
-        self._kill_children()
+        rank_processes.reap(self.children)
         self.decoder = None
         self.restarts += 1
         log.warning("decode rank group %s restarting (restart %d)", self.grid, self.restarts)
@@ -133,17 +119,7 @@ class DecodeRankGroup:
             except RuntimeError as exc:  # a rank died meanwhile: nothing to stop politely
                 log.warning("decode rank group stop failed: %s", exc)
         self.decoder = None
-        self._kill_children(grace_seconds=10.0)
-
-    def _kill_children(self, grace_seconds: float = 0.0) -> None:
-        deadline = time.monotonic() + grace_seconds
-        for child in self.children:
-            try:
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        self.children = []
+        rank_processes.reap(self.children, grace_seconds=10.0)
 
 
 def _seconds(value: float) -> Any:

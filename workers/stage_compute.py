@@ -22,12 +22,13 @@ from scheduler.core.settings import FarmSettings
 from workers.fault_injection import TRANSFORM_STEP_POINT, pause_if_injected
 from workers.models.loading import Component, ModelTask, check_model_dir, model_task
 from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
-from workers.stages import StagePreempted
+from workers.stages import StageCancelled, StagePreempted
 
 if TYPE_CHECKING:
     import PIL.Image
 
     from workers.decode_group import DecodeRankGroup
+    from workers.dit_group import DitRankGroup
     from workers.runtime import StageRuntime
     from workers.stages.decode import StreamingVaeDecoder
     from workers.stages.denoise_state import DenoiseState
@@ -72,8 +73,36 @@ class TransformCompute:
     """The transform stage of one model: the DiT's denoising loop, reporting through the job record."""
 
     denoiser: DenoiseStage
+    group: DitRankGroup | None = None  # with transform.context_parallel above 1: the ranks sharing each DiT call
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
+        if self.group is None:
+            return self._denoise(job, inputs)
+        if job.spec.cache is not None:
+            raise MalformedJob(
+                "this transform worker runs the DiT context-parallel (transform.context_parallel), where step caching "
+                "is not supported: resubmit without cache, or serve the model on a worker without context_parallel"
+            )
+        if not self.group.healthy():  # a rank died while the worker was idle
+            self.denoiser.rank_sender = self.group.restart(self.denoiser.transformer)
+        try:
+            return self._denoise(job, inputs)
+        except (StagePreempted, StageCancelled, MalformedJob):
+            raise  # every rank finished its last call: the group is fine
+        except Exception:
+            # A rank may be mid-call or gone: start the group afresh for the next attempt, fail this one.
+            self.denoiser.rank_sender = self.group.restart(self.denoiser.transformer)
+            raise
+
+    def record_fields(self) -> dict[str, str]:
+        """The DiT rank group's size and health for the worker record (``reelfarm info``)."""
+        return {} if self.group is None else self.group.describe()
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+
+    def _denoise(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         rt, spec = job.rt, job.spec
 
         # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries,
@@ -221,16 +250,33 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
         from workers.stages.transform import DenoiseStage
 
         speed = settings.transform
-        return TransformCompute(
-            DenoiseStage(
-                model_dir,
-                device=device,
-                dtype=dtype,
-                one_pass_guidance=speed.one_pass_guidance,
-                compile_blocks=speed.compile,
-                attention_backend=speed.attention_backend,
+        if speed.context_parallel > 1 and (speed.batch_size > 1 or speed.compile):
+            raise ValueError(
+                "transform.context_parallel runs one job over several devices: set transform.batch_size to 1 and "
+                "transform.compile to false with it"
             )
+        denoiser = DenoiseStage(
+            model_dir,
+            device=device,
+            dtype=dtype,
+            one_pass_guidance=speed.one_pass_guidance,
+            compile_blocks=speed.compile,
+            attention_backend=speed.attention_backend,
+            batch_jobs=speed.batch_size > 1,
         )
+        if speed.context_parallel == 1:
+            return TransformCompute(denoiser)
+        from workers.dit_group import DitRankGroup
+
+        dit_group = DitRankGroup(
+            model_dir,
+            speed.context_parallel,
+            device=device,
+            dtype=settings.worker.dtype,
+            threads_per_rank=max(1, torch.get_num_threads() // speed.context_parallel),
+        )
+        denoiser.rank_sender = dit_group.start(denoiser.transformer)
+        return TransformCompute(denoiser, dit_group)
     from workers.stages.decode import StreamingVaeDecoder
 
     if settings.worker.decode_grid != "1x1" and device != "cpu":

@@ -57,7 +57,8 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
     if not fields or is_finished(fields) or attempt_of(fields, this_stage) != attempt:
         log.info("job %s: %s attempt %d is stale or finished; skipped", job_id, stage, attempt)
         return {"job_id": job_id, "stage": stage, "outcome": "skipped"}
-    if jobs.cancel_requested(rt.conn, job_id):
+    # The record read above answers the cancel check and holds the spec: no more round trips before the start.
+    if jobs.cancel_requested_in(fields):
         # Cancelled between stages: free the producer's slot now instead of at lease expiry.
         if upstream_attempt is not None:
             rt.rooms.release_input(job_id, this_stage, upstream_attempt)
@@ -73,7 +74,7 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
     outcome = "done"
     try:
         try:
-            spec = jobs.load_spec(rt.conn, job_id)
+            spec = jobs.spec_in(fields, job_id)
         except ValueError as exc:
             raise MalformedJob(f"job record has an unreadable spec: {str(exc).splitlines()[0]}") from None
         crash_if_injected(rt.stage.value, spec.prompt)

@@ -242,6 +242,18 @@ def load_spec(conn: redis.Redis, job_id: str) -> JobSpec:
     return JobSpec.model_validate_json(raw)  # type: ignore[arg-type]
 
 
+def spec_in(fields: dict[str, str], job_id: str) -> JobSpec:
+    """The spec inside a job record already read (``job_fields``): one round trip fewer than ``load_spec``."""
+    if "spec" not in fields:
+        raise JobNotFound(f"job {job_id} not found")
+    return JobSpec.model_validate_json(fields["spec"])
+
+
+def cancel_requested_in(fields: dict[str, str]) -> bool:
+    """``cancel_requested``, read from a job record already read."""
+    return "cancel_requested" in fields
+
+
 def _json_or_raw(text: str) -> Any:
     # A record planted by hand may hold anything: show it rather than crash the status view.
     try:

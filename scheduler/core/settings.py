@@ -140,6 +140,11 @@ class TransformSettings(BaseModel):
     batch_size: int = Field(default=1, ge=1, le=16)
     # How long a worker that took a job waits for compatible jobs to fill its batch.
     batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    # Run each job's DiT over this many devices with diffusers' context parallelism (Ulysses): the
+    # worker starts N-1 follower processes (GPU r for rank r with worker.device cuda; CPU ranks share
+    # the CPU, over gloo) and keeps them across jobs. N must divide the DiT's attention heads. Not with
+    # batch_size, compile or jobs asking for a step cache (refused at start, or for the job, in one line).
+    context_parallel: int = Field(default=1, ge=1, le=64)
 
 
 class CheckpointSettings(BaseModel):

@@ -28,7 +28,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -46,6 +46,9 @@ from workers.stages.payloads import (
     uses_cfg,
 )
 from workers.stages.step_batcher import Member, StepBatcher, StepRequest
+
+if TYPE_CHECKING:
+    from workers.dit_group import DitCallSender
 
 # Wan2.1's VAE: 8x spatial and 4x temporal compression (1 + 4k frames -> 1 + k latent frames).
 VAE_SCALE_SPATIAL = 8
@@ -116,6 +119,9 @@ class DenoiseStage:
         # With batch_jobs, denoise() may run in several threads at once (a batch of jobs, one thread
         # each) and their steps share DiT calls (`workers.stages.step_batcher`).
         self.batcher = StepBatcher(self._batched_forward, one_pass=one_pass_guidance) if batch_jobs else None
+        # Set when the DiT runs context-parallel over a rank group (`workers.dit_group`): every call goes
+        # through it, so the followers make the same call.
+        self.rank_sender: DitCallSender | None = None
 
     def speed_options(self) -> dict[str, object]:
         """The options this DiT runs with, for the job record (they change rounding, not what a job asks)."""
@@ -185,6 +191,7 @@ class DenoiseStage:
 
         latents = self.initial_latents(height=height, width=width, num_frames=num_frames, seed=seed)
         self._check_condition_shape(conditioning, latents)
+        self._check_splits_over_ranks(latents)
         total = len(timesteps)
         done = 0
         if resume is not None:
@@ -276,6 +283,19 @@ class DenoiseStage:
             image_embeds=embeds[IMAGE_EMBEDS].to(self.device, self.dtype),
         )
 
+    def _check_splits_over_ranks(self, latents: torch.Tensor) -> None:
+        """Context parallelism splits the DiT's token sequence into equal parts, one per rank."""
+        if self.rank_sender is None:
+            return
+        t, h, w = latents.shape[2:]
+        pt, ph, pw = self.transformer.config["patch_size"]
+        tokens = (t // pt) * (h // ph) * (w // pw)
+        if tokens % self.rank_sender.size:
+            raise ValueError(
+                f"this job's {tokens} DiT tokens do not split over the worker's {self.rank_sender.size} context-parallel "
+                "ranks; pick a size whose latent area divides evenly, or run it on a worker without transform.context_parallel"
+            )
+
     def _check_condition_shape(self, conditioning: Conditioning, latents: torch.Tensor) -> None:
         if conditioning.condition is None:
             return
@@ -362,13 +382,17 @@ class DenoiseStage:
     ) -> torch.Tensor:
         # A step cache keeps one state per named call (cond and uncond must not share one), as the pipelines name them.
         with dit_speed.cache_context(self.transformer, context):
-            output: torch.Tensor = self.transformer(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=text,
-                encoder_hidden_states_image=image,
-                return_dict=False,
-            )[0]
+            output: torch.Tensor
+            if self.rank_sender is not None:
+                output = self.rank_sender.forward(self.transformer, model_input, timestep, text, image)
+            else:
+                output = self.transformer(
+                    hidden_states=model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=text,
+                    encoder_hidden_states_image=image,
+                    return_dict=False,
+                )[0]
             if counted:
                 # Inside the cache context: whether this call ran every block is read from its state.
                 dit_speed.count_dit_calls(1)
