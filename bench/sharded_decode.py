@@ -9,11 +9,14 @@ decode worker runs them (N=1 is `StreamingVaeDecoder` alone, the baseline). Afte
 VAE, each rank's peak resident set is reset (``/proc/PID/clear_refs``); after the decode, the peak
 *above* that rank's loaded model is read from ``VmHWM``. Grids: 2 = 2x1, 4 = 2x2.
 
-What to expect: a rank's peak is dominated by the causal-conv cache and activations at output
-resolution, which scale with the area the rank decodes -- its core plus the halo (15 latent pixels for
-this VAE), not 1/N of the frame. The table prints that area share next to the measured peak ratio.
-Rank 0 also holds the assembled chunk. Time does not fall on a 2-core CPU: the N=1 baseline already uses
-both cores (intra-op threads), N ranks split the same cores, and every rank also computes its halo.
+What to expect: a rank's peak is dominated by the causal-conv cache and the activations of the 8x and 4x
+blocks, which scale with the area those blocks decode. The latent halo (15 pixels for this VAE) only
+widens the latent and 2x blocks: every block after the attention crops its input to the core plus the
+reach still to come (7 output pixels at 8x). The table prints 1/N, the latent shard share (core + halo) and
+the full-resolution share (core + reach) next to the measured ratio. Rank 0 also holds the gathered
+cores and the assembled chunk (3 channels, small), and the bench keeps every output chunk for the
+check. Time does not fall on a 2-core CPU: the N=1 baseline already uses both cores (intra-op threads)
+and N ranks split the same cores.
 """
 
 from __future__ import annotations
