@@ -62,6 +62,26 @@ def test_halo_from_the_decoders_receptive_field(arch: str, halo: int) -> None:
     assert decoder_halo(vae.decoder) == halo
 
 
+def test_blocks_after_the_attention_keep_only_what_the_core_needs() -> None:
+    """At 8x the 1.3b decoder's blocks need the core plus 7 output pixels (6 convs at 8x and conv_out), not the
+    114 the latent halo covers; at a true frame border nothing is added."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+
+    from workers.models.presets import arch_named
+    from workers.stages.sharded_decode import axis_plan
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**arch_named("wan2.1-t2v-1.3b").vae)
+    middle = axis_plan(vae.decoder, (30, 60), (15, 75), 90, 8)
+    assert middle.crops[0] == (15, 75) and middle.scales[0] == 1  # latent: core +- the 15-pixel halo
+    assert middle.crops[middle.scales.index(8)] == (240 - 7, 480 + 7)
+    assert middle.output[0] <= 240 and middle.output[1] >= 480  # the output covers the core
+    border = axis_plan(vae.decoder, (0, 30), (0, 45), 60, 8)
+    assert border.crops[border.scales.index(8)] == (0, 240 + 7)
+    # A too-small halo: the blocks keep what the shard has, so the cut shows (test_too_small_halo_is_visible).
+    assert axis_plan(vae.decoder, (30, 60), (27, 63), 90, 8).crops[0] == (27, 63)
+
+
 class _WholeFrameGather:
     """Collectives stand-in for one rank: all_gather returns every rank's core cut from the known whole frame."""
 

@@ -26,6 +26,13 @@ Why this equals the one-process decode (up to float reassociation):
   into the whole frame's attention input, and each rank attends its own
   extended shard's queries to every key of the frame (`GatheredAttention`).
   From there on the shard's input is exact again and the halo covers the rest.
+- The halo is spent mostly at latent and 2x resolution. Every block after the
+  attention (residual blocks and upsamplers, which take their causal cache from
+  their own input) crops its input to what the core still needs: the core plus
+  the reach of the convolutions to come (`axis_plan`, walked back from the core
+  through the decoder). So the 8x blocks, where the cache and activations are,
+  run on the core plus 7 output pixels a side instead of plus 114, and a rank's
+  peak follows its core's share of the frame rather than core plus halo.
 
 Lifecycle: rank 0 (the decode worker) calls ``iter_frames(latents)``: it
 announces the job's shape (through the store: an idle follower may wait
@@ -60,6 +67,7 @@ from workers.stages.decode import StreamingVaeDecoder
 
 _STOP, _DECODE = 0, 1  # the header's first field
 _IDLE_POLL_SECONDS = 5.0  # how often an idle follower checks that its parent (rank 0) still lives
+_CROP_HOOKS = "_reelfarm_shard_crop_hooks"  # the decoder attribute holding this rank's crop hook handles
 
 
 @dataclass(frozen=True)
@@ -134,24 +142,38 @@ def shard_regions(grid: ShardGrid, height: int, width: int, halo: int) -> list[S
     return regions
 
 
-def _spatial_reach(modules: Sequence[nn.Module], upsampled: int, spatial_factor: int) -> tuple[int, int]:
-    """Receptive radius in *output* pixels of ``modules`` run in order, and the upsampling reached.
+def _spatial_ops(module: nn.Module) -> list[tuple[str, int]]:
+    """``module``'s spatial operations in run order: ("conv", radius at its resolution) or ("up", factor).
 
-    Counts every convolution's spatial radius at the resolution it runs at. In the Wan2.1 decoder the
-    modules are registered in the order they run and the only parallel branches (1x1 shortcuts,
-    (3,1,1) time convolutions) have radius 0, so registration order is run order for this count.
+    In the Wan2.1 decoder the layers are registered in the order they run and the only parallel branches
+    (1x1 shortcuts, (3,1,1) time convolutions) have radius 0, so registration order is run order here.
     """
-    reach = 0
-    for module in modules:
-        for layer in module.modules():
-            if isinstance(layer, WanUpsample):
-                factor = layer.scale_factor
-                upsampled *= int(factor[0] if isinstance(factor, tuple) else factor or 1)
-            elif isinstance(layer, (nn.Conv2d, nn.Conv3d)):
-                if layer.stride[-1] != 1 or layer.dilation[-1] != 1:
-                    raise ValueError("the sharded decoder only handles stride-1, undilated decoder convolutions")
-                reach += (int(layer.kernel_size[-1]) - 1) // 2 * (spatial_factor // upsampled)
-    return reach, upsampled
+    ops: list[tuple[str, int]] = []
+    for layer in module.modules():
+        if isinstance(layer, WanUpsample):
+            factor = layer.scale_factor
+            ops.append(("up", int(factor[0] if isinstance(factor, tuple) else factor or 1)))
+        elif isinstance(layer, (nn.Conv2d, nn.Conv3d)):
+            if layer.stride[-1] != 1 or layer.dilation[-1] != 1:
+                raise ValueError("the sharded decoder only handles stride-1, undilated decoder convolutions")
+            if layer.kernel_size[-1] > 1:
+                ops.append(("conv", (int(layer.kernel_size[-1]) - 1) // 2))
+    return ops
+
+
+def _needed(ops: Sequence[tuple[str, int]], lo: int, hi: int, size: int) -> tuple[int, int, int]:
+    """The input pixels [lo', hi') that ``ops`` need to compute their output pixels [lo, hi) exactly.
+
+    ``size`` is the axis length at the ops' output resolution; returns (lo', hi', size at the input). A
+    convolution of radius r reads r more pixels each side; nearest upsampling by f reads pixel p // f.
+    Clipping to the frame is exact: a shard touching a true border zero-pads it as the whole frame does.
+    """
+    for kind, amount in reversed(ops):
+        if kind == "conv":
+            lo, hi = max(0, lo - amount), min(size, hi + amount)
+        else:
+            lo, hi, size = lo // amount, (hi - 1) // amount + 1, size // amount
+    return lo, hi, size
 
 
 def _check_wan21(decoder: WanDecoder3d) -> None:
@@ -162,21 +184,78 @@ def _check_wan21(decoder: WanDecoder3d) -> None:
         )
 
 
+def crop_points(decoder: WanDecoder3d) -> list[nn.Module]:
+    """The blocks after the mid-block attention, in run order, at whose input a shard is cropped.
+
+    Residual blocks and upsamplers: each takes its causal cache from its own input, so cropping that
+    input keeps input and cache the same region (a crop inside a block would not).
+    """
+    _check_wan21(decoder)
+    points: list[nn.Module] = [*decoder.mid_block.resnets[1:]]
+    for block in decoder.up_blocks:
+        points += [*cast(nn.ModuleList, block.resnets)]
+        if block.upsamplers is not None:
+            points += [*cast(nn.ModuleList, block.upsamplers)]
+    return points
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """Along one axis: the pixel range each crop point keeps (at its own resolution), and the output's."""
+
+    crops: tuple[tuple[int, int], ...]  # [start, stop) at each crop point's input resolution
+    scales: tuple[int, ...]  # each crop point's input resolution, in output pixels per latent pixel
+    output: tuple[int, int]  # what the decoder's output covers, in output pixels
+
+
+def axis_plan(
+    decoder: WanDecoder3d, core: tuple[int, int], ext: tuple[int, int], latent_size: int, spatial_factor: int
+) -> AxisPlan:
+    """Where a shard's tensors are cropped along one axis so every block computes only what the core needs.
+
+    The latent halo must cover the receptive radius of everything after the attention, but that radius is
+    mostly spent at latent and 2x resolution: the 8x blocks, which hold most of the memory, need only the
+    core plus the reach of the convolutions still to come (7 output pixels for the Wan2.1 VAE). Walking the
+    decoder backwards from the core gives each block's needed input range; cropping every block's input to
+    it leaves the core's values unchanged (what is dropped only fed pixels outside the core).
+    """
+    points = crop_points(decoder)
+    tail = _spatial_ops(decoder.conv_out)
+    lo, hi, size = _needed(tail, spatial_factor * core[0], spatial_factor * core[1], spatial_factor * latent_size)
+    needs: list[tuple[int, int]] = []  # each point's needed input, last point first
+    for point in reversed(points):
+        lo, hi, size = _needed(_spatial_ops(point), lo, hi, size)
+        needs.append((lo, hi))
+    if size != latent_size:
+        raise ValueError(f"decoder upsamples {spatial_factor * latent_size // size}x, expected {spatial_factor}x")
+    crops, scales, scale = [], [], 1
+    start, stop = ext  # what the tensor entering the first crop point covers: the extended shard
+    for point, (need_lo, need_hi) in zip(points, reversed(needs), strict=True):
+        start, stop = max(start, need_lo), min(stop, need_hi)  # a too-small halo keeps what it has
+        crops.append((start, stop))
+        scales.append(scale)
+        factor = math.prod(amount for kind, amount in _spatial_ops(point) if kind == "up")
+        start, stop, scale = start * factor, stop * factor, scale * factor
+    return AxisPlan(tuple(crops), tuple(scales), (start, stop))
+
+
 def decoder_halo(decoder: WanDecoder3d, spatial_factor: int = 8) -> int:
     """Latent pixels of halo a shard needs: the receptive radius of everything after the mid-block attention.
 
     15 for the Wan2.1 VAE: 2 convs in the mid block's second residual block (16 output pixels), 6 + the
     upsampler's conv per up block at 1x, 2x, 4x (48 + 4, 24 + 2, 12 + 1), 6 at 8x, conv_out 1 = 114
-    output pixels -> ceil(114 / 8).
+    output pixels; walked back exactly through the nearest upsamplings (`axis_plan`), a core [c0, c1)
+    needs latent pixels [c0 - 15, c1 + 15).
     """
-    _check_wan21(decoder)
-    after_attention = [*decoder.mid_block.resnets[1:], *decoder.up_blocks, decoder.conv_out]
-    reach, upsampled = _spatial_reach(after_attention, 1, spatial_factor)
-    if upsampled != spatial_factor:
-        raise ValueError(f"decoder upsamples {upsampled}x, expected the VAE's {spatial_factor}x")
-    before, _ = _spatial_reach([decoder.conv_in, decoder.mid_block.resnets[0]], 1, spatial_factor)
+    # A core in the middle of a frame wide enough that no side is clipped.
+    wide, core = 1024, (512, 513)
+    plan = axis_plan(decoder, core, (0, wide), wide, spatial_factor)
+    reach = max(core[0] - plan.crops[0][0], plan.crops[0][1] - core[1])
+    before = sum(
+        amount for point in (decoder.conv_in, decoder.mid_block.resnets[0]) for _, amount in _spatial_ops(point)
+    )
     # The cores gathered for the attention must be exact: their stack must fit in the halo too.
-    return max(math.ceil(reach / spatial_factor), math.ceil(before / spatial_factor))
+    return max(reach, before)
 
 
 class Collectives(Protocol):
@@ -332,6 +411,41 @@ class ShardedVaeDecoder:
         original = current.attention if isinstance(current, GatheredAttention) else current
         self.attention = GatheredAttention(cast(WanAttentionBlock, original), comm)
         decoder.mid_block.attentions[0] = self.attention
+        # Each block after the attention crops its input to what this rank's core needs (`axis_plan`); the
+        # crops are set per job (they depend on the frame size). A restarted group drops the last hooks.
+        for handle in getattr(decoder, _CROP_HOOKS, []):
+            handle.remove()
+        self._crops: list[tuple[slice, slice]] = []
+        handles = [
+            point.register_forward_pre_hook(self._crop_hook(index)) for index, point in enumerate(crop_points(decoder))
+        ]
+        setattr(decoder, _CROP_HOOKS, handles)
+
+    def _crop_hook(self, index: int) -> Any:
+        def crop(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if not self._crops:
+                return None
+            rows, cols = self._crops[index]
+            return (args[0][..., rows, cols], *args[1:])
+
+        return crop
+
+    def _plan_crops(self, mine: ShardRegion, height: int, width: int) -> tuple[slice, slice]:
+        """Set this job's crops; returns where the core lies in the decoder's (cropped) output."""
+        decoder, scale = self.base.vae.decoder, self.spatial_factor
+        rows = axis_plan(decoder, mine.core_rows, mine.ext_rows, height, scale)
+        cols = axis_plan(decoder, mine.core_cols, mine.ext_cols, width, scale)
+        crops, row_start, col_start = [], mine.ext_rows[0], mine.ext_cols[0]  # what enters the first point
+        next_scales = [*rows.scales[1:], scale]
+        for (r0, r1), (c0, c1), now, then in zip(rows.crops, cols.crops, rows.scales, next_scales, strict=True):
+            crops.append((slice(r0 - row_start, r1 - row_start), slice(c0 - col_start, c1 - col_start)))
+            row_start, col_start = r0 * then // now, c0 * then // now
+        self._crops = crops
+        top, left = scale * mine.core_rows[0] - rows.output[0], scale * mine.core_cols[0] - cols.output[0]
+        return (
+            slice(top, top + scale * (mine.core_rows[1] - mine.core_rows[0])),
+            slice(left, left + scale * (mine.core_cols[1] - mine.core_cols[0])),
+        )
 
     def iter_frames(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
         """Rank 0: decode ``latents`` [1, C, T, H, W] on every rank; yield uint8 chunks as ``StreamingVaeDecoder``."""
@@ -368,7 +482,7 @@ class ShardedVaeDecoder:
         regions = shard_regions(self.grid, height, width, self.halo)
         self.attention.regions = regions
         mine, scale = regions[self.comm.rank], self.spatial_factor
-        rows, cols = mine.core_in_ext(scale)
+        rows, cols = self._plan_crops(mine, height, width)
         max_h = scale * max(r.core_rows[1] - r.core_rows[0] for r in regions)
         max_w = scale * max(r.core_cols[1] - r.core_cols[0] for r in regions)
         # post_quant_conv and the denormalisation are per pixel: run them on the whole (small) latent frame.
