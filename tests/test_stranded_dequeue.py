@@ -92,3 +92,26 @@ def test_one_attempt_starts_once(conn: redis.Redis, job_id: str) -> None:
 def test_a_cancelled_job_does_not_start(conn: redis.Redis, job_id: str) -> None:
     conn.hset(keys.job_key(job_id), "state", "cancelled")
     assert not jobs.mark_stage_started(conn, job_id, Stage.ENCODE, "encode-a", 1)
+
+
+def test_a_batch_mate_claimed_but_never_started_goes_back_and_one_claim_wins(
+    conn: redis.Redis, settings: FarmSettings, job_id: str
+) -> None:
+    """A transform worker takes batch-mates by id (``queues.claim_queued``); a crash before their start
+    leaves them to the reaper like any dequeue, and two workers claiming one id cannot both get it."""
+    behind = submit(conn, settings, {**TINY, "seed": 7})
+    queue = queues.stage_queue(conn, Stage.ENCODE)
+    mate = keys.stage_job_id(behind, Stage.ENCODE, 1)
+
+    assert queues.claim_queued(conn, queue, mate)
+    assert not queues.claim_queued(conn, queue, mate)  # another worker's claim of the same id
+    assert queue.job_ids == [keys.stage_job_id(job_id, Stage.ENCODE, 1)]
+    assert queues.requeue_stranded(conn, 15.0, now=1000.0) == []
+    assert queues.requeue_stranded(conn, 15.0, now=1016.0) == [mate]
+    assert queue.job_ids[0] == mate
+
+    assert queues.claim_queued(conn, queue, mate)
+    queues.mark_claimed_started(conn, queue, mate)  # started: the in-flight record covers it from here
+    assert queues.requeue_stranded(conn, 15.0, now=2000.0) == []
+    assert queues.requeue_stranded(conn, 15.0, now=2100.0) == []
+    assert mate not in queue.job_ids

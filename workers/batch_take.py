@@ -85,7 +85,7 @@ def take_batch_mates(
                 if key != leader_key:
                     passed_over.add(rq_id)
                     continue
-                if not queues.claim_queued(rt.conn, queue, rq_id, worker_queues=len(worker_queues)):
+                if not queues.claim_queued(rt.conn, queue, rq_id):
                     continue  # another worker took it
                 rq_job = take(queue, rq_id)
                 if rq_job is not None:

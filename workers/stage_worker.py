@@ -36,6 +36,7 @@ from scheduler.core.queues import (
     call_fields,
     clean_registries_without_hooks,
     fetch_stage_job,
+    mark_claimed_started,
     remove_refused,
 )
 from scheduler.core.stage_calls import (
@@ -143,6 +144,7 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
         self.set_state(WorkerStatus.IDLE)
 
     def _perform_member(self, job: Any, queue: Any) -> None:
+        mark_claimed_started(self.connection, queue, job.id)
         execution = self.prepare_execution(job)
         self.perform_job(job, queue, execution)
 

@@ -168,12 +168,12 @@ def clean_registries_without_hooks(queue: Queue) -> None:
     worker_registration.clean_worker_registry(queue)
 
 
-# Take one queued rq job by id, as rq's own dequeue takes the head: off the queue list and -- for a
-# worker of one queue, whose start takes it out again -- into the intermediate list, so a crash before
-# the start leaves it for ``requeue_stranded``. KEYS: queue list, intermediate list. ARGV: id, "1" to park.
+# Take one queued rq job by id, as rq's BLMOVE dequeue takes the head: off the queue list and into the
+# intermediate list, so a crash before the start leaves it for ``requeue_stranded``. KEYS: queue list,
+# intermediate list. ARGV: id.
 _CLAIM_QUEUED = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  if ARGV[2] == '1' then redis.call('RPUSH', KEYS[2], ARGV[1]) end
+  redis.call('RPUSH', KEYS[2], ARGV[1])
   return 1
 end
 return 0
@@ -186,14 +186,19 @@ def queued_ids(conn: redis.Redis, queue: Queue, limit: int) -> list[str]:
     return [item.decode() for item in raw]
 
 
-def claim_queued(conn: redis.Redis, queue: Queue, rq_job_id: str, *, worker_queues: int) -> bool:
+def claim_queued(conn: redis.Redis, queue: Queue, rq_job_id: str) -> bool:
     """Take ``rq_job_id`` off ``queue`` for this worker (True), unless another worker took it first (False).
 
-    ``worker_queues``: how many queues the worker listens on -- rq parks a dequeued job in the
-    intermediate list only for a worker of one queue (BLMOVE), and takes it out again at its start.
+    The job waits in ``queue``'s intermediate list until ``mark_claimed_started`` (a crash before that
+    leaves it to the reaper's ``requeue_stranded``).
     """
-    parked = "1" if worker_queues == 1 else "0"
-    return bool(conn.eval(_CLAIM_QUEUED, 2, queue.key, queue.intermediate_queue_key, rq_job_id, parked))
+    return bool(conn.eval(_CLAIM_QUEUED, 2, queue.key, queue.intermediate_queue_key, rq_job_id))
+
+
+def mark_claimed_started(conn: redis.Redis, queue: Queue, rq_job_id: str) -> None:
+    """A claimed job is starting: out of the intermediate list (rq's start does this only for a worker of one
+    queue; the farm's workers listen on several). From here the farm's in-flight record covers it."""
+    conn.lrem(queue.intermediate_queue_key, 1, rq_job_id)
 
 
 def fetch_stage_job(conn: redis.Redis, rq_job_id: str) -> Job:
