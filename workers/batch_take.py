@@ -14,7 +14,6 @@ no more jobs than it has free slots, and waits at most ``transform.batch_wait_ms
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,8 +25,6 @@ from scheduler.core.keys import Stage
 from scheduler.core.spec import JobSpec
 from workers.runtime import StageRuntime
 from workers.stages.payloads import uses_cfg
-
-log = logging.getLogger("reelfarm.worker")
 
 # How far down each queue to look for batch-mates: jobs further back wait their turn.
 LOOK_AHEAD_PER_SLOT = 8

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from workers import rank_processes
 from workers.models.loading import load_transformer
+from workers.stages.transform import call_dit
 
 log = logging.getLogger("reelfarm.dit_group")
 _REPO = Path(__file__).resolve().parents[1]
@@ -88,36 +89,26 @@ def enable_context_parallel(transformer: torch.nn.Module, size: int) -> None:
 
 
 class DitCallSender:
-    """Rank 0's side of a call: the inputs go to every follower, then all ranks run the DiT on them."""
+    """Rank 0's side of a call: the inputs go to every follower before all ranks run the DiT on them."""
 
     def __init__(self, device: torch.device, size: int) -> None:
         # gloo moves CPU tensors, nccl device tensors.
         self.device = device
         self.size = size
 
-    def forward(
-        self,
-        transformer: torch.nn.Module,
-        model_input: torch.Tensor,
-        timestep: torch.Tensor,
-        text: torch.Tensor,
-        image: torch.Tensor | None,
+    def send_call(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
     ) -> torch.Tensor:
-        timestep = timestep.float()  # as the followers receive it
+        """Send one call's inputs to the followers; returns the timesteps as they received them (float32),
+        for rank 0's own call."""
+        timestep = timestep.float()
         header = [_FORWARD, _DTYPES.index(model_input.dtype), int(image is not None)]
         header += [*model_input.shape, *text.shape, *(image.shape if image is not None else (0, 0, 0)), len(timestep)]
         dist.broadcast(torch.tensor(header, dtype=torch.int64, device=self.device), src=0)
         for tensor in (model_input, timestep, text, image):
             if tensor is not None:
                 dist.broadcast(tensor.contiguous(), src=0)
-        output: torch.Tensor = transformer(
-            hidden_states=model_input,
-            timestep=timestep,
-            encoder_hidden_states=text,
-            encoder_hidden_states_image=image,
-            return_dict=False,
-        )[0]
-        return output
+        return timestep
 
     def stop(self) -> None:
         dist.broadcast(torch.tensor([_STOP] + [0] * (_HEADER_LENGTH - 1), dtype=torch.int64, device=self.device), src=0)
@@ -140,13 +131,7 @@ def follow_calls(transformer: torch.nn.Module, device: torch.device) -> None:
             if tensor is not None:
                 dist.broadcast(tensor, src=0)
         with torch.no_grad():
-            transformer(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=text,
-                encoder_hidden_states_image=image,
-                return_dict=False,
-            )
+            call_dit(transformer, model_input, timestep, text, image)
 
 
 @dataclass

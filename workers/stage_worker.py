@@ -92,8 +92,7 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
                 rq_job_id, queue = getattr(exc, "job_id", None), getattr(exc, "queue", None)
                 if rq_job_id is None or queue is None:
                     raise
-                fields = CallFields(rq_job_id=rq_job_id, func_name=None)
-                self._refuse(queue, fields, CallRefused(RefusalReason.UNREADABLE, f"rq cannot read it: {exc!r}"[:300]))
+                self._refuse_unreadable(queue, rq_job_id, exc)
 
     def execute_job(self, job: Any, queue: Any) -> None:
         try:
@@ -114,7 +113,7 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
         if not mates:
             super().execute_job(job, queue)
             return
-        self._execute_batch([(job, queue), *mates])
+        self._execute_batch((job, queue), mates)
 
     def _take_claimed(self, queue: Any, rq_job_id: str) -> Any | None:
         """A batch-mate this worker took off ``queue``: its rq job once vetted, or None (refused, or gone)."""
@@ -123,14 +122,14 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
         except redis.RedisError:
             raise
         except Exception as exc:  # noqa: BLE001 - rq could not read the job hash (or it was deleted meanwhile)
-            fields = CallFields(rq_job_id=rq_job_id, func_name=None)
-            self._refuse(queue, fields, CallRefused(RefusalReason.UNREADABLE, f"rq cannot read it: {exc!r}"[:300]))
+            self._refuse_unreadable(queue, rq_job_id, exc)
             return None
         return job if self._vetted_or_refused(job, queue) else None
 
-    def _execute_batch(self, members: list[tuple[Any, Any]]) -> None:
+    def _execute_batch(self, leader: tuple[Any, Any], mates: list[tuple[Any, Any]]) -> None:
         """Run each job in its own thread through rq's execution, as ``execute_job`` runs one; wait for all."""
-        log.info("running %d transform jobs as a batch: %s", len(members), ", ".join(job.id for job, _ in members))
+        members = [(*leader, False), *((job, queue, True) for job, queue in mates)]
+        log.info("running %d transform jobs as a batch: %s", len(members), ", ".join(m[0].id for m in members))
         threads = [
             threading.Thread(target=self._perform_member, args=member, name=f"batch-{member[0].id}", daemon=True)
             for member in members
@@ -143,8 +142,9 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
                 thread.join(timeout=0.2)
         self.set_state(WorkerStatus.IDLE)
 
-    def _perform_member(self, job: Any, queue: Any) -> None:
-        mark_claimed_started(self.connection, queue, job.id)
+    def _perform_member(self, job: Any, queue: Any, claimed: bool) -> None:
+        if claimed:  # a mate this worker took by id (batch_take); rq dequeued the leader itself
+            mark_claimed_started(self.connection, queue, job.id)
         execution = self.prepare_execution(job)
         self.perform_job(job, queue, execution)
 
@@ -175,6 +175,10 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
                 clean_registries_without_hooks(queue)
                 queue.release_maintenance_lock()
         self.last_cleaned_at = datetime.now(UTC)  # type: ignore[assignment]
+
+    def _refuse_unreadable(self, queue: Any, rq_job_id: str, exc: Exception) -> None:
+        fields = CallFields(rq_job_id=rq_job_id, func_name=None)
+        self._refuse(queue, fields, CallRefused(RefusalReason.UNREADABLE, f"rq cannot read it: {exc!r}"[:300]))
 
     def _refuse(self, queue: Any, fields: CallFields, refused: CallRefused) -> None:
         rt = self.runtime

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
@@ -168,16 +168,22 @@ def clean_registries_without_hooks(queue: Queue) -> None:
     worker_registration.clean_worker_registry(queue)
 
 
-# Take one queued rq job by id, as rq's BLMOVE dequeue takes the head: off the queue list and into the
-# intermediate list, so a crash before the start leaves it for ``requeue_stranded``. KEYS: queue list,
-# intermediate list. ARGV: id.
-_CLAIM_QUEUED = """
+# Move one rq job id from one list to another, only if it is still in the first (one step, so two workers
+# or a worker and the reaper never both move it). KEYS: from, to. ARGV: id, "LPUSH" (to the head) or
+# "RPUSH" (to the tail). Claiming a batch-mate moves it from its queue into the intermediate list, as rq's
+# BLMOVE dequeue does; the reaper puts a stranded dequeue back at the head of its queue -- unless a
+# worker started it meanwhile: the start takes the id out of the intermediate list, so it is not found.
+_MOVE_ID = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
+  if ARGV[2] == 'LPUSH' then redis.call('LPUSH', KEYS[2], ARGV[1]) else redis.call('RPUSH', KEYS[2], ARGV[1]) end
   return 1
 end
 return 0
 """
+
+
+def _move_id(conn: redis.Redis, rq_job_id: str, source: str, target: str, push: Literal["LPUSH", "RPUSH"]) -> bool:
+    return bool(conn.eval(_MOVE_ID, 2, source, target, rq_job_id, push))
 
 
 def queued_ids(conn: redis.Redis, queue: Queue, limit: int) -> list[str]:
@@ -192,7 +198,8 @@ def claim_queued(conn: redis.Redis, queue: Queue, rq_job_id: str) -> bool:
     The job waits in ``queue``'s intermediate list until ``mark_claimed_started`` (a crash before that
     leaves it to the reaper's ``requeue_stranded``).
     """
-    return bool(conn.eval(_CLAIM_QUEUED, 2, queue.key, queue.intermediate_queue_key, rq_job_id))
+    # Into the intermediate list as rq's BLMOVE dequeue does: a crash before the start leaves it for the reaper.
+    return _move_id(conn, rq_job_id, queue.key, queue.intermediate_queue_key, "RPUSH")
 
 
 def mark_claimed_started(conn: redis.Redis, queue: Queue, rq_job_id: str) -> None:
@@ -212,18 +219,6 @@ def remove_refused(pipe: Any, queue: Queue, rq_job_id: str) -> None:
     pipe.lrem(queue.intermediate_queue_key, 0, rq_job_id)
     pipe.lrem(queue.key, 0, rq_job_id)
     pipe.delete(Job.key_for(rq_job_id), Job.dependents_key_for(rq_job_id))
-
-
-# Put a stranded dequeue back at the head of its queue -- unless a worker started it meanwhile: rq's
-# start removes the id from the intermediate list in the same transaction, so LREM finding nothing
-# means it is running. KEYS: intermediate list, queue list. ARGV: rq job id.
-_REQUEUE_STRANDED = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"""
 
 
 def requeue_stranded(conn: redis.Redis, min_age_seconds: float, now: float | None = None) -> list[str]:
@@ -251,7 +246,7 @@ def requeue_stranded(conn: redis.Redis, min_age_seconds: float, now: float | Non
             first_seen = float(conn.get(seen_key) or now)  # type: ignore[arg-type]
             if now - first_seen < min_age_seconds:
                 continue
-            if conn.eval(_REQUEUE_STRANDED, 2, queue.intermediate_queue_key, queue.key, rq_job_id):
+            if _move_id(conn, rq_job_id, queue.intermediate_queue_key, queue.key, "LPUSH"):
                 requeued.append(rq_job_id)
             conn.delete(seen_key)
     return requeued

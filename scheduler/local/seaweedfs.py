@@ -184,7 +184,9 @@ def start_s3_server(
             with contextlib.suppress(OSError):
                 stale.unlink()
         mark = log_size(log_path)
-        proc = spawn(weed_server_args(exe, data_dir, ports, volume_size_limit_mb, host), log_path, data_dir, env, detach)
+        proc = spawn(
+            weed_server_args(exe, data_dir, ports, volume_size_limit_mb, host), log_path, data_dir, env, detach
+        )
         server = ManagedServer(
             name="seaweedfs",
             pid=proc.pid,

@@ -61,6 +61,24 @@ ShouldStop = Callable[[], bool]
 AtBoundary = Callable[[int, int, Callable[[], DenoiseState]], None]
 
 
+def call_dit(
+    transformer: torch.nn.Module,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor,
+    text: torch.Tensor,
+    image: torch.Tensor | None,
+) -> torch.Tensor:
+    """One forward of the Wan DiT: the noise prediction for ``model_input`` at ``timestep`` (one per row)."""
+    output: torch.Tensor = transformer(
+        hidden_states=model_input,
+        timestep=timestep,
+        encoder_hidden_states=text,
+        encoder_hidden_states_image=image,
+        return_dict=False,
+    )[0]
+    return output
+
+
 def latent_shape(
     *, channels: int, height: int, width: int, num_frames: int, patch_size: tuple[int, int, int]
 ) -> tuple[int, int, int, int, int]:
@@ -382,17 +400,10 @@ class DenoiseStage:
     ) -> torch.Tensor:
         # A step cache keeps one state per named call (cond and uncond must not share one), as the pipelines name them.
         with dit_speed.cache_context(self.transformer, context):
-            output: torch.Tensor
             if self.rank_sender is not None:
-                output = self.rank_sender.forward(self.transformer, model_input, timestep, text, image)
-            else:
-                output = self.transformer(
-                    hidden_states=model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=text,
-                    encoder_hidden_states_image=image,
-                    return_dict=False,
-                )[0]
+                # The follower ranks make the same call with what is sent (timesteps as float32).
+                timestep = self.rank_sender.send_call(model_input, timestep, text, image)
+            output = call_dit(self.transformer, model_input, timestep, text, image)
             if counted:
                 # Inside the cache context: whether this call ran every block is read from its state.
                 dit_speed.count_dit_calls(1)
