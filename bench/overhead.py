@@ -46,12 +46,16 @@ import redis
 
 from bench.local_farm import build_model, connect, farm_servers, running_layout, wait_all_finished
 from scheduler.core.job_record import JobState, StageField, read_records, stage_field
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
+from scheduler.core.route import THREE_HOPS
 from scheduler.intake.submit import submit
 
 TARGET_MS = 30.0
 JOB = {"prompt": "a red fox running through snow", "width": 64, "height": 64, "frames": 5, "steps": 2}
 WARMUP = 2
+
+# The bench farm runs unsplit jobs: the three-hop route.
+ROUTE = THREE_HOPS
 
 
 @dataclass
@@ -67,7 +71,7 @@ class JobOverhead:
         return self.e2e - self.compute
 
 
-def _f(record: dict[str, str], stage: Stage, name: StageField) -> float:
+def _f(record: dict[str, str], stage: Hop, name: StageField) -> float:
     return float(record[stage_field(stage, name)])
 
 
@@ -88,19 +92,14 @@ def overheads(records: list[dict[str, str]], slots: int = 2) -> list[JobOverhead
     wait: list[dict[str, float]] = [{} for _ in records]
     for start, stage, i in spans:
         record = records[i]
-        ready = (
-            float(record["created_at"])
-            if stage.previous is None
-            else _f(record, stage.previous, StageField.FINISHED_AT)
-        )
+        before, after = ROUTE.previous(stage), ROUTE.next(stage)
+        ready = float(record["created_at"]) if before is None else _f(record, before, StageField.FINISHED_AT)
         worker = (stage.value, record[stage_field(stage, StageField.WORKER)])
         free = free_at.get(worker, 0.0)
         done_before = produced.setdefault(worker, [])
-        if stage.next is not None and len(done_before) >= slots:
+        if after is not None and len(done_before) >= slots:
             holder = records[done_before[-slots]]
-            free = max(
-                free, _f(holder, stage.next, StageField.STARTED_AT) + _f(holder, stage.next, StageField.PULL_SECONDS)
-            )
+            free = max(free, _f(holder, after, StageField.STARTED_AT) + _f(holder, after, StageField.PULL_SECONDS))
         wait[i][stage.value] = max(0.0, start - max(ready, free))
         free_at[worker] = _f(record, stage, StageField.FINISHED_AT)
         done_before.append(i)
@@ -111,7 +110,7 @@ def overheads(records: list[dict[str, str]], slots: int = 2) -> list[JobOverhead
             s.value: _f(record, s, StageField.FINISHED_AT) - _f(record, s, StageField.STARTED_AT) - compute[s.value]
             for s in Stage
         }
-        pull = {s.value: _f(record, s, StageField.PULL_SECONDS) if s.previous else 0.0 for s in Stage}
+        pull = {s.value: _f(record, s, StageField.PULL_SECONDS) if ROUTE.previous(s) else 0.0 for s in Stage}
         e2e = _f(record, Stage.DECODE, StageField.FINISHED_AT) - float(record["created_at"])
         out.append(JobOverhead(e2e, sum(compute.values()), wait[i], in_stage, pull))
     return out

@@ -72,7 +72,7 @@ from scheduler.core.descriptors import (
     verify_descriptor,
 )
 from scheduler.core.job_record import Routing, StageField, attempt_of, is_finished
-from scheduler.core.keys import Stage, acks_key
+from scheduler.core.keys import Hop, Stage, acks_key
 from scheduler.core.queues import (
     STAGE_ENTRYPOINT,
     JSONSerializer,
@@ -83,6 +83,7 @@ from scheduler.core.queues import (
 )
 from scheduler.core.reaper import ReaperThread
 from scheduler.core.rooms import Rooms, RoomState
+from scheduler.core.route import THREE_HOPS
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec
 from scheduler.core.stage_calls import StageCall, vet_call
@@ -124,7 +125,7 @@ class ZeroRuntime:
 
     @property
     def produces(self) -> bool:
-        return self.stage.next is not None
+        return self.stage is not Stage.DECODE
 
     @property
     def free_slots(self) -> int:
@@ -264,7 +265,7 @@ def run_zero_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int 
     try:
         spec = jobs.load_spec(rt.conn, job_id)
         pulled: tuple[int, float] | None = None
-        upstream = this_stage.previous
+        upstream = THREE_HOPS.previous(this_stage)
         if upstream is not None:
             pull_started = time.monotonic()
             desc = _pull_input(rt, job_id, upstream, upstream_attempt or 1)
@@ -286,7 +287,7 @@ def run_zero_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int 
     return {"job_id": job_id, "stage": stage, "outcome": outcome, "seconds": round(time.monotonic() - started, 3)}
 
 
-def _pull_input(rt: ZeroRuntime, job_id: str, upstream: Stage, upstream_attempt: int) -> Descriptor:
+def _pull_input(rt: ZeroRuntime, job_id: str, upstream: Hop, upstream_attempt: int) -> Descriptor:
     """``workers.handoff.pull_input`` up to the byte transfer, then the ack."""
     room_key = keys.room_key(job_id, upstream, upstream_attempt)
     room = rt.rooms.claim_and_read(room_key, rt.worker_id, rt.settings.worker.worker_ttl_seconds)
@@ -362,7 +363,7 @@ def _finish(
     pulled: tuple[int, float] | None,
 ) -> bool:
     """``workers.stage_job._finish``: publish and enqueue the next stage (or record the result), fenced."""
-    next_stage = rt.stage.next
+    next_stage = THREE_HOPS.next(rt.stage)
     room_key = keys.room_key(job_id, rt.stage, attempt)
     desc, signature = None, ""
     if next_stage is not None:

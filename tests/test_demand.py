@@ -63,3 +63,15 @@ def test_demand_is_capped(redis_url: str) -> None:
     backlog = {Stage.ENCODE: demand.DEMAND_CAP * 2, Stage.TRANSFORM: 3, Stage.DECODE: 0}
     demand.refresh_demand(conn, backlog)
     assert demand.read_demand(conn) == {Stage.ENCODE: demand.DEMAND_CAP, Stage.TRANSFORM: 3, Stage.DECODE: 0}
+
+
+def test_a_part_hop_counts_in_its_own_key_and_its_stage_kinds(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    high = keys.Hop("transform@high")
+    queues.enqueue_stage(conn, "j1", high, 1, 1, secret=SECRET)
+    # Plain transform workers serve every transform hop (their key counts it); a pool of one hop reads its own.
+    assert demand.read_demand(conn) == {Stage.ENCODE: 0, Stage.TRANSFORM: 1, high: 1, Stage.DECODE: 0}
+    assert demand.refresh_demand(conn, queues.stage_backlog(conn))[high] == 1
+    conn.delete(queues.stage_queue(conn, high).key)
+    assert high not in demand.refresh_demand(conn, queues.stage_backlog(conn)), "its key falls back to zero"
+    assert conn.llen(keys.demand_key(high)) == 0

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before the model loads and any thread starts: the worker lives for many jobs (see workers.allocator).
     return_freed_memory_promptly()
 
-    from scheduler.core.queues import JSONSerializer, stage_queues_by_priority
+    from scheduler.core.queues import JSONSerializer, worker_queues
     from scheduler.core.settings import load_settings
     from workers.runtime import start_runtime
     from workers.stage_worker import StageWorker, WarmExit
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_worker() -> StageWorker:
         worker = StageWorker(
-            stage_queues_by_priority(runtime.conn, stage, list(runtime.computes)),
+            worker_queues(runtime.conn, stage, list(runtime.computes)),
             connection=runtime.conn,
             serializer=JSONSerializer,
             name=runtime.worker_id,

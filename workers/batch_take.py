@@ -76,7 +76,9 @@ def take_batch_mates(
                 for rq_id in queues.queued_ids(rt.conn, queue, LOOK_AHEAD_PER_SLOT * settings.batch_size)
                 if rq_id not in passed_over
             ]
-            job_ids = [keys.job_id_of_stage_job(rq_id, Stage.TRANSFORM) for rq_id in waiting]
+            # Mates are taken from every transform hop's queue (each rq id names its hop, as its queue does).
+            hop = keys.hop_of_queue(queue.name) or Stage.TRANSFORM
+            job_ids = [keys.job_id_of_stage_job(rq_id, hop) for rq_id in waiting]
             named = [(rq_id, job_id) for rq_id, job_id in zip(waiting, job_ids, strict=True) if job_id is not None]
             for (rq_id, _), key in zip(named, _batch_keys(rt.conn, [job_id for _, job_id in named]), strict=True):
                 if key != leader_key:

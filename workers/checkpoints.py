@@ -37,7 +37,7 @@ import torch
 
 from scheduler.core import jobs
 from scheduler.core.job_record import CheckpointRef, StageField, checkpoint_ref
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.object_store import ObjectStoreError, delete_objects_under, get_bytes, put_bytes
 from scheduler.core.output_keys import checkpoint_prefix, denoise_state_key, latents_checkpoint_key
 from scheduler.core.spec import JobSpec
@@ -64,19 +64,24 @@ class CheckpointUnusable(RuntimeError):
 # --------------------------------------------------------------------------- writing
 
 
-def save_latents(rt: StageRuntime, job_id: str, attempt: int, latents: torch.Tensor, steps: int) -> Future[bool]:
+def save_latents(
+    rt: StageRuntime, job_id: str, attempt: int, latents: torch.Tensor, steps: int, hop: Hop = Stage.TRANSFORM
+) -> Future[bool]:
     """Checkpoint a finished transform's latents in the background; the future says whether the record names it."""
-    key = latents_checkpoint_key(rt.settings.checkpoints.key_prefix, job_id, attempt)
+    key = latents_checkpoint_key(rt.settings.checkpoints.key_prefix, job_id, attempt, hop)
     return rt.background.submit(
-        _write, rt, job_id, attempt, StageField.CHECKPOINT, key, {LATENTS: latents}, {"step": str(steps)}
+        _write, rt, job_id, attempt, hop, StageField.CHECKPOINT, key, {LATENTS: latents}, {"step": str(steps)}
     )
 
 
-def save_state(rt: StageRuntime, job_id: str, attempt: int, state: DenoiseState) -> Future[bool]:
-    """Checkpoint a mid-denoise state (already a host copy) in the background, replacing this attempt's last one."""
-    key = denoise_state_key(rt.settings.checkpoints.key_prefix, job_id, attempt)
+def save_state(
+    rt: StageRuntime, job_id: str, attempt: int, state: DenoiseState, hop: Hop = Stage.TRANSFORM
+) -> Future[bool]:
+    """Checkpoint a mid-denoise state (already a host copy) of transform hop ``hop`` in the background,
+    replacing this attempt's last one."""
+    key = denoise_state_key(rt.settings.checkpoints.key_prefix, job_id, attempt, hop)
     return rt.background.submit(
-        _write, rt, job_id, attempt, StageField.RESUME, key, state.tensors, state_metadata(state)
+        _write, rt, job_id, attempt, hop, StageField.RESUME, key, state.tensors, state_metadata(state)
     )
 
 
@@ -84,6 +89,7 @@ def _write(
     rt: StageRuntime,
     job_id: str,
     attempt: int,
+    hop: Hop,
     name: StageField,
     key: str,
     tensors: dict[str, torch.Tensor],
@@ -102,7 +108,7 @@ def _write(
     ref = CheckpointRef(key, checksum, len(data), attempt, int(metadata["step"]))
     # Latents outlive a completed job when retention keeps them (for decode-from), even if the decode won the race.
     kept = name is StageField.CHECKPOINT and rt.settings.checkpoints.retention_days > 0
-    if jobs.record_checkpoint(rt.conn, job_id, Stage.TRANSFORM, attempt, name, ref.to_json(), kept=kept):
+    if jobs.record_checkpoint(rt.conn, job_id, hop, attempt, name, ref.to_json(), kept=kept):
         log.info("job %s: checkpointed %s (%d bytes, %.3fs)", job_id, key, len(data), time.monotonic() - started)
         return True
     # Superseded, completed or cancelled while writing: nobody will read it, so it must not stay.
@@ -160,11 +166,13 @@ def _delete_quietly(rt: StageRuntime, key: str) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def latents_from_checkpoint(rt: StageRuntime, job_id: str, spec: JobSpec) -> tuple[dict[str, torch.Tensor], int]:
-    """The checkpointed latents of the job's current transform attempt and that attempt; ``CheckpointUnusable``
-    when there is none or it fails a check."""
+def latents_from_checkpoint(
+    rt: StageRuntime, job_id: str, spec: JobSpec, hop: Hop = Stage.TRANSFORM
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The checkpointed latents of the job's current attempt of (last) transform hop ``hop`` and that attempt;
+    ``CheckpointUnusable`` when there is none or it fails a check."""
     fields = jobs.job_fields(rt.conn, job_id)
-    ref = checkpoint_ref(fields, Stage.TRANSFORM, StageField.CHECKPOINT)
+    ref = checkpoint_ref(fields, hop, StageField.CHECKPOINT)
     if ref is None:
         raise CheckpointUnusable("no latents checkpoint recorded")
     tensors, _ = _read(rt, ref)
@@ -175,9 +183,12 @@ def latents_from_checkpoint(rt: StageRuntime, job_id: str, spec: JobSpec) -> tup
     return {LATENTS: latents.to(rt.settings.worker.device)}, ref.attempt
 
 
-def state_from_checkpoint(rt: StageRuntime, job_id: str, spec: JobSpec) -> DenoiseState | None:
-    """The job's last mid-denoise save (from any earlier attempt of this run), or None; a bad one is logged."""
-    ref = checkpoint_ref(jobs.job_fields(rt.conn, job_id), Stage.TRANSFORM, StageField.RESUME)
+def state_from_checkpoint(
+    rt: StageRuntime, job_id: str, spec: JobSpec, hop: Hop = Stage.TRANSFORM
+) -> DenoiseState | None:
+    """The job's last mid-denoise save of transform hop ``hop`` (from any earlier attempt of this run), or None;
+    a bad one is logged."""
+    ref = checkpoint_ref(jobs.job_fields(rt.conn, job_id), hop, StageField.RESUME)
     if ref is None:
         return None
     try:

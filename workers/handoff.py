@@ -30,7 +30,7 @@ from scheduler.core.descriptors import (
     check_producer_endpoint,
     verify_descriptor,
 )
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop
 from scheduler.core.rooms import RoomState
 from workers.runtime import StageRuntime
 from workers.transfer.mooncake_engine import TransferError
@@ -62,9 +62,10 @@ class InputRefused(HandoffError):
 
 
 def stage_output(
-    rt: StageRuntime, job_id: str, attempt: int, tensors: dict[str, torch.Tensor]
+    rt: StageRuntime, job_id: str, attempt: int, tensors: dict[str, torch.Tensor], hop: Hop | None = None
 ) -> tuple[Descriptor, str]:
-    """Pack ``tensors`` into a held slot and return the signed descriptor (not yet published)."""
+    """Pack ``tensors`` -- the output of ``hop`` (default: the worker's stage) -- into a held slot and return
+    the signed descriptor (not yet published)."""
     slot = rt.pool.acquire(timeout=SLOT_WAIT_SECONDS)
     if slot is None:
         raise HandoffError(f"no free transfer slot after {SLOT_WAIT_SECONDS:.0f}s (all held for consumers)")
@@ -76,7 +77,7 @@ def stage_output(
     now = time.time()
     desc = Descriptor(
         job_id=job_id,
-        producer_stage=rt.stage.value,
+        producer_stage=(hop or rt.stage).value,
         attempt=attempt,
         producer_id=rt.worker_id,
         endpoint=rt.engine.endpoint,
@@ -88,11 +89,11 @@ def stage_output(
         lease_expires_at=now + rt.settings.worker.lease_seconds,
     )
     # Hold before publishing: the ack may arrive the moment the room is visible.
-    rt.hold_slot(keys.room_key(job_id, rt.stage, attempt), slot.index, desc.lease_expires_at)
+    rt.hold_slot(keys.room_key(job_id, hop or rt.stage, attempt), slot.index, desc.lease_expires_at)
     return desc, desc.sign(rt.secret)
 
 
-def pull_input(rt: StageRuntime, job_id: str, upstream: Stage, upstream_attempt: int) -> dict[str, torch.Tensor]:
+def pull_input(rt: StageRuntime, job_id: str, upstream: Hop, upstream_attempt: int) -> dict[str, torch.Tensor]:
     room_key = keys.room_key(job_id, upstream, upstream_attempt)
     room = claim_room(rt, room_key)
     try:
@@ -117,7 +118,7 @@ def claim_room(rt: StageRuntime, room_key: str) -> dict[str, str]:
 
 
 def _verified_pull(
-    rt: StageRuntime, room_key: str, room: dict[str, str], job_id: str, upstream: Stage, upstream_attempt: int
+    rt: StageRuntime, room_key: str, room: dict[str, str], job_id: str, upstream: Hop, upstream_attempt: int
 ) -> dict[str, torch.Tensor]:
     rooms = rt.rooms
     try:

@@ -112,7 +112,8 @@ class StageRuntime:
 
     @property
     def produces(self) -> bool:
-        return self.stage.next is not None
+        """Whether this worker's jobs hand an output on (every stage kind but decode's)."""
+        return self.stage is not Stage.DECODE
 
     @property
     def descriptor_limits(self) -> DescriptorLimits:
@@ -350,7 +351,12 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     slot_bytes = (
         settings.transfer.slot_mb * 2**20
         if settings.transfer.slot_mb
-        else slot_bytes_for(stage, list(settings.served_models().values()), settings.limits)
+        else slot_bytes_for(
+            stage,
+            list(settings.served_models().values()),
+            settings.limits,
+            split=settings.transform.split_at_step is not None,
+        )
     )
     slots = settings.transfer.slots
     if stage is Stage.TRANSFORM:

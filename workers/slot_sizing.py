@@ -47,11 +47,21 @@ def encode_output_bytes(model_dir: Path, limits: SpecLimits) -> int:
     return total
 
 
-def slot_bytes_for(stage: Stage, model_dirs: list[Path], limits: SpecLimits) -> int:
-    """Largest payload this stage sends or receives, over every model it serves."""
+# A split loop's hand-off carries the scheduler's multistep state beside the latents: at most this many
+# latent-sized tensors (UniPC keeps ``solver_order`` past outputs and its last sample; order 2 for Wan).
+SPLIT_STATE_LATENTS = 4
+SPLIT_META_BYTES = 64 * 1024
+
+
+def slot_bytes_for(stage: Stage, model_dirs: list[Path], limits: SpecLimits, *, split: bool = False) -> int:
+    """Largest payload this stage sends or receives, over every model it serves; with ``split``
+    (transform.split_at_step) a transform hop also hands the encode tensors and the loop state on."""
     need = 0
     for model_dir in model_dirs:
         encoded = encode_output_bytes(model_dir, limits)
         latents = latent_bytes(model_dir, limits) + SLACK_PER_TENSOR
-        need = max(need, {Stage.ENCODE: encoded, Stage.TRANSFORM: max(encoded, latents), Stage.DECODE: latents}[stage])
+        transform = max(encoded, latents)
+        if split:
+            transform = encoded + (1 + SPLIT_STATE_LATENTS) * latents + SPLIT_META_BYTES
+        need = max(need, {Stage.ENCODE: encoded, Stage.TRANSFORM: transform, Stage.DECODE: latents}[stage])
     return need

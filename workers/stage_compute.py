@@ -22,7 +22,8 @@ from scheduler.core.settings import FarmSettings
 from workers.fault_injection import TRANSFORM_STEP_POINT, pause_if_injected
 from workers.models.loading import Component, ModelTask, check_model_dir, model_task
 from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
-from workers.stages import StageCancelled, StagePreempted
+from workers.stages import StageCancelled, StagePreempted, split_state
+from workers.stages.denoise_state import DenoiseState
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from workers.dit_group import DitRankGroup
     from workers.runtime import StageRuntime
     from workers.stages.decode import StreamingVaeDecoder
-    from workers.stages.denoise_state import DenoiseState
     from workers.stages.encode import TextEncodeStage
     from workers.stages.image_encode import ImageConditionStage
     from workers.stages.transform import AtBoundary, DenoiseStage
@@ -103,12 +103,21 @@ class TransformCompute:
             self.group.close()
 
     def _denoise(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
-        rt, spec = job.rt, job.spec
+        rt, spec, hop = job.rt, job.spec, job.this_hop
+        # A split route's transform hop covers steps [k0, k1): one after the first starts from the state the
+        # previous hop handed on; one before the last stops at k1 and hands its state on.
+        first, last = job.steps if job.steps is not None else (0, spec.steps)
+        try:
+            handed = split_state.state_of(inputs) if first > 0 else None
+        except split_state.SplitStateError as exc:
+            raise MalformedJob(str(exc)) from None
+        embeds = split_state.conditioning_of(inputs)
+        stop_after = last if last < spec.steps else None
 
         # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries,
         #    resuming from the job's last saved state, saving every K steps, handing back when preempted.
         def on_step(done: int, total: int) -> None:
-            jobs.set_progress(rt.conn, job.job_id, Stage.TRANSFORM, done, total)
+            jobs.set_progress(rt.conn, job.job_id, hop, done, total)
 
         def should_stop() -> bool:
             return jobs.cancel_requested(rt.conn, job.job_id)
@@ -123,14 +132,29 @@ class TransformCompute:
         if resumable:
             from workers.checkpoints import state_from_checkpoint
 
-            resume = state_from_checkpoint(rt, job.job_id, spec)
+            resume = state_from_checkpoint(rt, job.job_id, spec, hop)
+        if resume is not None and not first <= resume.step <= last:
+            resume = None  # another hop's range (a record edited by hand): start from what was handed on
         if resume is not None:
-            jobs.set_recovery(rt.conn, job.job_id, Stage.TRANSFORM, f"pulled; resumed at step {resume.step}")
+            jobs.set_recovery(rt.conn, job.job_id, hop, f"pulled; resumed at step {resume.step}")
+        elif handed is not None:
+            if handed.step != first:
+                raise MalformedJob(f"the previous transform hop handed on step {handed.step}; {hop} starts at {first}")
+            resume = handed
+        captured: list[DenoiseState] = []
+        boundary = saving_boundary(job) if resumable else None
+
+        def at_boundary(done: int, total: int, capture: Callable[[], DenoiseState]) -> None:
+            if done == stop_after:
+                captured.append(capture())
+                return
+            if boundary is not None:
+                boundary(done, total, capture)
 
         # The job's step cache (if any) is on for this job only: the DiT stays resident for the next one.
         with dit_speed.step_cache(self.denoiser.transformer, spec.cache) as calls:
             latents = self.denoiser.denoise(
-                inputs,
+                embeds,
                 height=spec.height,
                 width=spec.width,
                 num_frames=spec.frames,
@@ -141,10 +165,22 @@ class TransformCompute:
                 on_step=on_step,
                 should_stop=should_stop,
                 resume=resume,
-                at_boundary=saving_boundary(job) if resumable else None,
+                at_boundary=at_boundary,
+                stop_after=stop_after,
             )
-        jobs.set_dit_report(rt.conn, job.job_id, {**self.denoiser.speed_options(), **calls.as_record()})
-        return {"latents": latents}
+        jobs.set_dit_report(rt.conn, job.job_id, {**self.denoiser.speed_options(), **calls.as_record()}, hop)
+        if stop_after is None:
+            return {"latents": latents}
+        # Resumed exactly at the boundary (this hop's earlier attempt saved it): nothing ran, the save is the state.
+        state = captured[0] if captured else resume
+        if state is None or state.step != stop_after:
+            raise RuntimeError(f"{hop} ended without its state at step {stop_after}")
+        if resumable and captured:
+            # Kept as this hop's resume point, so a lost hand-off re-runs no step of this part.
+            from workers.checkpoints import save_state
+
+            save_state(rt, job.job_id, job.attempt, state, hop)
+        return {**embeds, **split_state.state_tensors(state)}
 
 
 def saving_boundary(job: StageJob) -> AtBoundary:
@@ -152,17 +188,17 @@ def saving_boundary(job: StageJob) -> AtBoundary:
     wait for the save, and hand the job back (``StagePreempted``)."""
     from workers.checkpoints import save_state
 
-    rt, settings = job.rt, job.rt.settings.checkpoints
+    rt, settings, hop = job.rt, job.rt.settings.checkpoints, job.this_hop
     interval = settings.save_interval(job.spec.steps)
     preemptible = settings.preempts(job.spec.steps)
 
     def at_boundary(done: int, total: int, capture: Callable[[], DenoiseState]) -> None:
         if done < total:
             if preemptible and rt.preempt.is_set():
-                saved = save_state(rt, job.job_id, job.attempt, capture()).result()
+                saved = save_state(rt, job.job_id, job.attempt, capture(), hop).result()
                 raise StagePreempted(f"worker stopping: handed back after step {done} of {total}, state saved: {saved}")
             if interval and done % interval == 0:
-                save_state(rt, job.job_id, job.attempt, capture())
+                save_state(rt, job.job_id, job.attempt, capture(), hop)
         # Tests only: widen the window around a step boundary (every step, or one step).
         pause_if_injected(TRANSFORM_STEP_POINT)
         pause_if_injected(f"{TRANSFORM_STEP_POINT}-{done}")

@@ -29,8 +29,9 @@ import torch
 
 from scheduler.core import jobs, keys, recovery, worker_metrics, worker_registry
 from scheduler.core.job_record import Routing, StageField, attempt_of, is_finished
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.logging_setup import log_context
+from scheduler.core.route import Route, route_of
 from scheduler.core.spec import JobSpec
 from scheduler.core.stage_calls import StageCall
 from workers import checkpoints
@@ -50,18 +51,26 @@ def run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | Non
 
 def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | None) -> dict[str, Any]:
     rt = current_runtime()
-    this_stage = Stage(stage)
-    if this_stage is not rt.stage:
+    this_stage = Hop(stage)
+    if this_stage.kind is not rt.stage:
         raise RuntimeError(f"a {stage} job reached a {rt.stage.value} worker: check the queue names in settings")
     fields = jobs.job_fields(rt.conn, job_id)
     if not fields or is_finished(fields) or attempt_of(fields, this_stage) != attempt:
         log.info("job %s: %s attempt %d is stale or finished; skipped", job_id, stage, attempt)
         return {"job_id": job_id, "stage": stage, "outcome": "skipped"}
+    try:
+        route = route_of(fields)
+        if this_stage not in route:
+            raise ValueError(f"{this_stage.value} is not on it ({route.describe()})")
+    except ValueError as exc:
+        # Planted or written by a newer version: no retry can make it readable.
+        jobs.mark_failed(rt.conn, job_id, this_stage, f"the job's route is unusable: {exc}")
+        return {"job_id": job_id, "stage": stage, "outcome": "failed: unusable route"}
     # The record read above answers the cancel check and holds the spec: no more round trips before the start.
     if jobs.cancel_requested_in(fields):
         # Cancelled between stages: free the producer's slot now instead of at lease expiry.
         if upstream_attempt is not None:
-            rt.rooms.release_input(job_id, this_stage, upstream_attempt)
+            rt.rooms.release_input(job_id, route.previous(this_stage), upstream_attempt)
         jobs.mark_cancelled(rt.conn, job_id, this_stage, jobs.CANCEL_REASON)
         checkpoints.on_job_ended(rt, job_id, completed=False)
         return {"job_id": job_id, "stage": stage, "outcome": "cancelled"}
@@ -79,20 +88,21 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
             raise MalformedJob(f"job record has an unreadable spec: {str(exc).splitlines()[0]}") from None
         crash_if_injected(rt.stage.value, spec.prompt)
         inputs: dict[str, torch.Tensor] = {}
-        upstream = this_stage.previous
+        upstream = route.previous(this_stage)
         pulled: tuple[int, float] | None = None
         if upstream is not None:
             pause_if_injected(pull_point(rt.stage.value), spec.prompt)
             pull_started = time.monotonic()
-            inputs = _pull_or_checkpoint(rt, job_id, spec, upstream, upstream_attempt or 1)
+            inputs = _pull_or_checkpoint(rt, job_id, spec, this_stage, upstream, upstream_attempt or 1)
             pulled = (sum(t.nbytes for t in inputs.values()), time.monotonic() - pull_started)
         pause_if_injected(rt.stage.value, spec.prompt)
         compute_started = time.monotonic()
-        outputs = _compute(rt, job_id, spec, attempt, inputs)
+        job = StageJob(rt, job_id, spec, attempt, this_stage, route.steps_of(this_stage))
+        outputs = _compute(rt, job, inputs)
         timing = StageTiming(started, time.monotonic() - compute_started, pulled)
-        if not _finish(rt, job_id, spec, attempt, outputs, timing):
+        if not _finish(rt, job, route, outputs, timing):
             outcome = "superseded"
-        elif this_stage.next is None:
+        elif route.next(this_stage) is None:
             checkpoints.on_job_ended(rt, job_id, completed=True)
     except (InputRefused, MalformedJob) as exc:
         outcome = f"failed: {exc}"
@@ -131,7 +141,7 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
 REDIS_OUTAGE_PATIENCE_SECONDS = 300.0
 
 
-def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: str, delay: float) -> str:
+def _restart(rt: StageRuntime, job_id: str, stage: Hop, attempt: int, reason: str, delay: float) -> str:
     # The failure may *be* a Redis outage: keep trying to record the restart until Redis is back,
     # because while this worker lives the reaper will not take its in-flight attempt away.
     deadline = time.monotonic() + REDIS_OUTAGE_PATIENCE_SECONDS
@@ -157,31 +167,31 @@ def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: 
 
 
 def _pull_or_checkpoint(
-    rt: StageRuntime, job_id: str, spec: JobSpec, upstream: Stage, upstream_attempt: int
+    rt: StageRuntime, job_id: str, spec: JobSpec, hop: Hop, upstream: Hop, upstream_attempt: int
 ) -> dict[str, torch.Tensor]:
-    """The upstream stage's tensors: pulled from its producer, or -- when that is lost and the DiT's output
-    was checkpointed -- read from the checkpoint instead of recomputing the DiT."""
+    """The upstream hop's tensors: pulled from its producer, or -- when that is lost and the DiT's finished
+    latents were checkpointed (decode's upstream) -- read from the checkpoint instead of recomputing the DiT."""
     try:
         inputs = pull_input(rt, job_id, upstream, upstream_attempt)
     except InputLost as lost:
-        if upstream is not Stage.TRANSFORM or rt.s3 is None or not rt.settings.checkpoints.enabled:
+        finished_latents = upstream.kind is Stage.TRANSFORM and hop.kind is Stage.DECODE
+        if not finished_latents or rt.s3 is None or not rt.settings.checkpoints.enabled:
             raise
         try:
-            inputs, from_attempt = checkpoints.latents_from_checkpoint(rt, job_id, spec)
+            inputs, from_attempt = checkpoints.latents_from_checkpoint(rt, job_id, spec, upstream)
         except checkpoints.CheckpointUnusable as exc:
             # Forgotten, so the restart below goes to lineage instead of back to this checkpoint.
-            jobs.forget_checkpoint(rt.conn, job_id, Stage.TRANSFORM, StageField.CHECKPOINT)
+            jobs.forget_checkpoint(rt.conn, job_id, upstream, StageField.CHECKPOINT)
             raise InputLost(f"{lost}; no usable checkpoint either ({exc})") from None
-        log.info("job %s: %s; read the latents checkpoint of transform attempt %d", job_id, lost, from_attempt)
-        jobs.set_recovery(rt.conn, job_id, rt.stage, f"from checkpoint (transform attempt {from_attempt})")
+        log.info("job %s: %s; read the latents checkpoint of %s attempt %d", job_id, lost, upstream, from_attempt)
+        jobs.set_recovery(rt.conn, job_id, hop, f"from checkpoint ({upstream} attempt {from_attempt})")
         return inputs
-    jobs.set_recovery(rt.conn, job_id, rt.stage, "pulled")
+    jobs.set_recovery(rt.conn, job_id, hop, "pulled")
     return inputs
 
 
-def _compute(
-    rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, inputs: dict[str, torch.Tensor]
-) -> StageOutputs:
+def _compute(rt: StageRuntime, job: StageJob, inputs: dict[str, torch.Tensor]) -> StageOutputs:
+    spec = job.spec
     compute = rt.computes.get(spec.model)
     if compute is None:
         raise MalformedJob(
@@ -189,7 +199,7 @@ def _compute(
         )
     if (spec.image is not None) != (rt.tasks[spec.model] == "i2v"):
         raise MalformedJob(f"model {spec.model!r} is a {rt.tasks[spec.model]} model; the job is {spec.task}")
-    return compute.outputs_for(StageJob(rt, job_id, spec, attempt), inputs)
+    return compute.outputs_for(job, inputs)
 
 
 @dataclass(frozen=True)
@@ -201,32 +211,31 @@ class StageTiming:
     pulled: tuple[int, float] | None  # input bytes and pull seconds; None for encode
 
 
-def _finish(
-    rt: StageRuntime, job_id: str, spec: JobSpec, attempt: int, outputs: StageOutputs, timing: StageTiming
-) -> bool:
-    """Publish and enqueue the next stage (or record the result), fenced on this attempt still being current."""
-    next_stage = rt.stage.next
+def _finish(rt: StageRuntime, job: StageJob, route: Route, outputs: StageOutputs, timing: StageTiming) -> bool:
+    """Publish and enqueue the route's next hop (or record the result), fenced on this attempt still being current."""
+    job_id, spec, attempt, hop = job.job_id, job.spec, job.attempt, job.this_hop
+    next_stage = route.next(hop)
     room_key = None
     if next_stage is not None:
-        desc, signature = stage_output(rt, job_id, attempt, outputs)
-        room_key = keys.room_key(job_id, rt.stage, attempt)
+        desc, signature = stage_output(rt, job_id, attempt, outputs, hop)
+        room_key = keys.room_key(job_id, hop, attempt)
     with rt.conn.pipeline() as pipe:
         while True:
             try:
                 pipe.watch(keys.job_key(job_id))
                 fields = jobs.job_fields(pipe, job_id)
-                if attempt_of(fields, rt.stage) != attempt or is_finished(fields):
+                if attempt_of(fields, hop) != attempt or is_finished(fields):
                     pipe.unwatch()
-                    log.warning("job %s: %s attempt %d was superseded; output discarded", job_id, rt.stage, attempt)
+                    log.warning("job %s: %s attempt %d was superseded; output discarded", job_id, hop, attempt)
                     if room_key is not None:
                         rt.free_slot_of(room_key, "superseded")
-                    jobs.clear_inflight(rt.conn, job_id, rt.stage, attempt)
+                    jobs.clear_inflight(rt.conn, job_id, hop, attempt)
                     return False
                 pipe.multi()
                 jobs.mark_stage_finished(
                     pipe,
                     job_id,
-                    rt.stage,
+                    hop,
                     attempt,
                     time.monotonic() - timing.started,
                     timing.compute_seconds,
@@ -241,9 +250,10 @@ def _finish(
                 worker_registry.increment(pipe, rt.worker_id, "jobs_done")
                 pipe.execute()
                 rt.jobs_done += 1
-                if rt.stage is Stage.TRANSFORM and rt.s3 is not None and rt.settings.checkpoints.enabled:
+                finished_dit = hop.kind is Stage.TRANSFORM and next_stage is not None and next_stage.kind is Stage.DECODE
+                if finished_dit and rt.s3 is not None and rt.settings.checkpoints.enabled:
                     # After the publish: the checkpoint never delays the hand-off.
-                    checkpoints.save_latents(rt, job_id, attempt, outputs["latents"], spec.steps)
+                    checkpoints.save_latents(rt, job_id, attempt, outputs["latents"], spec.steps, hop)
                 return True
             except redis.WatchError:
                 continue

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from scheduler.core.keys import Hop
     from scheduler.core.spec import JobSpec
     from workers.runtime import StageRuntime
 
@@ -26,12 +27,19 @@ class MalformedJob(ValueError):
 
 @dataclass(frozen=True)
 class StageJob:
-    """One job as a stage computes it: the worker it runs in, its id, its spec and the attempt running."""
+    """One job as a stage computes it: the worker it runs in, its id, its spec, the attempt running, the hop of
+    its route it runs and, for a transform hop covering part of the loop, the steps ``[k0, k1)`` it covers."""
 
     rt: StageRuntime
     job_id: str
     spec: JobSpec
     attempt: int = 1
+    hop: Hop | None = None  # None: the worker's stage, unsplit
+    steps: tuple[int, int] | None = None
+
+    @property
+    def this_hop(self) -> Hop:
+        return self.hop if self.hop is not None else self.rt.stage
 
 
 # A producing stage's tensors for the next stage, or the last stage's result record.

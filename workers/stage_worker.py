@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from scheduler.core import jobs, worker_metrics
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.queues import (
     SimpleWorker,
     TimerDeathPenalty,
@@ -214,10 +215,19 @@ class StageWorker(SimpleWorker):  # type: ignore[misc]
             if isinstance(attempt, int) and jobs.fail_if_waiting(
                 rt.conn,
                 job_id,
-                rt.stage,
+                _named_hop(fields.kwargs, rt.stage),
                 attempt,
                 f"stage call refused by worker {rt.worker_id}: {refused}; give every scheduler and worker the same "
                 "REELFARM_SECRET (or the old one as REELFARM_PREVIOUS_SECRET while rotating), then `reelfarm retry "
                 f"{job_id}`",
             ):
                 log.error("job %s failed: its %s call was refused (%s)", job_id, rt.stage, refused)
+
+
+def _named_hop(kwargs: dict[str, Any], kind: Stage) -> Hop:
+    """The hop a refused call names, when it is one of this worker's kind (else the kind's own hop)."""
+    try:
+        hop = Hop(str(kwargs.get("stage")))
+    except ValueError:
+        return kind
+    return hop if hop.kind is kind else kind

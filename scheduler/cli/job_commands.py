@@ -115,8 +115,13 @@ def download_result(settings: FarmSettings, record: dict[str, Any], outputs: Pat
 
 def describe_status(record: dict[str, Any]) -> str:
     lines = [f"{record['job_id']}: {record['state']}"]
+    if len(record.get("route") or []) != 3:  # the common three-hop route goes without saying
+        lines.append(f"  route: {' -> '.join(record['route'])}")
+    width = max([9, *(len(name) for name in record["stages"])])
     for name, stage in record["stages"].items():
         bits = [stage.get("state", "?")]
+        if "steps" in stage:
+            bits.append(f"steps {stage['steps'][0]}-{stage['steps'][1]}")
         if "progress" in stage:
             bits.append(f"step {stage['progress']}")
         if "attempt" in stage:
@@ -131,7 +136,7 @@ def describe_status(record: dict[str, Any]) -> str:
             bits.append("latents checkpointed")
         if "seconds" in stage:
             bits.append(f"{float(stage['seconds']):.1f}s")
-        lines.append(f"  {name:<9} " + ", ".join(bits))
+        lines.append(f"  {name:<{width}} " + ", ".join(bits))
     for failure in record.get("failures") or []:
         lines.append(
             f"  failed {failure['stage']} attempt {failure['attempt']} on {failure['worker'] or '?'}: {failure['reason']}"

@@ -18,6 +18,10 @@ It is kept current two ways:
   demand falls at most one reaper interval after work finished or a worker died. A
   recount racing an enqueue may set the lower count; the next pass corrects it.
 
+Per hop, and per stage kind over all its hops: ``reelfarm:demand:transform`` counts every transform
+hop (the plain transform workers serve them all, a split loop's parts included), while
+``reelfarm:demand:transform@high`` counts that hop alone (for a pool that serves only it).
+
 Capped at ``DEMAND_CAP`` entries: far beyond any replica count, small in memory.
 """
 
@@ -30,7 +34,7 @@ from typing import Any
 import redis
 
 from scheduler.core import keys, worker_registry
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 
 DEMAND_CAP = 10_000
 # Entries pushed per RPUSH inside the script (Lua's unpack has a stack limit).
@@ -58,23 +62,34 @@ return want
 """
 
 
-def add_demand(conn_or_pipe: Any, stage: Stage, count: int) -> None:
+def add_demand(conn_or_pipe: Any, stage: Hop, count: int) -> None:
     """Raise ``stage``'s demand by ``count`` (new stage calls); joins the caller's pipeline."""
     if count <= 0:
         return
-    key = keys.demand_key(stage)
-    conn_or_pipe.rpush(key, *([_MARK] * min(count, DEMAND_CAP)))
-    conn_or_pipe.ltrim(key, 0, DEMAND_CAP - 1)
+    for pool in _pools(stage):
+        key = keys.demand_key(pool)
+        conn_or_pipe.rpush(key, *([_MARK] * min(count, DEMAND_CAP)))
+        conn_or_pipe.ltrim(key, 0, DEMAND_CAP - 1)
 
 
-def count_demand(conn: redis.Redis, backlog: dict[Stage, int]) -> dict[Stage, int]:
+def _pools(hop: Hop) -> tuple[Hop, ...]:
+    """The demand keys a hop's work counts in: its own, and its stage kind's when it has a part."""
+    return (hop,) if hop.part is None else (hop, hop.kind)
+
+
+def count_demand(conn: redis.Redis, backlog: dict[Hop, int]) -> dict[Hop, int]:
+    """What ``refresh_demand`` sets the keys to (part hops shown where they have any)."""
+    return _shown(_count_every_hop(conn, backlog))
+
+
+def _count_every_hop(conn: redis.Redis, backlog: dict[Hop, int]) -> dict[Hop, int]:
     """Each stage's demand: ``backlog`` (its queued stage jobs, from ``queues.stage_backlog``, which owns
     reading rq's queues) plus what the farm's own records say (see the module docstring)."""
-    demand: Counter[Stage] = Counter(backlog)
+    demand: Counter[Hop] = Counter(backlog)
     parked: list[bytes] = conn.hvals(keys.delayed_calls_key())  # type: ignore[assignment]
     for raw in parked:
         try:
-            demand[Stage(json.loads(raw)["stage"])] += 1
+            demand[Hop(json.loads(raw)["stage"])] += 1
         except (ValueError, KeyError, TypeError):
             continue  # an unreadable parked call is the reaper's to report, not a demand
     inflight: list[bytes] = conn.zrange(keys.inflight_key(), 0, -1)  # type: ignore[assignment]
@@ -85,19 +100,29 @@ def count_demand(conn: redis.Redis, backlog: dict[Stage, int]) -> dict[Stage, in
             continue
     for record in worker_registry.live_workers(conn):
         held = record.get("held_outputs", "0")
+        # Held outputs count toward the producing worker's stage kind (the hop with no part).
         if record.get("stage") in {s.value for s in Stage} and held.isdigit():
             demand[Stage(record["stage"])] += int(held)
-    return {stage: demand[stage] for stage in Stage}
-
-
-def refresh_demand(conn: redis.Redis, backlog: dict[Stage, int]) -> dict[Stage, int]:
-    """Recount every stage's demand (``backlog`` as in ``count_demand``) and set its key to it; returns the counts."""
-    counts = count_demand(conn, backlog)
-    for stage, count in counts.items():
-        conn.eval(_SET_LENGTH, 1, keys.demand_key(stage), min(count, DEMAND_CAP), _PUSH_CHUNK, _MARK)
+    counts = {hop: demand[hop] for hop in keys.all_hops()}
+    for hop in keys.all_hops():
+        if hop.part is not None:
+            counts[hop.kind] += demand[hop]
     return counts
 
 
-def read_demand(conn: redis.Redis) -> dict[Stage, int]:
+def refresh_demand(conn: redis.Redis, backlog: dict[Hop, int]) -> dict[Hop, int]:
+    """Recount every stage's demand (``backlog`` as in ``count_demand``) and set its key to it; returns the counts."""
+    counts = _count_every_hop(conn, backlog)
+    for stage, count in counts.items():  # every hop's key, so a part hop's demand falls back to zero too
+        conn.eval(_SET_LENGTH, 1, keys.demand_key(stage), min(count, DEMAND_CAP), _PUSH_CHUNK, _MARK)
+    return _shown(counts)
+
+
+def read_demand(conn: redis.Redis) -> dict[Hop, int]:
     """What an autoscaler sees: the length of each stage's demand key."""
-    return {stage: int(conn.llen(keys.demand_key(stage))) for stage in Stage}  # type: ignore[arg-type]
+    return _shown({hop: int(conn.llen(keys.demand_key(hop))) for hop in keys.all_hops()})  # type: ignore[arg-type]
+
+
+def _shown(counts: dict[Hop, int]) -> dict[Hop, int]:
+    """Every stage kind always; a part hop (transform@high) where it has demand, as `reelfarm info` shows queues."""
+    return {hop: n for hop, n in counts.items() if n or hop.part is None}

@@ -4,11 +4,14 @@ One Redis hash per job (``keys.job_key``); all values are strings::
 
     spec, state, stage, created_at, updated_at, error, result (JSON), failures (JSON),
     cancel_requested, retries, attempt_base, ...
-    <stage>.state  <stage>.worker  <stage>.attempt  <stage>.started_at
-    <stage>.finished_at  <stage>.seconds  <stage>.progress ("done/total")
-    <stage>.recovery ("pulled", "from checkpoint ...", "pulled; resumed at step n")
-    transform.steps_computed (DiT steps run, over every attempt of this run)
-    transform.checkpoint / transform.resume (JSON ``CheckpointRef``: latents / mid-denoise save)
+    route (JSON: the hops in order, ``scheduler.core.route``; absent = encode, transform, decode)
+    <hop>.state  <hop>.worker  <stage>.attempt  <stage>.started_at
+    <hop>.finished_at  <hop>.seconds  <hop>.progress ("done/total")
+    <hop>.recovery ("pulled", "from checkpoint ...", "pulled; resumed at step n")
+    <transform hop>.steps_computed (DiT steps run, over every attempt of this run)
+    <transform hop>.checkpoint / .resume (JSON ``CheckpointRef``: latents / mid-denoise save)
+
+A hop is ``encode``, ``transform``, ``transform@high``... (``keys.Hop``): per-stage fields are per hop.
 
 Nothing else in the project spells a per-stage field or a state: code names a
 field with ``stage_field(stage, StageField.ATTEMPT)`` and a state with the
@@ -28,7 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from scheduler.core import keys
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage, all_hops, hops_of_kind
 from scheduler.core.spec import JobSpec
 
 # Reads of many records go in pipelined chunks of this many: one round trip each, bounded memory.
@@ -88,14 +91,15 @@ class StageField(StrEnum):
     RESUME = "resume"
 
 
-def stage_field(stage: Stage | str, name: StageField) -> str:
-    """The record field holding ``name`` for ``stage``, e.g. ``transform.attempt``."""
-    return f"{Stage(stage).value}.{name.value}"
+def stage_field(stage: Hop | str, name: StageField) -> str:
+    """The record field holding ``name`` for hop ``stage``, e.g. ``transform.attempt``, ``transform@low.attempt``."""
+    return f"{Hop(stage).value}.{name.value}"
 
 
 def stage_fields(name: StageField) -> tuple[str, ...]:
-    """``name`` for every stage, in pipeline order (``encode.attempt``, ``transform.attempt``, ...)."""
-    return tuple(stage_field(stage, name) for stage in Stage)
+    """``name`` for every hop a route may have, in pipeline order (``encode.attempt``, ``transform.attempt``,
+    ``transform@high.attempt``, ...): reads that must not first read the route use it."""
+    return tuple(stage_field(hop, name) for hop in all_hops())
 
 
 def lua_finished(var: str) -> str:
@@ -103,14 +107,41 @@ def lua_finished(var: str) -> str:
     return "(" + " or ".join(f"{var} == '{state.value}'" for state in sorted(FINISHED_STATES)) + ")"
 
 
-def attempt_of(fields: Mapping[str, Any], stage: Stage) -> int:
+def attempt_of(fields: Mapping[str, Any], stage: Hop) -> int:
     """The stage's current attempt number (0 when it never ran)."""
     return int(fields.get(stage_field(stage, StageField.ATTEMPT)) or 0)
 
 
-def stage_state_of(fields: Mapping[str, Any], stage: Stage) -> str | None:
+def stage_state_of(fields: Mapping[str, Any], stage: Hop) -> str | None:
     value = fields.get(stage_field(stage, StageField.STATE))
     return str(value) if value is not None else None
+
+
+def kind_state(fields: Mapping[str, Any], kind: Stage) -> str | None:
+    """One stage kind's state over its hops (a split loop's ``transform@high`` and ``transform@low``), for views
+    that show stages, not hops: the latest hop's state that has one -- "running" while a job sits between two
+    hops of the kind (the first done, the next queued)."""
+    states = [stage_state_of(fields, hop) for hop in hops_of_kind(kind)]
+    present = [state for state in states if state is not None]
+    if not present:
+        return None
+    if present[-1] == StageState.QUEUED and StageState.DONE in present[:-1]:
+        return StageState.RUNNING.value
+    return present[-1]
+
+
+def kind_progress(fields: Mapping[str, Any], kind: Stage) -> str | None:
+    """The latest ``done/total`` progress of ``kind``'s hops (transform hops count steps over the whole loop)."""
+    for hop in reversed(hops_of_kind(kind)):
+        value = fields.get(stage_field(hop, StageField.PROGRESS))
+        if value:
+            return str(value)
+    return None
+
+
+def kind_fields(name: StageField, kind: Stage) -> tuple[str, ...]:
+    """``name`` for each hop of ``kind`` (what ``kind_state`` / ``kind_progress`` read)."""
+    return tuple(stage_field(hop, name) for hop in hops_of_kind(kind))
 
 
 def is_finished(fields: Mapping[str, Any]) -> bool:
@@ -143,7 +174,7 @@ class CheckpointRef:
         )
 
 
-def checkpoint_ref(fields: Mapping[str, Any], stage: Stage, name: StageField) -> CheckpointRef | None:
+def checkpoint_ref(fields: Mapping[str, Any], stage: Hop, name: StageField) -> CheckpointRef | None:
     """The checkpoint the record names in ``<stage>.<name>``, or None (absent or unreadable)."""
     raw = fields.get(stage_field(stage, name))
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -27,7 +27,8 @@ from scheduler.core.job_record import (
     stage_field,
     stage_fields,
 )
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
+from scheduler.core.route import ROUTE_FIELD, THREE_HOPS, Route, route_for, route_of
 from scheduler.core.spec import JobSpec
 from scheduler.core.stage_calls import StageCall
 
@@ -47,9 +48,17 @@ def _now() -> str:
     return repr(time.time())
 
 
-def create_jobs(pipe: Any, conn: redis.Redis, new_jobs: Sequence[tuple[str, JobSpec]], *, secret: bytes) -> None:
-    """New jobs enter the pipeline, in the caller's MULTI ``pipe``: each record written whole -- spec, state
-    and its first stage already queued, in one HSET -- indexed, and its signed encode call enqueued.
+def create_jobs(
+    pipe: Any,
+    conn: redis.Redis,
+    new_jobs: Sequence[tuple[str, JobSpec]],
+    *,
+    secret: bytes,
+    split_at_step: int | None = None,
+) -> None:
+    """New jobs enter the pipeline, in the caller's MULTI ``pipe``: each record written whole -- spec, state,
+    route (``route_for``, from the farm's ``transform.split_at_step``) and its first hop already queued, in
+    one HSET -- indexed, and its signed encode call enqueued.
 
     One write per record rather than ``queue_stage``'s second one: a 10,000-line batch pays for every command.
     """
@@ -57,10 +66,13 @@ def create_jobs(pipe: Any, conn: redis.Redis, new_jobs: Sequence[tuple[str, JobS
     calls = []
     for job_id, spec in new_jobs:
         key = keys.job_key(job_id)
+        route = route_for(spec.steps, split_at_step, step_cached=spec.cache is not None)
         record = {"spec": spec.to_json(), "state": JobState.QUEUED.value, "created_at": repr(now)}
-        pipe.hset(key, mapping={**record, **_queued_fields(Stage.ENCODE, 1, now)})
+        if route != THREE_HOPS:  # a record without a route reads as the three hops: no bytes for the common case
+            record[ROUTE_FIELD] = route.to_json()
+        pipe.hset(key, mapping={**record, **_queued_fields(route.first, 1, now)})
         pipe.expire(key, JOB_RETENTION_SECONDS)
-        calls.append((StageCall(job_id, Stage.ENCODE, 1, None), Routing(spec.priority, spec.model)))
+        calls.append((StageCall(job_id, route.first, 1, None), Routing(spec.priority, spec.model)))
     if new_jobs:
         pipe.zadd(keys.jobs_index_key(), dict.fromkeys((job_id for job_id, _ in new_jobs), now))
     queues.enqueue_stages(conn, calls, pipeline=pipe, secret=secret)
@@ -70,7 +82,7 @@ def job_exists(conn: redis.Redis, job_id: str) -> bool:
     return bool(conn.exists(keys.job_key(job_id)))
 
 
-def _queued_fields(stage: Stage, attempt: int, now: float) -> dict[str, str]:
+def _queued_fields(stage: Hop, attempt: int, now: float) -> dict[str, str]:
     """What the record says of a stage attempt waiting in its queue."""
     return {
         "stage": stage.value,
@@ -80,7 +92,7 @@ def _queued_fields(stage: Stage, attempt: int, now: float) -> dict[str, str]:
     }
 
 
-def mark_stage_queued(pipe: Any, job_id: str, stage: Stage, attempt: int) -> None:
+def mark_stage_queued(pipe: Any, job_id: str, stage: Hop, attempt: int) -> None:
     pipe.hset(keys.job_key(job_id), mapping=_queued_fields(stage, attempt, time.time()))
 
 
@@ -99,7 +111,7 @@ return 1
 """
 
 
-def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, attempt: int) -> bool:
+def mark_stage_started(conn: Any, job_id: str, stage: Hop, worker_id: str, attempt: int) -> bool:
     """Record who runs this attempt and list it as in flight, so the reaper notices if that worker dies.
 
     Returns False (and changes nothing) when ``attempt`` is not the stage's current attempt, when
@@ -120,7 +132,7 @@ def mark_stage_started(conn: Any, job_id: str, stage: Stage, worker_id: str, att
     return bool(started)
 
 
-def set_progress(conn: Any, job_id: str, stage: Stage, done: int, total: int) -> None:
+def set_progress(conn: Any, job_id: str, stage: Hop, done: int, total: int) -> None:
     """Step ``done`` of ``total`` is computed: shown as progress, and counted in ``<stage>.steps_computed``
     (which a resumed attempt only adds its own steps to, so the record says how often the DiT really ran)."""
     key = keys.job_key(job_id)
@@ -130,7 +142,7 @@ def set_progress(conn: Any, job_id: str, stage: Stage, done: int, total: int) ->
     pipe.execute()
 
 
-def set_recovery(conn: Any, job_id: str, stage: Stage, how: str) -> None:
+def set_recovery(conn: Any, job_id: str, stage: Hop, how: str) -> None:
     """Say how this attempt of ``stage`` got its input or starting point (``reelfarm status`` shows it)."""
     conn.hset(keys.job_key(job_id), stage_field(stage, StageField.RECOVERY), how)
 
@@ -148,13 +160,13 @@ return 1
 """
 
 
-def forget_checkpoint(conn: Any, job_id: str, stage: Stage, name: StageField) -> None:
+def forget_checkpoint(conn: Any, job_id: str, stage: Hop, name: StageField) -> None:
     """Drop a checkpoint the record names that turned out unusable, so recovery falls back to lineage."""
     conn.hdel(keys.job_key(job_id), stage_field(stage, name))
 
 
 def record_checkpoint(
-    conn: Any, job_id: str, stage: Stage, attempt: int, name: StageField, value: str, *, kept: bool = False
+    conn: Any, job_id: str, stage: Hop, attempt: int, name: StageField, value: str, *, kept: bool = False
 ) -> bool:
     """Store ``value`` (a ``CheckpointRef`` as JSON) in ``<stage>.<name>`` if ``attempt`` is current and the job
     unfinished -- or succeeded, when ``kept`` (retention keeps checkpoints after completion); True if stored."""
@@ -163,15 +175,15 @@ def record_checkpoint(
     return bool(conn.eval(_RECORD_CHECKPOINT, 1, keys.job_key(job_id), *args))
 
 
-def set_dit_report(conn: Any, job_id: str, report: dict[str, Any]) -> None:
-    """How the transform stage ran the DiT for this job (options and call counts), beside its timings."""
-    conn.hset(keys.job_key(job_id), stage_field(Stage.TRANSFORM, StageField.DIT), json.dumps(report, sort_keys=True))
+def set_dit_report(conn: Any, job_id: str, report: dict[str, Any], hop: Hop = Stage.TRANSFORM) -> None:
+    """How the transform hop ran the DiT for this job (options and call counts), beside its timings."""
+    conn.hset(keys.job_key(job_id), stage_field(hop, StageField.DIT), json.dumps(report, sort_keys=True))
 
 
 def mark_stage_finished(
     pipe: Any,
     job_id: str,
-    stage: Stage,
+    stage: Hop,
     attempt: int,
     seconds: float,
     compute_seconds: float | None = None,
@@ -200,7 +212,7 @@ def mark_succeeded(pipe: Any, job_id: str, result: dict[str, Any]) -> None:
     )
 
 
-def _mark_ended(conn: Any, job_id: str, stage: Stage, state: JobState, reason: str) -> None:
+def _mark_ended(conn: Any, job_id: str, stage: Hop, state: JobState, reason: str) -> None:
     conn.hset(
         keys.job_key(job_id),
         mapping={
@@ -212,7 +224,7 @@ def _mark_ended(conn: Any, job_id: str, stage: Stage, state: JobState, reason: s
     )
 
 
-def mark_failed(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
+def mark_failed(conn: Any, job_id: str, stage: Hop, reason: str) -> None:
     """Terminal failure (after the attempt budget, or a refusal no retry can fix)."""
     _mark_ended(conn, job_id, stage, JobState.FAILED, reason)
 
@@ -230,7 +242,7 @@ return 1
 """
 
 
-def fail_if_waiting(conn: redis.Redis, job_id: str, stage: Stage, attempt: int, reason: str) -> bool:
+def fail_if_waiting(conn: redis.Redis, job_id: str, stage: Hop, attempt: int, reason: str) -> bool:
     """Fail the job if ``attempt`` of ``stage`` is the one it waits on and it has not started; True if it did."""
     return bool(conn.eval(_FAIL_WAITING, 1, keys.job_key(job_id), stage.value, str(attempt), reason, _now()))
 
@@ -268,10 +280,14 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
     if not fields:
         raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
     stages: dict[str, dict[str, Any]] = {}
-    for stage in Stage:
+    route = route_or_default(fields)
+    for stage in route.names:
         entry: dict[str, Any] = {
             name.split(".", 1)[1]: value for name, value in fields.items() if name.startswith(stage.value + ".")
         }
+        steps = route.steps_of(stage)
+        if steps is not None:
+            entry["steps"] = list(steps)
         if StageField.DIT.value in entry:
             entry[StageField.DIT.value] = _json_or_raw(entry[StageField.DIT.value])
         if entry:
@@ -282,6 +298,7 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
         "state": fields.get("state"),
         "note": waiting_note(conn, fields, spec),
         "stage": fields.get("stage"),
+        "route": [hop.value for hop in route.names],
         "created_at": float(fields.get("created_at", 0)),
         "updated_at": float(fields.get("updated_at", 0)),
         "stages": stages,
@@ -292,11 +309,11 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
     }
 
 
-def clear_inflight(conn: Any, job_id: str, stage: Stage, attempt: int) -> None:
+def clear_inflight(conn: Any, job_id: str, stage: Hop, attempt: int) -> None:
     conn.zrem(keys.inflight_key(), keys.inflight_member(job_id, stage, attempt))
 
 
-def stage_attempt(conn: redis.Redis, job_id: str, stage: Stage) -> int:
+def stage_attempt(conn: redis.Redis, job_id: str, stage: Hop) -> int:
     value = conn.hget(keys.job_key(job_id), stage_field(stage, _ATTEMPT))
     return int(value) if value is not None else 0  # type: ignore[arg-type]
 
@@ -307,7 +324,7 @@ def job_fields(conn: redis.Redis, job_id: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-def mark_cancelled(conn: Any, job_id: str, stage: Stage, reason: str) -> None:
+def mark_cancelled(conn: Any, job_id: str, stage: Hop, reason: str) -> None:
     _mark_ended(conn, job_id, stage, JobState.CANCELLED, reason)
 
 
@@ -320,8 +337,9 @@ def waiting_note(conn: redis.Redis, fields: dict[str, str], spec: Any) -> str | 
     """Why a queued stage is not moving, when the reason is that no live worker can take it."""
     from scheduler.core.worker_registry import live_workers
 
-    stage = fields.get("stage", "")
-    if stage not in set(Stage):
+    try:
+        stage = Hop(fields.get("stage", ""))
+    except ValueError:
         return None
     if (
         fields.get("state") not in (JobState.QUEUED, JobState.RUNNING)
@@ -330,9 +348,9 @@ def waiting_note(conn: redis.Redis, fields: dict[str, str], spec: Any) -> str | 
         return None
     model = spec.get("model", keys.DEFAULT_MODEL) if isinstance(spec, dict) else keys.DEFAULT_MODEL
     for worker in live_workers(conn):
-        if worker.get("stage") == stage and model in worker.get("models", keys.DEFAULT_MODEL).split(","):
+        if worker.get("stage") == stage.kind and model in worker.get("models", keys.DEFAULT_MODEL).split(","):
             return None
-    return f"waiting: no live {stage} worker serves model {model!r}; start one with `reelfarm worker {stage} --models {model}`"
+    return f"waiting: no live {stage.kind} worker serves model {model!r}; start one with `reelfarm worker {stage.kind} --models {model}`"
 
 
 class JobAdminError(UserError, ValueError):
@@ -343,14 +361,14 @@ RETRYABLE_STATES = frozenset({JobState.FAILED.value, JobState.CANCELLED.value})
 # Per-attempt fields a retry clears, so status, progress and reports show only the new attempt.
 # ``<stage>.attempt`` is deliberately kept: the next attempt numbers are derived from it.
 _STALE_FIELDS = [
-    *(stage_field(stage, name) for stage in Stage for name in StageField if name is not StageField.ATTEMPT),
+    *(stage_field(stage, name) for stage in keys.all_hops() for name in StageField if name is not StageField.ATTEMPT),
     "error",
     "result",
     "cancel_requested",
     "cancel_requested_at",
     "cancelled_at",
 ]
-_RETRY_READ_FIELDS = ("state", "spec", *stage_fields(StageField.ATTEMPT))
+_RETRY_READ_FIELDS = ("state", "spec", ROUTE_FIELD, *stage_fields(StageField.ATTEMPT))
 
 
 # --------------------------------------------------------------------------- queueing and retry
@@ -369,7 +387,7 @@ def queue_stage(pipe: Any, conn: redis.Redis, call: StageCall, routing: Routing,
     queue_stages(pipe, conn, [(call, routing)], secret=secret)
 
 
-def next_stage_attempt(conn: Any, job_id: str, stage: Stage) -> int:
+def next_stage_attempt(conn: Any, job_id: str, stage: Hop) -> int:
     """The attempt number to queue ``stage`` of ``job_id`` at: one more than the stage has ever used."""
     return stage_attempt(conn, job_id, stage) + 1
 
@@ -380,7 +398,8 @@ def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str
     ``fields`` is the record's ``state``, ``spec`` and ``<stage>.attempt`` values, read
     by the caller under WATCH so two retries can not both succeed.
     """
-    attempt = max(attempt_of(fields, stage) for stage in Stage) + 1
+    route = route_or_default(fields)
+    attempt = max(attempt_of(fields, stage) for stage in keys.all_hops()) + 1
     key = keys.job_key(job_id)
     pipe.hdel(key, *_STALE_FIELDS)
     # attempt_base: attempts below it belong to runs before this retry, so an attempt budget
@@ -391,10 +410,17 @@ def queue_retry(pipe: Any, conn: redis.Redis, job_id: str, fields: dict[str, str
     )
     pipe.hincrby(key, "retries", 1)
     pipe.expire(key, JOB_RETENTION_SECONDS)
-    queue_stage(
-        pipe, conn, StageCall(job_id, Stage.ENCODE, attempt, None), routing_of(fields.get("spec")), secret=secret
-    )
+    queue_stage(pipe, conn, StageCall(job_id, route.first, attempt, None), routing_of(fields.get("spec")), secret=secret)
     return attempt
+
+
+def route_or_default(fields: Mapping[str, Any]) -> Route:
+    """The record's route; an unreadable one (planted by hand) reads as the three hops, so status and retry
+    still work -- a stage that runs the job checks the route again and fails it with the reason."""
+    try:
+        return route_of(fields)
+    except ValueError:
+        return THREE_HOPS
 
 
 def resubmit(conn: redis.Redis, job_id: str, *, secret: bytes) -> int:

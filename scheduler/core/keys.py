@@ -9,7 +9,7 @@ record.
 from __future__ import annotations
 
 import re
-from enum import StrEnum
+from enum import ReprEnum
 
 PREFIX = "reelfarm"
 
@@ -17,24 +17,66 @@ PREFIX = "reelfarm"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,96}$")
 
 
-class Stage(StrEnum):
-    """The three stages, in pipeline order."""
+_STAGE_NAMES = frozenset({"encode", "transform", "decode"})
+# The parts a hop may name, per stage kind: a split denoising loop's early (high-noise) and late
+# (low-noise) steps -- Wan2.2-A14B's two experts, or one Wan2.1 DiT split at a step (transform.split_at_step).
+HOP_PARTS: dict[str, tuple[str, ...]] = {"transform": ("high", "low")}
+# Every hop the farm can route a job through, in pipeline order (reads of "every hop's field" use it).
+ALL_HOPS: tuple[str, ...] = ("encode", "transform", "transform@high", "transform@low", "decode")
+
+
+class Hop(str):
+    """One entry of a job's route: a stage kind, optionally with a part -- ``transform`` or ``transform@high``.
+
+    A string, so it is a record-field prefix (``transform@high.attempt``), a JSON value and a dict key as
+    it is; a `Stage` is the hop of its kind with no part (``Hop("transform") == Stage.TRANSFORM``).
+    What comes before or after a hop is the job's route's to say (``scheduler.core.route``), never the hop's.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value: str) -> Hop:
+        kind, sep, part = str(value).partition("@")
+        if kind not in _STAGE_NAMES or (sep and part not in HOP_PARTS.get(kind, ())):
+            raise ValueError(f"unknown hop {str(value)[:64]!r}: use one of {', '.join(ALL_HOPS)}")
+        return super().__new__(cls, value)
+
+    @property
+    def kind(self) -> Stage:
+        """Which stage's workers run this hop (and which model component they load)."""
+        return Stage(str.partition(self, "@")[0])
+
+    @property
+    def part(self) -> str | None:
+        """The share of its stage this hop does (``high``/``low``: the denoising steps before/after a split)."""
+        return str.partition(self, "@")[2] or None
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def slug(self) -> str:
+        """The hop in rq job ids and queue names (``transform_high``): rq ids allow only [A-Za-z0-9_-], and
+        ``@`` in a queue name already separates the model."""
+        return self.value.replace("@", "_")
+
+
+class Stage(Hop, ReprEnum):
+    """The three stage kinds, in pipeline order; each is also the hop of its kind that has no part."""
 
     ENCODE = "encode"
     TRANSFORM = "transform"
     DECODE = "decode"
 
-    @property
-    def next(self) -> Stage | None:
-        order = list(Stage)
-        i = order.index(self)
-        return order[i + 1] if i + 1 < len(order) else None
 
-    @property
-    def previous(self) -> Stage | None:
-        order = list(Stage)
-        i = order.index(self)
-        return order[i - 1] if i > 0 else None
+def all_hops() -> tuple[Hop, ...]:
+    return tuple(Hop(name) for name in ALL_HOPS)
+
+
+def hops_of_kind(kind: Stage) -> tuple[Hop, ...]:
+    """The hops ``kind``'s workers may run (``transform``, ``transform@high``, ``transform@low``)."""
+    return tuple(hop for hop in all_hops() if hop.kind is kind)
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -53,8 +95,8 @@ def jobs_index_key() -> str:
     return f"{PREFIX}:jobs"
 
 
-def room_key(job_id: str, producer_stage: Stage, attempt: int) -> str:
-    """Hash: the room one attempt of a stage's output waits in for the next stage."""
+def room_key(job_id: str, producer_stage: Hop, attempt: int) -> str:
+    """Hash: the room one attempt of a hop's output waits in for the next hop."""
     return f"{PREFIX}:room:{check_id(job_id, 'job id')}:{producer_stage.value}:a{int(attempt)}"
 
 
@@ -79,30 +121,36 @@ PRIORITIES = ("high", "default", "low")
 DEFAULT_MODEL = "default"
 
 
-def queue_name(stage: Stage, priority: str = "default", model: str = DEFAULT_MODEL) -> str:
-    """rq queue of a stage, for one model, at one priority (rq adds its own ``rq:queue:`` key prefix).
+def queue_name(stage: Hop, priority: str = "default", model: str = DEFAULT_MODEL) -> str:
+    """rq queue of a hop, for one model, at one priority (rq adds its own ``rq:queue:`` key prefix).
 
     Routing by model is routing by queue: a worker listens only on the queues of
     the models it loaded, so a job never reaches a worker that cannot run it.
     """
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
-    name = f"{PREFIX}-{stage.value}"
+    name = f"{PREFIX}-{stage.slug}"
     if model != DEFAULT_MODEL:
         name += f"@{check_id(model, 'model name')}"
     return name if priority == "default" else f"{name}-{priority}"
 
 
-def stage_of_queue(name: str) -> Stage | None:
-    """The stage whose queue ``name`` is (any model, any priority), or None for a queue that is not the farm's."""
-    for stage in Stage:
-        base = f"{PREFIX}-{stage.value}"
+def hop_of_queue(name: str) -> Hop | None:
+    """The hop whose queue ``name`` is (any model, any priority), or None for a queue that is not the farm's."""
+    for hop in sorted(all_hops(), key=len, reverse=True):  # transform_high before its prefix transform
+        base = f"{PREFIX}-{hop.slug}"
         if name == base or name.startswith((f"{base}@", f"{base}-")):
-            return stage
+            return hop
     return None
 
 
-def demand_key(stage: Stage) -> str:
+def stage_of_queue(name: str) -> Stage | None:
+    """The stage kind whose workers serve queue ``name``, or None for a queue that is not the farm's."""
+    hop = hop_of_queue(name)
+    return None if hop is None else hop.kind
+
+
+def demand_key(stage: Hop) -> str:
     """List whose *length* is the stage's demand (queued + parked retries + in flight + held outputs).
 
     A list, not a counter: KEDA's redis scaler measures a key with LLEN (see ``scheduler.core.demand``).
@@ -110,14 +158,14 @@ def demand_key(stage: Stage) -> str:
     return f"{PREFIX}:demand:{stage.value}"
 
 
-def stage_job_id(job_id: str, stage: Stage, attempt: int) -> str:
-    """rq job id of one attempt of one stage: unique, so a re-enqueue never collides."""
-    return f"{check_id(job_id, 'job id')}-{stage.value}-a{attempt}"
+def stage_job_id(job_id: str, stage: Hop, attempt: int) -> str:
+    """rq job id of one attempt of one hop: unique, so a re-enqueue never collides."""
+    return f"{check_id(job_id, 'job id')}-{stage.slug}-a{attempt}"
 
 
-def job_id_of_stage_job(rq_job_id: str, stage: Stage) -> str | None:
+def job_id_of_stage_job(rq_job_id: str, stage: Hop) -> str | None:
     """The farm job id inside an rq job id ``stage_job_id`` made for ``stage``; None for any other id."""
-    job_id, sep, attempt = rq_job_id.rpartition(f"-{stage.value}-a")
+    job_id, sep, attempt = rq_job_id.rpartition(f"-{stage.slug}-a")
     if not sep or not attempt.isdigit() or not job_id:
         return None
     return job_id
@@ -128,13 +176,13 @@ def inflight_key() -> str:
     return f"{PREFIX}:inflight"
 
 
-def inflight_member(job_id: str, stage: Stage, attempt: int) -> str:
+def inflight_member(job_id: str, stage: Hop, attempt: int) -> str:
     return f"{check_id(job_id, 'job id')}|{stage.value}|{int(attempt)}"
 
 
-def parse_inflight_member(member: str) -> tuple[str, Stage, int]:
+def parse_inflight_member(member: str) -> tuple[str, Hop, int]:
     job_id, stage, attempt = member.split("|")
-    return check_id(job_id, "job id"), Stage(stage), int(attempt)
+    return check_id(job_id, "job id"), Hop(stage), int(attempt)
 
 
 def reaper_lock_key() -> str:

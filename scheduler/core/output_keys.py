@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scheduler.core import keys
+from scheduler.core.keys import Hop, Stage
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,11 @@ def checkpoint_prefix(farm_prefix: str, job_id: str) -> str:
     return "/".join([p for p in (farm_prefix.strip("/"),) if p] + [keys.check_id(job_id, "job id")]) + "/"
 
 
-def latents_checkpoint_key(farm_prefix: str, job_id: str, attempt: int) -> str:
-    """The finished latents of transform attempt ``attempt`` (what decode reads when it cannot pull)."""
-    return f"{checkpoint_prefix(farm_prefix, job_id)}transform-a{int(attempt)}.latents"
+def latents_checkpoint_key(farm_prefix: str, job_id: str, attempt: int, hop: Hop = Stage.TRANSFORM) -> str:
+    """The finished latents of transform hop ``hop``'s attempt ``attempt`` (what decode reads when it cannot pull)."""
+    return f"{checkpoint_prefix(farm_prefix, job_id)}{hop.slug}-a{int(attempt)}.latents"
 
 
-def denoise_state_key(farm_prefix: str, job_id: str, attempt: int) -> str:
-    """The latest mid-denoise save of transform attempt ``attempt`` (overwritten at each save)."""
-    return f"{checkpoint_prefix(farm_prefix, job_id)}transform-a{int(attempt)}.state"
+def denoise_state_key(farm_prefix: str, job_id: str, attempt: int, hop: Hop = Stage.TRANSFORM) -> str:
+    """The latest mid-denoise save of transform hop ``hop``'s attempt ``attempt`` (overwritten at each save)."""
+    return f"{checkpoint_prefix(farm_prefix, job_id)}{hop.slug}-a{int(attempt)}.state"

@@ -32,7 +32,7 @@ from rq.worker import WorkerStatus
 
 from scheduler.core import demand, keys
 from scheduler.core.job_record import Routing
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.stage_calls import SIGNATURE_META_KEY, STAGE_ENTRYPOINT, CallFields, StageCall, sign_call
 
 RESULT_TTL_SECONDS = 24 * 3600
@@ -57,15 +57,24 @@ def transaction(conn: redis.Redis) -> Any:
     return pipe
 
 
-def stage_queue(conn: redis.Redis, stage: Stage, priority: str = "default", model: str = keys.DEFAULT_MODEL) -> Queue:
+def stage_queue(conn: redis.Redis, stage: Hop, priority: str = "default", model: str = keys.DEFAULT_MODEL) -> Queue:
     return Queue(keys.queue_name(stage, priority, model), connection=conn, serializer=JSONSerializer)
 
 
 def stage_queues_by_priority(
-    conn: redis.Redis, stage: Stage, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)
+    conn: redis.Redis, stage: Hop, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)
 ) -> list[Queue]:
-    """A stage's queues for the given models, highest priority first: rq workers drain them in this order."""
+    """A hop's queues for the given models, highest priority first: rq workers drain them in this order."""
     return [stage_queue(conn, stage, priority, model) for priority in keys.PRIORITIES for model in models]
+
+
+def worker_queues(
+    conn: redis.Redis, kind: Stage, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)
+) -> list[Queue]:
+    """Every queue a ``kind`` worker serving ``models`` listens on: each hop of its kind (a transform worker
+    takes ``transform`` and both parts of a split loop), highest priority first, then in route order."""
+    hops = keys.hops_of_kind(kind)
+    return [stage_queue(conn, hop, priority, model) for priority in keys.PRIORITIES for hop in hops for model in models]
 
 
 def _stage_job_data(secret: bytes, call: StageCall) -> Any:
@@ -86,7 +95,7 @@ def _stage_job_data(secret: bytes, call: StageCall) -> Any:
 def enqueue_stage(
     conn: redis.Redis,
     job_id: str,
-    stage: Stage,
+    stage: Hop,
     attempt: int,
     upstream_attempt: int | None,
     priority: str = "default",
@@ -109,7 +118,7 @@ def enqueue_stages(
 ) -> None:
     """Enqueue many stage calls at once, each signed with ``secret``: one rq ``enqueue_many`` per queue,
     which is what makes a 10,000-line batch take seconds."""
-    by_queue: dict[tuple[Stage, str, str], list[Any]] = {}
+    by_queue: dict[tuple[Hop, str, str], list[Any]] = {}
     for call, routing in calls:
         by_queue.setdefault((call.stage, routing.priority, routing.model), []).append(_stage_job_data(secret, call))
     for (stage, priority, model), datas in by_queue.items():
@@ -252,14 +261,14 @@ def requeue_stranded(conn: redis.Redis, min_age_seconds: float, now: float | Non
     return requeued
 
 
-def stage_backlog(conn: redis.Redis) -> dict[Stage, int]:
-    """Stage jobs waiting per stage, over every farm queue rq knows (all models, all priorities), counting
+def stage_backlog(conn: redis.Redis) -> dict[Hop, int]:
+    """Stage jobs waiting per hop, over every farm queue rq knows (all models, all priorities), counting
     the ones rq dequeued but no worker started yet (its intermediate lists)."""
-    backlog = dict.fromkeys(Stage, 0)
+    backlog = dict.fromkeys(keys.all_hops(), 0)
     farm_queues = [
         (stage, queue)
         for queue in Queue.all(connection=conn, serializer=JSONSerializer)
-        if (stage := keys.stage_of_queue(queue.name)) is not None
+        if (stage := keys.hop_of_queue(queue.name)) is not None
     ]
     pipe = conn.pipeline(transaction=False)
     for _, queue in farm_queues:
@@ -272,4 +281,6 @@ def stage_backlog(conn: redis.Redis) -> dict[Stage, int]:
 
 
 def queue_depths(conn: redis.Redis, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)) -> dict[str, int]:
-    return {stage.value: sum(q.count for q in stage_queues_by_priority(conn, stage, models)) for stage in Stage}
+    """Queued stage jobs per hop: every stage kind, and a part hop (``transform@high``) where it has any."""
+    depths = {hop.value: sum(q.count for q in stage_queues_by_priority(conn, hop, models)) for hop in keys.all_hops()}
+    return {hop: n for hop, n in depths.items() if n or Hop(hop).part is None}

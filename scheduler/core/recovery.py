@@ -40,7 +40,8 @@ from scheduler.core.job_record import (
     stage_field,
     stage_state_of,
 )
-from scheduler.core.keys import Stage
+from scheduler.core.jobs import route_or_default
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.rooms import Rooms, RoomState
 from scheduler.core.stage_calls import StageCall
 
@@ -51,13 +52,13 @@ DEFAULT_MAX_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class RestartPlan:
-    stage: Stage
+    stage: Hop
     upstream_attempt: int | None
 
 
-def input_room_available(conn: redis.Redis, job_id: str, stage: Stage, fields: dict[str, str]) -> int | None:
+def input_room_available(conn: redis.Redis, job_id: str, stage: Hop, fields: dict[str, str]) -> int | None:
     """The attempt of ``stage``'s input room if it can still be pulled, else None."""
-    upstream = stage.previous
+    upstream = route_or_default(fields).previous(stage)
     if upstream is None:
         return None
     attempt = attempt_of(fields, upstream)
@@ -74,32 +75,37 @@ def input_room_available(conn: redis.Redis, job_id: str, stage: Stage, fields: d
     return attempt if lease > time.time() else None
 
 
-def checkpointed_input(stage: Stage, fields: dict[str, str]) -> int | None:
-    """The transform attempt whose latents decode can read from a checkpoint, else None (never for other stages)."""
-    upstream = stage.previous
-    if upstream is not Stage.TRANSFORM or stage_state_of(fields, upstream) != StageState.DONE:
+def checkpointed_input(stage: Hop, fields: dict[str, str]) -> int | None:
+    """The transform attempt whose finished latents decode can read from a checkpoint, else None (never for
+    other hops: a split route's first transform hop keeps its boundary state as a resume point instead)."""
+    upstream = route_or_default(fields).previous(stage)
+    if upstream is None or upstream.kind is not Stage.TRANSFORM or stage.kind is not Stage.DECODE:
+        return None
+    if stage_state_of(fields, upstream) != StageState.DONE:
         return None
     if checkpoint_ref(fields, upstream, StageField.CHECKPOINT) is None:
         return None
     return attempt_of(fields, upstream)
 
 
-def plan_restart(conn: redis.Redis, job_id: str, failed: Stage, fields: dict[str, str]) -> RestartPlan:
-    stage = failed
-    while stage.previous is not None:
+def plan_restart(conn: redis.Redis, job_id: str, failed: Hop, fields: dict[str, str]) -> RestartPlan:
+    """Walk the job's route back from ``failed`` to the nearest hop whose input can still be had."""
+    route = route_or_default(fields)
+    stage: Hop = failed
+    while (upstream := route.previous(stage)) is not None:
         attempt = input_room_available(conn, job_id, stage, fields)
         if attempt is None:
             attempt = checkpointed_input(stage, fields)
         if attempt is not None:
             return RestartPlan(stage, attempt)
-        stage = stage.previous
+        stage = upstream
     return RestartPlan(stage, None)
 
 
 def restart_job(
     conn: redis.Redis,
     job_id: str,
-    failed: Stage,
+    failed: Hop,
     failed_attempt: int,
     reason: str,
     *,
@@ -197,7 +203,7 @@ def enqueue_later(
 def _parked_call(raw: bytes | None) -> tuple[StageCall, Routing] | None:
     try:
         entry = json.loads(raw or b"")
-        call = StageCall(entry["job_id"], Stage(entry["stage"]), int(entry["attempt"]), entry["upstream_attempt"])
+        call = StageCall(entry["job_id"], Hop(entry["stage"]), int(entry["attempt"]), entry["upstream_attempt"])
         return call, Routing(entry["priority"], entry["model"])
     except (ValueError, KeyError, TypeError):
         return None

@@ -25,7 +25,7 @@ import redis
 
 from scheduler.core import keys
 from scheduler.core.descriptors import Descriptor
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop
 
 ROOM_RETENTION_SECONDS = 24 * 3600
 
@@ -114,7 +114,7 @@ class Rooms:
 
     def publish(self, desc: Descriptor, signature: str, pipeline: Any | None = None) -> str:
         """Write the room for ``desc``; joins the caller's pipeline so the next stage's enqueue is atomic with it."""
-        key = keys.room_key(desc.job_id, Stage(desc.producer_stage), desc.attempt)
+        key = keys.room_key(desc.job_id, Hop(desc.producer_stage), desc.attempt)
         pipe = pipeline if pipeline is not None else self.conn.pipeline()
         pipe.delete(key)
         pipe.hset(
@@ -160,7 +160,8 @@ class Rooms:
         """
         state, endpoint = self._begin_transfer(
             keys=[key, keys.worker_key(desc.producer_id)],
-            args=[claimer, desc.producer_stage, desc.endpoint, repr(time.time())],
+            # Workers register their stage kind; the descriptor names the hop (``transform@high``).
+            args=[claimer, Hop(desc.producer_stage).kind.value, desc.endpoint, repr(time.time())],
         )
         return RoomState(int(state)), (endpoint.decode() or None)
 
@@ -183,13 +184,13 @@ class Rooms:
         )
         return RoomState(int(got))
 
-    def release_input(self, job_id: str, stage: Stage, upstream_attempt: int) -> None:
-        """Give up ``stage``'s unclaimed input room: fail it and tell its producer to free the slot now.
+    def release_input(self, job_id: str, upstream: Hop | None, upstream_attempt: int) -> None:
+        """Give up a stage's unclaimed input room, the output of hop ``upstream`` (the hop before it on the
+        job's route; None for the first hop): fail it and tell its producer to free the slot now.
 
         For a stage that will never run (cancelled while queued, or dequeued with a
         cancel requested); without it the producer holds the slot until its lease runs out.
         """
-        upstream = stage.previous
         if upstream is None:
             return
         room_key = keys.room_key(job_id, upstream, upstream_attempt)

@@ -145,6 +145,11 @@ class TransformSettings(BaseModel):
     # the CPU, over gloo) and keeps them across jobs. N must divide the DiT's attention heads. Not with
     # batch_size, compile or jobs asking for a step cache (refused at start, or for the job, in one line).
     context_parallel: int = Field(default=1, ge=1, le=64)
+    # Split each job's denoising loop at this step into two transform hops (route
+    # encode -> transform@high [0, K) -> transform@low [K, n) -> decode): the first hands its latents and
+    # the scheduler's multistep state to the second, which may run on another worker. Frames equal the
+    # unsplit job's exactly. A job with K >= its steps runs unsplit. None (the default): no split.
+    split_at_step: int | None = Field(default=None, ge=1, le=1000)
 
 
 class CheckpointSettings(BaseModel):

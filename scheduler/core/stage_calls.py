@@ -8,8 +8,8 @@ worker's memory; the queue must not be a wider door. So a worker checks every
 dequeued rq job, in this order, before rq may import anything:
 
 1. shape: the function is exactly ``STAGE_ENTRYPOINT``; no positional arguments,
-   no instance; keyword arguments exactly ``job_id`` (an id), ``stage`` (this
-   worker's stage), ``attempt`` (int >= 1), ``upstream_attempt`` (int >= 1 or
+   no instance; keyword arguments exactly ``job_id`` (an id), ``stage`` (a hop
+   of this worker's stage: ``transform`` or ``transform@low`` for a transform worker), ``attempt`` (int >= 1), ``upstream_attempt`` (int >= 1 or
    None, present exactly when the stage has an upstream); no callbacks,
    webhooks or dependencies;
 2. signature: an HMAC-SHA256 under the farm secret over the function, the
@@ -41,7 +41,7 @@ from typing import Any
 import redis
 
 from scheduler.core import keys
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 
 # The function each stage worker runs, referenced by name so the control plane never imports it.
 STAGE_ENTRYPOINT = "workers.stage_job.run_stage"
@@ -76,7 +76,7 @@ class StageCall:
     """One attempt of one stage of a job: the only thing a stage worker is ever asked to run."""
 
     job_id: str
-    stage: Stage
+    stage: Hop  # the hop of the job's route this call runs (a stage kind, or e.g. transform@low)
     attempt: int
     upstream_attempt: int | None
 
@@ -129,15 +129,21 @@ def _check_arguments(fields: CallFields, stage: Stage) -> StageCall:
     job_id, stage_name, attempt, upstream = (kwargs[k] for k in ("job_id", "stage", "attempt", "upstream_attempt"))
     if not isinstance(job_id, str) or not keys.ID_PATTERN.match(job_id):
         raise CallRefused(RefusalReason.ARGUMENTS, f"job_id {_clip(job_id)} is not a job id")
-    if stage_name != stage.value:
-        raise CallRefused(RefusalReason.ARGUMENTS, f"stage {_clip(stage_name)} is not this worker's stage {stage}")
+    try:
+        hop = Hop(stage_name) if isinstance(stage_name, str) else None
+    except ValueError:
+        hop = None
+    if hop is None or hop.kind is not stage:
+        raise CallRefused(RefusalReason.ARGUMENTS, f"stage {_clip(stage_name)} is not a hop of this worker's stage {stage}")
     if not _is_int(attempt, 1):
         raise CallRefused(RefusalReason.ARGUMENTS, f"attempt {_clip(attempt)} is not an integer >= 1")
-    if stage.previous is None and upstream is not None:
+    # Every route starts with encode, and only there: encode has no upstream, every other hop has one.
+    first = hop.kind is Stage.ENCODE
+    if first and upstream is not None:
         raise CallRefused(RefusalReason.ARGUMENTS, f"the {stage} stage has no upstream, yet upstream_attempt is set")
-    if stage.previous is not None and not _is_int(upstream, 1):
+    if not first and not _is_int(upstream, 1):
         raise CallRefused(RefusalReason.ARGUMENTS, f"upstream_attempt {_clip(upstream)} is not an integer >= 1")
-    return StageCall(job_id, stage, attempt, upstream)
+    return StageCall(job_id, hop, attempt, upstream)
 
 
 def vet_call(fields: CallFields, stage: Stage, accepted_secrets: Sequence[bytes]) -> StageCall:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from scheduler.core.job_record import JobState, StageField, StageState, stage_field
+from scheduler.core.job_record import JobState, StageState, kind_progress, kind_state
 from scheduler.core.keys import Stage
 
 STATUS = {
@@ -32,11 +32,12 @@ def progress_of(fields: Mapping[str, str | None]) -> int:
         return 100
     done = 0.0
     for stage, (low, high) in _STAGE_SPAN.items():
-        stage_state = fields.get(stage_field(stage, StageField.STATE))
+        # Per stage kind: a split loop's two transform hops fill the transform span together.
+        stage_state = kind_state(fields, stage)
         if stage_state == StageState.DONE:
             done = high
         elif stage_state == StageState.RUNNING and stage is Stage.TRANSFORM:
-            steps_done, _, total = (fields.get(stage_field(stage, StageField.PROGRESS)) or "0/1").partition("/")
+            steps_done, _, total = (kind_progress(fields, stage) or "0/1").partition("/")
             try:
                 done = low + (high - low) * min(1.0, int(steps_done) / max(1, int(total)))
             except ValueError:

@@ -44,7 +44,9 @@ def submit(
         if pipe.exists(keys.job_key(job_id)):
             return job_id
         pipe.multi()
-        jobs.create_jobs(pipe, conn, [(job_id, spec)], secret=settings.require_secret())
+        jobs.create_jobs(
+            pipe, conn, [(job_id, spec)], secret=settings.require_secret(), split_at_step=settings.transform.split_at_step
+        )
         try:
             pipe.execute()
         except redis.WatchError:

@@ -32,6 +32,7 @@ import redis
 from scheduler.core import jobs, keys
 from scheduler.core.errors import UserError
 from scheduler.core.job_record import StageField, count_states, stage_fields
+from scheduler.core.route import ROUTE_FIELD
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
 from scheduler.ops.batch_file import (  # noqa: E402 - the batch API is one module to its callers
@@ -124,7 +125,7 @@ class BatchSummary:
 # --------------------------------------------------------------------------- submission
 
 
-_STATE_FIELDS = ("state", "spec", *stage_fields(StageField.ATTEMPT))
+_STATE_FIELDS = ("state", "spec", ROUTE_FIELD, *stage_fields(StageField.ATTEMPT))
 # One command for a whole chunk: the state of each job key, or false where there is no job.
 _STATES = "local out = {} for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, 'state') end return out"
 
@@ -146,7 +147,16 @@ def submit_batch(
     images = _ImageStager(settings)
     secret = settings.require_secret()
     for offset in range(0, len(parsed.entries), chunk_size):
-        _submit_chunk(conn, name, parsed.entries[offset : offset + chunk_size], resume, outcome, images, secret)
+        _submit_chunk(
+            conn,
+            name,
+            parsed.entries[offset : offset + chunk_size],
+            resume,
+            outcome,
+            images,
+            secret,
+            settings.transform.split_at_step,
+        )
     conn.hset(
         keys.batch_key(name),
         mapping={
@@ -189,6 +199,7 @@ def _submit_chunk(
     outcome: SubmitOutcome,
     images: _ImageStager,
     secret: bytes,
+    split_at_step: int | None = None,
 ) -> None:
     job_keys = [keys.job_key(e.job_id) for e in chunk]
     with conn.pipeline(transaction=True) as pipe:
@@ -220,7 +231,7 @@ def _submit_chunk(
                         retried.append(entry.job_id)
                     else:
                         existing.append(entry.job_id)
-                jobs.create_jobs(pipe, conn, new_jobs, secret=secret)
+                jobs.create_jobs(pipe, conn, new_jobs, secret=secret, split_at_step=split_at_step)
                 batch_jobs = keys.batch_jobs_key(name)
                 members = {e.job_id: e.line_no for e in chunk if e.job_id not in images.refused}
                 if members:

@@ -38,6 +38,8 @@ from scheduler.core.job_record import (
     StageState,
     attempt_of,
     checkpoint_ref,
+    kind_fields,
+    kind_progress,
     lua_finished,
     read_records,
     routing_of,
@@ -45,9 +47,10 @@ from scheduler.core.job_record import (
     stage_fields,
 )
 from scheduler.core.jobs import JobAdminError, JobNotFound, JobState
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.output_keys import checkpoint_prefix
 from scheduler.core.rooms import Rooms
+from scheduler.core.route import ROUTE_FIELD
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import CodecOptions, JobSpec
 from scheduler.core.stage_calls import StageCall
@@ -103,10 +106,14 @@ def is_cancel_requested(conn: Any, job_id: str) -> bool:
 
 def cancel_job(conn: redis.Redis, job_id: str) -> CancelOutcome:
     """Cancel a queued job outright, or request that a running one stop; "finished" if there was nothing to stop."""
-    fields = _hmget(conn, job_id, ("state", "stage", "spec", *stage_fields(StageField.ATTEMPT)))
+    fields = _hmget(conn, job_id, ("state", "stage", "spec", ROUTE_FIELD, *stage_fields(StageField.ATTEMPT)))
     if fields["state"] is None:
         raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
-    stage = Stage(fields["stage"] or Stage.ENCODE.value)
+    route = jobs.route_or_default(fields)
+    try:
+        stage = Hop(fields["stage"] or route.first)
+    except ValueError:
+        stage = route.first
     attempt = attempt_of(fields, stage) or 1
     routing = routing_of(fields["spec"])
     queue = queues.stage_queue(conn, stage, routing.priority, routing.model)
@@ -124,9 +131,9 @@ def cancel_job(conn: redis.Redis, job_id: str) -> CancelOutcome:
     rq_job = queue.fetch_job(rq_id)
     if rq_job is not None and not rq_job.is_canceled:
         rq_job.cancel()
-    upstream = stage.previous
+    upstream = route.previous(stage) if stage in route else None
     if upstream is not None:
-        Rooms(conn).release_input(job_id, stage, attempt_of(fields, upstream) or 1)
+        Rooms(conn).release_input(job_id, upstream, attempt_of(fields, upstream) or 1)
     return "cancelled"
 
 
@@ -173,8 +180,10 @@ def _decode_from_call(job_id: str, fields: dict[str, str], codec: dict[str, Any]
     state = fields.get("state")
     if state not in (JobState.SUCCEEDED.value, JobState.FAILED.value):
         raise JobAdminError(f"job {job_id} is {state}: decode-from re-renders finished jobs only (wait for it first)")
-    ref = checkpoint_ref(fields, Stage.TRANSFORM, StageField.CHECKPOINT)
-    if ref is None or fields.get(stage_field(Stage.TRANSFORM, StageField.STATE)) != StageState.DONE:
+    route = jobs.route_or_default(fields)
+    last_transform = route.previous(route.last) or Stage.TRANSFORM
+    ref = checkpoint_ref(fields, last_transform, StageField.CHECKPOINT)
+    if ref is None or fields.get(stage_field(last_transform, StageField.STATE)) != StageState.DONE:
         raise JobAdminError(
             f"job {job_id} has no latents checkpoint (they are kept after completion only with "
             f"checkpoints.retention_days > 0); re-render it with `reelfarm retry {job_id}` instead"
@@ -189,8 +198,8 @@ def _decode_from_call(job_id: str, fields: dict[str, str], codec: dict[str, Any]
         raise JobAdminError(
             f"decode-from {job_id}: {where}: {first['msg']} (see `reelfarm decode-from --help`)"
         ) from None
-    attempt = attempt_of(fields, Stage.DECODE) + 1
-    return StageCall(job_id, Stage.DECODE, attempt, ref.attempt), spec.to_json()
+    attempt = attempt_of(fields, route.last) + 1
+    return StageCall(job_id, route.last, attempt, ref.attempt), spec.to_json()
 
 
 def drop_checkpoints(conn: redis.Redis, settings: FarmSettings, job_id: str) -> int:
@@ -203,8 +212,11 @@ def drop_checkpoints(conn: redis.Redis, settings: FarmSettings, job_id: str) -> 
     from scheduler.core.object_store import delete_objects_under
 
     fields = jobs.job_fields(conn, job_id)
+    transform_hops = jobs.route_or_default(fields).of_kind(Stage.TRANSFORM)
     if all(
-        checkpoint_ref(fields, Stage.TRANSFORM, name) is None for name in (StageField.CHECKPOINT, StageField.RESUME)
+        checkpoint_ref(fields, hop, name) is None
+        for hop in transform_hops
+        for name in (StageField.CHECKPOINT, StageField.RESUME)
     ):
         return 0
     prefix = checkpoint_prefix(settings.checkpoints.key_prefix, job_id)
@@ -227,8 +239,8 @@ class JobRow:
     cancel_requested: bool
 
 
-_TRANSFORM_PROGRESS = stage_field(Stage.TRANSFORM, StageField.PROGRESS)
-_ROW_FIELDS = ("state", "stage", "created_at", "updated_at", "spec", "error", _TRANSFORM_PROGRESS, "cancel_requested")
+_TRANSFORM_PROGRESS = kind_fields(StageField.PROGRESS, Stage.TRANSFORM)
+_ROW_FIELDS = ("state", "stage", "created_at", "updated_at", "spec", "error", *_TRANSFORM_PROGRESS, "cancel_requested")
 
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -269,7 +281,7 @@ def _row(job_id: str, fields: dict[str, str | None]) -> JobRow:
         created_at=float(fields["created_at"] or 0),
         updated_at=float(fields["updated_at"] or 0),
         prompt=prompt,
-        progress=fields[_TRANSFORM_PROGRESS] or "",
+        progress=kind_progress(fields, Stage.TRANSFORM) or "",
         error=fields["error"] or "",
         cancel_requested=fields["cancel_requested"] == "1",
     )
@@ -341,17 +353,20 @@ class QueueRow:
 
 
 def queue_rows(conn: redis.Redis, models: Iterable[str] = (keys.DEFAULT_MODEL,)) -> list[QueueRow]:
-    """Waiting stage jobs per stage, model and priority (one LLEN each, pipelined)."""
-    combos = [(stage, model, priority) for stage in Stage for model in models for priority in keys.PRIORITIES]
+    """Waiting stage jobs per hop, model and priority (one LLEN each, pipelined); a part hop
+    (``transform@high``) is shown where it has any."""
+    hops = keys.all_hops()
+    combos = [(stage, model, priority) for stage in hops for model in models for priority in keys.PRIORITIES]
     pipe = conn.pipeline(transaction=False)
     for stage, model, priority in combos:
         pipe.llen(queues.stage_queue(conn, stage, priority, model).key)
     counts = dict(zip(combos, pipe.execute(), strict=True))
-    return [
+    rows = [
         QueueRow(stage.value, model, {p: int(counts[(stage, model, p)]) for p in keys.PRIORITIES})
-        for stage in Stage
+        for stage in hops
         for model in models
     ]
+    return [row for row in rows if row.total or Hop(row.stage).part is None]
 
 
 def worker_rows(conn: redis.Redis, now: float | None = None) -> list[WorkerRow]:

@@ -18,7 +18,7 @@ import redis
 
 from scheduler.core import keys
 from scheduler.core.job_record import JobState, StageField, attempt_of, stage_field
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage, all_hops
 from scheduler.core.settings import FarmSettings
 from scheduler.ops.timeline import JobTimeline, load_timelines
 
@@ -57,13 +57,19 @@ def manifest_row(job: JobTimeline) -> dict[str, Any]:
     result = json.loads(fields["result"]) if "result" in fields else {}
     seconds = {
         stage.value: float(fields[name])
-        for stage in Stage
+        for stage in all_hops()
         if (name := stage_field(stage, StageField.SECONDS)) in fields
     }
+    # The CSV has a column per stage kind: a split loop's transform hops add up in ``transform_seconds``.
+    by_kind: dict[str, float] = {}
+    for hop, value in seconds.items():
+        by_kind[Hop(hop).kind.value] = by_kind.get(Hop(hop).kind.value, 0.0) + value
     first_start = min((s.start for s in job.spans), default=None)
     finished = job.finished_at if job.state == JobState.SUCCEEDED else None
     attempts = {
-        stage.value: attempt_of(fields, stage) for stage in Stage if stage_field(stage, StageField.ATTEMPT) in fields
+        stage.value: attempt_of(fields, stage)
+        for stage in all_hops()
+        if stage_field(stage, StageField.ATTEMPT) in fields
     }
     row: dict[str, Any] = {
         "job_id": job.job_id,
@@ -80,7 +86,7 @@ def manifest_row(job: JobTimeline) -> dict[str, Any]:
         "metadata": result.get("metadata", ""),
         "video_bytes": result.get("bytes"),
         "queued_seconds": round(first_start - job.queued_at, 3) if first_start is not None else None,
-        **{f"{stage.value}_seconds": seconds.get(stage.value) for stage in Stage},
+        **{f"{stage.value}_seconds": by_kind.get(stage.value) for stage in Stage},
         "total_seconds": round(finished - job.created_at, 3) if finished is not None else None,
         "attempts": max(attempts.values(), default=0),
         "retries": int(fields.get("retries", "0") or 0),

@@ -105,8 +105,9 @@ class FarmCollector(Collector):
         )
         members: list[bytes] = self.conn.zrange(keys.inflight_key(), 0, -1)  # type: ignore[assignment]
         by_stage = Tally(keys.parse_inflight_member(m.decode())[1].value for m in members)
-        for stage in Stage:
-            inflight.add_metric([stage.value], by_stage.get(stage.value, 0))
+        for hop in keys.all_hops():  # labelled by hop: a split loop's parts apart
+            if hop.part is None or hop.value in by_stage:
+                inflight.add_metric([hop.value], by_stage.get(hop.value, 0))
         yield inflight
 
         delayed = GaugeMetricFamily("reelfarm_delayed_retries", "Stage retries waiting out their backoff")

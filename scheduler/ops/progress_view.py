@@ -27,15 +27,15 @@ from scheduler.core.job_record import (
     JobState,
     StageField,
     StageState,
+    kind_fields,
+    kind_progress,
+    kind_state,
     read_records,
-    stage_field,
     stage_fields,
-    stage_state_of,
 )
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 
-_TRANSFORM_PROGRESS = stage_field(Stage.TRANSFORM, StageField.PROGRESS)
-_FIELDS = ("state", *stage_fields(StageField.STATE), _TRANSFORM_PROGRESS)
+_FIELDS = ("state", *stage_fields(StageField.STATE), *kind_fields(StageField.PROGRESS, Stage.TRANSFORM))
 # Throughput is measured over this window so the ETA follows the farm's current pace.
 _RATE_WINDOW_SECONDS = 120.0
 
@@ -100,15 +100,15 @@ class JobPoller:
             state = fields.get("state") or VANISHED
             snap.states[state] = snap.states.get(state, 0) + 1
             for stage in Stage:
-                stage_state = stage_state_of(fields, stage)
+                stage_state = kind_state(fields, stage)
                 if stage_state == StageState.DONE or state == JobState.SUCCEEDED:
                     snap.stage_done[stage.value] += 1
                 elif stage_state == StageState.RUNNING:
                     snap.stage_running[stage.value] += 1
                     if stage is Stage.TRANSFORM:
-                        snap.stage_done[stage.value] += _parse_progress(fields.get(_TRANSFORM_PROGRESS))
+                        snap.stage_done[stage.value] += _parse_progress(kind_progress(fields, stage))
         if len(self.job_ids) == 1 and snap.stage_running[Stage.TRANSFORM.value]:
-            snap.step = self.last_fields.get(self.job_ids[0], {}).get(_TRANSFORM_PROGRESS) or ""
+            snap.step = kind_progress(self.last_fields.get(self.job_ids[0], {}), Stage.TRANSFORM) or ""
         return snap
 
 
@@ -292,8 +292,8 @@ def job_line(record: dict[str, Any]) -> str:
         if state is None:
             continue
         text = f"{name} {state}"
-        if name == Stage.TRANSFORM.value and "progress" in stage and state == "running":
-            text = f"transform step {stage['progress']}"
+        if Hop(name).kind is Stage.TRANSFORM and "progress" in stage and state == "running":
+            text = f"{name} step {stage['progress']}"
         parts.append(text)
     flag = " (cancel requested)" if record.get("cancel_requested") else ""
     return f"[{record['state']}{flag}] " + " | ".join(parts)

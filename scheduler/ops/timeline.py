@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from scheduler.core import keys
 from scheduler.core.errors import UserError
 from scheduler.core.job_record import (
     FINISHED_STATES,
@@ -26,11 +27,16 @@ from scheduler.core.job_record import (
     read_records,
     stage_field,
 )
-from scheduler.core.keys import Stage
 from scheduler.core.settings import MAX_WORKERS_PER_STAGE
 from scheduler.ops import batch
 
-STAGE_COLOURS = {"encode": "#4C72B0", "transform": "#DD8452", "decode": "#55A868"}
+STAGE_COLOURS = {
+    "encode": "#4C72B0",
+    "transform": "#DD8452",
+    "transform@high": "#C44E52",
+    "transform@low": "#DD8452",
+    "decode": "#55A868",
+}
 
 # A job that stopped before it finished: its last stage span ends at its last update.
 _STOPPED = frozenset({JobState.FAILED, JobState.CANCELLED})
@@ -84,7 +90,7 @@ class JobTimeline:
 def _spans(fields: dict[str, str]) -> list[StageSpan]:
     stopped = fields.get("state") in _STOPPED
     spans = []
-    for stage in Stage:
+    for stage in keys.all_hops():  # one span per hop the job ran (a split loop's transform hops apart)
         start = fields.get(stage_field(stage, StageField.STARTED_AT))
         if start is None:
             continue
@@ -169,7 +175,8 @@ def utilisation(timelines: list[JobTimeline]) -> dict[str, StageUtilisation]:
     t0, t1 = processing_window(timelines)
     wall = max(0.0, t1 - t0)
     out = {}
-    for stage in Stage:
+    ran = {s.stage for j in timelines for s in j.spans}
+    for stage in (hop for hop in keys.all_hops() if hop.part is None or hop in ran):
         spans = [s for j in timelines for s in j.spans if s.stage == stage.value and s.end is not None]
         out[stage.value] = StageUtilisation(
             stage=stage.value,
@@ -250,7 +257,7 @@ def _worker_lanes(timelines: list[JobTimeline]) -> list[tuple[str, str, list[Sta
         for span in job.spans:
             if span.end is not None:
                 lanes.setdefault((span.stage, span.worker or "?"), []).append(span)
-    order = {stage.value: i for i, stage in enumerate(Stage)}
+    order = {hop: i for i, hop in enumerate(keys.ALL_HOPS)}
     return [
         (stage, worker, spans)
         for (stage, worker), spans in sorted(lanes.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
@@ -313,7 +320,8 @@ def render_timeline(timelines: list[JobTimeline], report: BatchReport, name: str
     ax.set_ylim(rows - 0.5, -0.5)
     ax.set_ylabel("job (batch file line)")
     ax.grid(axis="x", color="#EEEEEE", zorder=0)
-    legend: list[Any] = [Patch(color=c, label=s) for s, c in STAGE_COLOURS.items()]
+    ran = {span.stage for j in timelines for span in j.spans}
+    legend: list[Any] = [Patch(color=c, label=s) for s, c in STAGE_COLOURS.items() if "@" not in s or s in ran]
     legend.append(Patch(color="#BBBBBB", label="waiting in queue"))
     if any(j.state in _STOPPED for j in timelines):
         legend.append(

@@ -186,6 +186,7 @@ class DenoiseStage:
         should_stop: ShouldStop | None = None,
         resume: DenoiseState | None = None,
         at_boundary: AtBoundary | None = None,
+        stop_after: int | None = None,
     ) -> torch.Tensor:
         """Final latents [1, 16, 1 + (num_frames - 1) / 4, height / 8, width / 8], float32.
 
@@ -195,6 +196,8 @@ class DenoiseStage:
         ``should_stop()`` is asked before every step and raises
         `StageCancelled` when it says True. ``resume`` continues a loop saved
         after its step ``resume.step``; ``at_boundary`` runs after ``on_step``.
+        ``stop_after`` ends the loop after that step (a split route's first part): the latents returned
+        are mid-denoise, and the state to continue from is what ``at_boundary`` captures at that step.
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1 (got {num_inference_steps})")
@@ -221,6 +224,8 @@ class DenoiseStage:
         joined = batcher.member(f"seed {seed}") if batcher is not None else contextlib.nullcontext(None)
         with joined as member:
             for step_index, t in enumerate(timesteps):
+                if stop_after is not None and step_index >= stop_after:
+                    break
                 if step_index < done:
                     continue
                 if should_stop is not None and should_stop():
