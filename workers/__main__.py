@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from scheduler.core.queues import JSONSerializer, worker_queues
     from scheduler.core.settings import load_settings
     from workers.runtime import start_runtime
+    from workers.stage_compute import load_all
     from workers.stage_worker import StageWorker, WarmExit
 
     try:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--decode-grid {grid} has {grid.size} ranks, not --decode-ranks {args.decode_ranks}")
             worker = settings.worker.model_copy(update={"decode_grid": str(grid)})
             settings = settings.model_copy(update={"worker": worker})
-        runtime = start_runtime(stage, settings)
+        runtime = start_runtime(stage, settings, load_all)
     except Exception as exc:  # noqa: BLE001 - start-up errors are reported in one line, not a traceback
         print(f"reelfarm worker {stage.value}: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ Write (transform worker): 1. capture the tensors on the host (the loop and the h
 ``denoise_state_key`` 5. name it -- key, size, checksum, step -- in the job record, fenced on the
 writing attempt still being current (``jobs.record_checkpoint``); a write that lost that race deletes
 its object, so a job that completed or was cancelled meanwhile keeps none. Steps 2-5 run on the
-worker's one background I/O thread (``StageRuntime.background``): a hand-off never waits for S3; a
+worker's one background I/O thread (``ComputeContext.background``): a hand-off never waits for S3; a
 preemption waits for its own save.
 
 Read (decode that cannot pull; a transform attempt that resumes): 1. the record (Redis, the trust
@@ -46,7 +46,7 @@ from workers.stages.transform import VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL
 from workers.transfer.packing import ChecksumMismatch, bytes_checksum, verify_bytes
 
 if TYPE_CHECKING:
-    from workers.runtime import StageRuntime
+    from workers.stage_seam import ComputeContext
 
 log = logging.getLogger("reelfarm.checkpoints")
 
@@ -65,7 +65,7 @@ class CheckpointUnusable(RuntimeError):
 
 
 def save_latents(
-    rt: StageRuntime, job_id: str, attempt: int, latents: torch.Tensor, steps: int, hop: Hop = Stage.TRANSFORM
+    rt: ComputeContext, job_id: str, attempt: int, latents: torch.Tensor, steps: int, hop: Hop = Stage.TRANSFORM
 ) -> Future[bool]:
     """Checkpoint a finished transform's latents in the background; the future says whether the record names it."""
     key = latents_checkpoint_key(rt.settings.checkpoints.key_prefix, job_id, attempt, hop)
@@ -75,7 +75,7 @@ def save_latents(
 
 
 def save_state(
-    rt: StageRuntime, job_id: str, attempt: int, state: DenoiseState, hop: Hop = Stage.TRANSFORM
+    rt: ComputeContext, job_id: str, attempt: int, state: DenoiseState, hop: Hop = Stage.TRANSFORM
 ) -> Future[bool]:
     """Checkpoint a mid-denoise state (already a host copy) of transform hop ``hop`` in the background,
     replacing this attempt's last one."""
@@ -86,7 +86,7 @@ def save_state(
 
 
 def _write(
-    rt: StageRuntime,
+    rt: ComputeContext,
     job_id: str,
     attempt: int,
     hop: Hop,
@@ -156,7 +156,7 @@ def state_from_parsed(
     return DenoiseState(step, total, tensors, scheduler)
 
 
-def _delete_quietly(rt: StageRuntime, key: str) -> None:
+def _delete_quietly(rt: ComputeContext, key: str) -> None:
     try:
         delete_objects_under(rt.s3, rt.settings.s3.bucket, key)
     except ObjectStoreError as exc:
@@ -167,7 +167,7 @@ def _delete_quietly(rt: StageRuntime, key: str) -> None:
 
 
 def latents_from_checkpoint(
-    rt: StageRuntime, job_id: str, spec: JobSpec, hop: Hop = Stage.TRANSFORM
+    rt: ComputeContext, job_id: str, spec: JobSpec, hop: Hop = Stage.TRANSFORM
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The checkpointed latents of the job's current attempt of (last) transform hop ``hop`` and that attempt;
     ``CheckpointUnusable`` when there is none or it fails a check."""
@@ -184,7 +184,7 @@ def latents_from_checkpoint(
 
 
 def state_from_checkpoint(
-    rt: StageRuntime, job_id: str, spec: JobSpec, hop: Hop = Stage.TRANSFORM
+    rt: ComputeContext, job_id: str, spec: JobSpec, hop: Hop = Stage.TRANSFORM
 ) -> DenoiseState | None:
     """The job's last mid-denoise save of transform hop ``hop`` (from any earlier attempt of this run), or None;
     a bad one is logged."""
@@ -201,7 +201,7 @@ def state_from_checkpoint(
     return state
 
 
-def _read(rt: StageRuntime, ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(rt: ComputeContext, ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         data = get_bytes(rt.s3, rt.settings.s3.bucket, ref.key, max_bytes=ref.nbytes)
     except ObjectStoreError as exc:
@@ -248,7 +248,7 @@ def delete_job_checkpoints(client: Any, bucket: str, key_prefix: str, job_id: st
     return delete_objects_under(client, bucket, checkpoint_prefix(key_prefix, job_id))
 
 
-def on_job_ended(rt: StageRuntime, job_id: str, *, completed: bool) -> None:
+def on_job_ended(rt: ComputeContext, job_id: str, *, completed: bool) -> None:
     """A job completed or was cancelled on this worker: drop its checkpoints unless retention keeps them."""
     settings = rt.settings.checkpoints
     if rt.s3 is None:
@@ -265,7 +265,7 @@ def on_job_ended(rt: StageRuntime, job_id: str, *, completed: bool) -> None:
 _last_sweep = 0.0
 
 
-def sweep_expired(rt: StageRuntime, now: float | None = None) -> int:
+def sweep_expired(rt: ComputeContext, now: float | None = None) -> int:
     """Delete checkpoints older than the retention window (at least ``orphan_days``: failed jobs' leftovers),
     at most once per ``SWEEP_INTERVAL_SECONDS`` per worker; returns how many went."""
     global _last_sweep

@@ -34,7 +34,7 @@ from workers.video_encoder import FfmpegStreamEncoder, codec_from_options, encod
 
 if TYPE_CHECKING:
     # Only the type: the runtime builds the stages that call this module, so a real import would loop back.
-    from workers.runtime import StageRuntime
+    from workers.stage_seam import ComputeContext
     from workers.stages.decode import StreamingVaeDecoder
     from workers.stages.sharded_decode import ShardedVaeDecoder
 
@@ -56,7 +56,7 @@ def _upload_sink(upload: StreamingMultipartUpload) -> Callable[[bytes], None]:
 
 
 def render_and_upload(
-    rt: StageRuntime,
+    rt: ComputeContext,
     decoder: StreamingVaeDecoder | ShardedVaeDecoder,
     job_id: str,
     spec: JobSpec,

@@ -25,6 +25,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,10 +199,7 @@ class StageRuntime:
         """What a stage's computes report about themselves (a decode group's ranks, grid and health)."""
         fields: dict[str, str] = {}
         for compute in self.computes.values():
-            # Only some computes have anything to report; the StageCompute seam stays one method.
-            report = getattr(compute, "record_fields", None)
-            if report is not None:
-                fields.update(report())
+            fields.update(compute.record_fields())
         return fields
 
     def job_began(self, job_id: str) -> None:
@@ -298,9 +296,7 @@ class StageRuntime:
             pass
         self.engine.close()
         for compute in self.computes.values():
-            close = getattr(compute, "close", None)  # a decode group's follower processes
-            if close is not None:
-                close()
+            compute.close()  # a rank group's follower processes
 
 
 def transfer_engine(settings: FarmSettings, log_level: str | None = None) -> MooncakeEngine:
@@ -326,11 +322,14 @@ def connect_store(settings: FarmSettings) -> Any:
     return client
 
 
-def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
+# Loads every model a worker of a stage serves: its computes and their tasks, by model name
+# (``workers.stage_compute.load_all``; passed in, so the runtime never imports model code).
+ComputeLoader = Callable[[Stage, FarmSettings], tuple[dict[str, StageCompute], dict[str, str]]]
+
+
+def start_runtime(stage: Stage, settings: FarmSettings, load_computes: ComputeLoader) -> StageRuntime:
     """Steps 1-4 of the lifecycle; raises ``WorkerStartupError`` with a one-line reason."""
     global _CURRENT
-    from workers.stage_compute import load_all
-
     # Cheap checks first, each a one-line refusal: the farm secret, the advertised address, then Redis.
     accepted = settings.accepted_secrets()
     nat_warning = check_advertised_address(settings.transfer.hostname, settings.transfer.allow_nat_hostname)
@@ -340,7 +339,7 @@ def start_runtime(stage: Stage, settings: FarmSettings) -> StageRuntime:
     warning = eviction_warning(conn)
     if warning:
         log.warning(warning)
-    computes, tasks = load_all(stage, settings)
+    computes, tasks = load_computes(stage, settings)
     s3 = None
     # Decode uploads results; an i2v encoder reads each job's conditioning image from the bucket;
     # with checkpoints on, transform writes them and decode reads them.

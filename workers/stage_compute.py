@@ -21,7 +21,7 @@ from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings
 from workers.fault_injection import TRANSFORM_STEP_POINT, pause_if_injected
 from workers.models.loading import Component, ModelTask, check_model_dir, model_task
-from workers.stage_seam import MalformedJob, StageCompute, StageJob, StageOutputs
+from workers.stage_seam import ComputeContext, MalformedJob, StageCompute, StageJob, StageOutputs
 from workers.stages import StageCancelled, StagePreempted, split_state
 from workers.stages.denoise_state import DenoiseState
 
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
     from workers.decode_group import DecodeRankGroup
     from workers.dit_group import DitRankGroup
-    from workers.runtime import StageRuntime
     from workers.stages.decode import StreamingVaeDecoder
     from workers.stages.encode import TextEncodeStage
     from workers.stages.image_encode import ImageConditionStage
@@ -45,7 +44,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @dataclass
-class EncodeCompute:
+class EncodeCompute(StageCompute):
     """The encode stage of one model: the text encoder, plus the image encoders for an i2v model."""
 
     text: TextEncodeStage
@@ -69,7 +68,7 @@ class EncodeCompute:
 
 
 @dataclass
-class TransformCompute:
+class TransformCompute(StageCompute):
     """The transform stage of one model: the DiT's denoising loop, reporting through the job record."""
 
     denoiser: DenoiseStage
@@ -207,7 +206,7 @@ def saving_boundary(job: StageJob) -> AtBoundary:
 
 
 @dataclass
-class DecodeCompute:
+class DecodeCompute(StageCompute):
     """The decode stage of one model: the streaming VAE, feeding the encoder and the upload."""
 
     decoder: StreamingVaeDecoder
@@ -241,7 +240,7 @@ class DecodeCompute:
             self.group.close()
 
 
-def load_job_image(rt: StageRuntime, uri: str) -> PIL.Image.Image:
+def load_job_image(rt: ComputeContext, uri: str) -> PIL.Image.Image:
     """The conditioning image submission stored in the bucket (checked again: the bucket is not trusted more)."""
     from scheduler.core.image_checks import ImageInputError, load_and_check_image
     from scheduler.core.object_store import get_bytes

@@ -14,15 +14,43 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import redis
     import torch
 
-    from scheduler.core.keys import Hop
+    from scheduler.core.keys import Hop, Stage
+    from scheduler.core.settings import FarmSettings
     from scheduler.core.spec import JobSpec
-    from workers.runtime import StageRuntime
 
 
 class MalformedJob(ValueError):
     """A job record no retry can fix (e.g. written into Redis by something other than the farm)."""
+
+
+class ComputeContext(Protocol):
+    """What a stage's compute may use of the worker it runs in (``workers.runtime.StageRuntime`` is one):
+    the record (Redis), the settings, the bucket, the one background I/O thread, the preemption flag.
+    Declared here, so model code depends on this seam and never on the runtime that loads it."""
+
+    @property
+    def stage(self) -> Stage: ...
+
+    @property
+    def conn(self) -> redis.Redis: ...
+
+    @property
+    def settings(self) -> FarmSettings: ...
+
+    @property
+    def s3(self) -> Any: ...
+
+    @property
+    def background(self) -> ThreadPoolExecutor: ...
+
+    @property
+    def preempt(self) -> threading.Event: ...
 
 
 @dataclass(frozen=True)
@@ -30,7 +58,7 @@ class StageJob:
     """One job as a stage computes it: the worker it runs in, its id, its spec, the attempt running, the hop of
     its route it runs and, for a transform hop covering part of the loop, the steps ``[k0, k1)`` it covers."""
 
-    rt: StageRuntime
+    rt: ComputeContext
     job_id: str
     spec: JobSpec
     attempt: int = 1
@@ -47,8 +75,17 @@ StageOutputs = dict[str, Any]
 
 
 class StageCompute(Protocol):
-    """One model's share of one stage, loaded once per worker."""
+    """One model's share of one stage, loaded once per worker. Implementations subclass it to inherit the
+    optional methods' defaults (nothing to report, nothing to close)."""
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         """What this stage makes of ``job`` given the upstream stage's ``inputs`` (empty for the first stage)."""
         ...
+
+    def record_fields(self) -> dict[str, str]:
+        """What the worker record shows of this compute (``reelfarm info``: a rank group's size and health)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the compute started besides its model (a rank group's follower processes)."""
+        return None

@@ -115,8 +115,9 @@ def download_result(settings: FarmSettings, record: dict[str, Any], outputs: Pat
 
 def describe_status(record: dict[str, Any]) -> str:
     lines = [f"{record['job_id']}: {record['state']}"]
-    if len(record.get("route") or []) != 3:  # the common three-hop route goes without saying
-        lines.append(f"  route: {' -> '.join(record['route'])}")
+    route = record.get("route") or []
+    if route and len(route) != 3:  # the common three-hop route goes without saying
+        lines.append(f"  route: {' -> '.join(route)}")
     width = max([9, *(len(name) for name in record["stages"])])
     for name, stage in record["stages"].items():
         bits = [stage.get("state", "?")]

@@ -67,9 +67,14 @@ def create_jobs(
     for job_id, spec in new_jobs:
         key = keys.job_key(job_id)
         route = route_for(spec.steps, split_at_step, step_cached=spec.cache is not None)
-        record = {"spec": spec.to_json(), "state": JobState.QUEUED.value, "created_at": repr(now)}
-        if route != THREE_HOPS:  # a record without a route reads as the three hops: no bytes for the common case
-            record[ROUTE_FIELD] = route.to_json()
+        record = {
+            "spec": spec.to_json(),
+            "state": JobState.QUEUED.value,
+            "created_at": repr(now),
+            # Kept with the job, so workers, recovery and views follow the route it was submitted with even if
+            # the farm's settings change meanwhile (a record without one, from before routes, reads as 3 hops).
+            ROUTE_FIELD: route.to_json(),
+        }
         pipe.hset(key, mapping={**record, **_queued_fields(route.first, 1, now)})
         pipe.expire(key, JOB_RETENTION_SECONDS)
         calls.append((StageCall(job_id, route.first, 1, None), Routing(spec.priority, spec.model)))

@@ -28,7 +28,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -47,8 +47,17 @@ from workers.stages.payloads import (
 )
 from workers.stages.step_batcher import Member, StepBatcher, StepRequest
 
-if TYPE_CHECKING:
-    from workers.dit_group import DitCallSender
+
+class RankSender(Protocol):
+    """What the loop needs of a context-parallel rank group (``workers.dit_group.DitCallSender``): declared here
+    so the stage depends on the seam, not on the group module that imports this one."""
+
+    size: int
+
+    def send_call(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
 
 # Wan2.1's VAE: 8x spatial and 4x temporal compression (1 + 4k frames -> 1 + k latent frames).
 VAE_SCALE_SPATIAL = 8
@@ -139,7 +148,7 @@ class DenoiseStage:
         self.batcher = StepBatcher(self._batched_forward, one_pass=one_pass_guidance) if batch_jobs else None
         # Set when the DiT runs context-parallel over a rank group (`workers.dit_group`): every call goes
         # through it, so the followers make the same call.
-        self.rank_sender: DitCallSender | None = None
+        self.rank_sender: RankSender | None = None
 
     def speed_options(self) -> dict[str, object]:
         """The options this DiT runs with, for the job record (they change rounding, not what a job asks)."""
