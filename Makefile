@@ -13,8 +13,11 @@ $(VENV)/.reelfarm-installed: pyproject.toml scripts/setup.sh
 demo: setup
 	$(VENV)/bin/reelfarm run "$(PROMPT)"
 
+# The suite mostly waits (servers, worker processes, hand-offs), so it runs on TEST_WORKERS pytest-xdist
+# workers, more than the CI machine's 2 cores; tests/parallel_plan.py says which tests share a worker and why.
+TEST_WORKERS ?= 4
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra
+	$(VENV)/bin/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 
 # Unit tests only: no servers, no worker processes (under a minute).
 test-fast: setup

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import parallel_plan
+
 pytest_plugins = [
     "tests.conftest_models",
     "tests.service_fixtures",
@@ -22,6 +24,12 @@ pytest_plugins = [
     "tests.stage_fixtures",
     "tests.http_fixtures",
 ]
+
+# Under xdist several pytest processes share the cores, each with the worker processes it starts: one
+# intra-op thread each, as the embedded farm's workers run, or OpenMP's spinning threads starve each other.
+# Set before any test module imports torch (which reads it once); an operator's own setting is kept.
+if parallel_plan.running_as_xdist_worker():
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Kept: knobs of the test suite itself, not farm settings.
 TEST_ONLY_PREFIX = "REELFARM_TEST_"
@@ -44,7 +52,12 @@ def isolated_from_the_users_farm(
 SERVER_FIXTURES = frozenset({"valkey_server", "redis_url", "s3_server", "s3_config", "s3_client", "tls_redis"})
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# tryfirst: the groups must be marked before xdist's own hook reads them (tests/parallel_plan.py).
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)
+    parallel_plan.mark_groups(items)
+    if parallel_plan.running_under_xdist(config):
+        parallel_plan.order_for_workers(items)

@@ -3,6 +3,11 @@ connection, and worker fleets that are always stopped at the end (loaded by ``py
 
 ``farm`` is a ready ``Farm``; ``make_farm(**setting_overrides)`` makes one with other settings.
 ``Farm.fleet(extra_env)`` gives a ``WorkerFleet`` the fixture stops, so tests need no try/finally.
+
+A farm made here is the test's own (fresh settings, a flushed Valkey, an empty bucket, workers it starts):
+for tests that change settings, inject faults, kill workers or count what each worker did, and each says
+which next to where it starts its workers. Tests that only need a farm to answer share one: ``http_farm``
+(``tests/http_fixtures.py``), started once per run (``tests/parallel_plan.py`` keeps its users together).
 """
 
 from __future__ import annotations

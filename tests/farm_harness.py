@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,27 @@ from scheduler.core import jobs
 from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings, S3Settings, TransferSettings, WorkerSettings
 from scheduler.local.embedded import start_worker, wait_for_workers
+
+# A test's workers get this long, all together, to stop after SIGTERM; then they are killed. An idle worker
+# stops in 1-3 s; one still holding a hand-off nobody will pull (its consumer already stopped) would wait
+# out the lease first -- 20 s of every such test's teardown, with nothing left to check once the test is over.
+STOP_GRACE_SECONDS = 5.0
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM every worker, then SIGKILL what is left after ``grace``: the worker and its rank processes
+    (a decode or DiT group's followers share its process group: ``start_worker`` makes each a session leader)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def farm_settings(redis_url: str, s3: Any, model_dir: Path, home: Path, **overrides: Any) -> FarmSettings:
@@ -51,15 +73,7 @@ def running_workers(
         wait_for_workers(settings, stages, procs, log_dir)
         yield procs
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_workers(procs)
 
 
 def wait_finished(conn: redis.Redis, job_id: str, timeout: float = 180.0) -> dict[str, Any]:
@@ -124,15 +138,7 @@ class WorkerFleet:
         self.procs = [(s, p) for s, p in self.procs if p is not victim]
 
     def stop_all(self) -> None:
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_workers([proc for _, proc in self.procs])
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> float:

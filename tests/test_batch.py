@@ -216,6 +216,7 @@ def test_fifty_line_batch_on_a_real_farm(
     assert reelfarm("cancel", cancelled).exit_code == 0
     assert queues.stage_queue(conn, Stage.ENCODE).count == 44
 
+    # Own farm: workers start only after the batch is queued (and one job cancelled) with none running.
     with running_workers(settings):
         # 3. The same file again, waiting: nothing new is created; 44 render, the cancelled one stays so.
         again = reelfarm("batch", str(source), "--wait", "--manifest-dir", str(out_dir), "--no-upload")

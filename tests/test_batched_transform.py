@@ -46,7 +46,9 @@ SLOTS = TransferSettings(slots=3, slot_mb=4)
 
 
 def queue_for_transform(farm: Farm, specs: list[dict[str, Any]]) -> list[str]:
-    """Submit ``specs`` with only encode and decode running; return once all wait in the transform queue."""
+    """Submit ``specs`` with only encode and decode running; return once all wait in the transform queue.
+
+    Each test has its own farm: batching settings, and no transform worker until the jobs are queued."""
     fleet = farm.fleet()
     fleet.start(Stage.ENCODE, Stage.DECODE)
     job_ids = [submit(farm.conn, farm.settings, spec) for spec in specs]

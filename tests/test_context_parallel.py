@@ -111,6 +111,7 @@ def test_a_context_parallel_transform_worker_renders_the_wanpipeline_frames(
     from tests.reference_pipeline import reference_frames
     from tests.video_probe import decode_video_frames
 
+    # Own farm: its transform worker runs a two-rank context-parallel group.
     farm = make_farm(transform=TransformSettings(context_parallel=2))
     farm.fleet().start(*Stage)
     spec = {

@@ -57,6 +57,7 @@ def test_workers_get_disjoint_cpus_and_spare_ones_go_to_the_dit() -> None:
 def test_up_with_two_transform_workers_serves_jobs_and_down_stops_them_all(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    # Own farm: this is `reelfarm up` itself, servers and all, with two transform workers.
     settings = FarmSettings(home=tmp_path / "farm", model_dir=tiny_model_dir).with_worker_counts({"transform": 2})
     farm = farm_up(settings)
     try:

@@ -47,6 +47,7 @@ def test_two_jobs_end_to_end_match_wanpipeline(
 ) -> None:
     settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
     conn = redis.Redis.from_url(redis_url)
+    # Own farm: the test counts what each worker did (one model load, exactly these two jobs).
     with running_workers(settings):
         first = submit(conn, settings, SPEC)
         # The second job also asks for step caching: the transform worker applies it for that job only.
@@ -124,6 +125,7 @@ def test_registered_slot_receive_path_matches_wanpipeline(
     settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path)
     settings = settings.model_copy(update={"transfer": settings.transfer.model_copy(update={"direct_receive": False})})
     conn = redis.Redis.from_url(redis_url)
+    # Own farm: every worker must run with direct_receive off.
     with running_workers(settings):
         record = wait_finished(conn, submit(conn, settings, SPEC))
         receive = {w["stage"]: w["receive"] for w in live_workers(conn)}

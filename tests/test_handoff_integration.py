@@ -78,6 +78,7 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
 def test_refused_descriptors_fail_their_rooms_and_the_worker_keeps_serving(farm: Farm) -> None:
     settings = farm.settings
     conn = farm.conn
+    # Own farm: a fake producer is registered and rooms are planted; no real encode worker may take them.
     fleet = farm.fleet()
     fleet.start(Stage.TRANSFORM)
     # A live producer record with a known endpoint, so only the planted defect can be refused.
@@ -102,6 +103,7 @@ def test_refused_descriptors_fail_their_rooms_and_the_worker_keeps_serving(farm:
 def test_producer_killed_before_pull_recomputes_upstream(farm: Farm) -> None:
     settings = farm.settings
     conn = farm.conn
+    # Own farm: its encode worker is SIGKILLed.
     fleet = farm.fleet()
     fleet.start(Stage.ENCODE)
     job_id = submit(conn, settings, TINY_JOB)
@@ -121,6 +123,7 @@ def test_producer_killed_before_pull_recomputes_upstream(farm: Farm) -> None:
 def test_backpressure_two_slots_six_jobs(farm: Farm) -> None:
     settings = farm.settings
     conn = farm.conn
+    # Own farm: only an encode worker runs at first, and its free slots are counted.
     fleet = farm.fleet()
     fleet.start(Stage.ENCODE)
     job_ids = [submit(conn, settings, {**TINY_JOB, "seed": i}) for i in range(6)]

@@ -55,6 +55,7 @@ def test_i2v_matches_pipeline_and_routes_by_model(
 ) -> None:
     settings = two_model_settings(redis_url, s3_config, tiny_model_dir, tiny_i2v_model_dir, tmp_path)
     conn = redis.Redis.from_url(redis_url)
+    # Own farm: the i2v jobs must wait while no worker serves their model, and each stage's worker is checked.
     image_path = gradient_png(tmp_path / "fox.png")
     t2v_fleet = WorkerFleet(settings, extra_env={"REELFARM_WORKER_MODELS": "default"})
     i2v_fleet = WorkerFleet(settings, extra_env={"REELFARM_WORKER_MODELS": "i2v"})

@@ -42,6 +42,7 @@ def test_a_worker_runs_a_stage_over_tls_as_an_acl_user(
     conn = connect_redis(settings)
     conn.flushall()
     assert conn.acl_whoami() == "reelfarm"
+    # Own farm: its worker reaches Redis over TLS only.
     with running_workers(settings, [Stage.ENCODE]):
         job_id = submit(conn, settings, SPEC)
 

@@ -247,6 +247,7 @@ def test_killing_a_rank_mid_job_retries_the_decode_and_the_group_comes_back(farm
     # and the group's first collective of the job finds it gone. (A kill during the upload could land after
     # the last collective on a fast machine, and the job would rightly not notice.)
     spec = {"prompt": "a red fox in snow", "width": 512, "height": 256, "frames": 33, "steps": 2}
+    # Own farm: a decode group's rank is killed, under a decode pause.
     fleet = farm.fleet({"REELFARM_FAULT_SLOW": "decode:8"})
     fleet.start(*Stage)
     job_id = submit(farm.conn, farm.settings, {**spec, "codec": {"name": "lossless"}})

@@ -173,7 +173,9 @@ def info_json(settings_env: dict[str, str]) -> dict[str, Any]:
 
 @pytest.fixture
 def rotating_farm(make_farm: Callable[..., Farm]) -> Farm:
-    """Workers mid-rotation: they sign with the new secret and still accept the old one."""
+    """Workers mid-rotation: they sign with the new secret and still accept the old one.
+
+    A farm of its own for each test: a secret pair no other farm has, and refusals counted from zero."""
     return make_farm(secret=SECRET.decode(), previous_secret=OLD_SECRET.decode())
 
 
