@@ -113,14 +113,14 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         checkpoints.on_job_ended(rt, job_id, completed=False)
     except StagePreempted as exc:
         # Handed back at once with its state saved; another worker resumes it from there.
-        outcome = _restart(rt, job_id, this_stage, attempt, f"preempted: {exc}", delay=0.0)
+        outcome = _restart(rt, job_id, this_stage, attempt, f"preempted: {exc}", delay=0.0, preempted=True)
     except Exception as exc:  # noqa: BLE001 - any stage error is retried with backoff, then quarantined
         log.exception("job %s: %s attempt %d raised", job_id, stage, attempt)
         backoff = rt.settings.worker.retry_backoff_seconds * 2 ** (attempt - 1)
         outcome = _restart(rt, job_id, this_stage, attempt, _one_line(exc), delay=backoff)
     except BaseException:
         # Forced shutdown (second SIGTERM, Ctrl-C): hand the job back before the process goes.
-        _restart(rt, job_id, this_stage, attempt, "worker shut down mid-job", delay=0.0)
+        _restart(rt, job_id, this_stage, attempt, "worker shut down mid-job", delay=0.0, preempted=True)
         raise
     finally:
         rt.job_ended(job_id)
@@ -131,7 +131,9 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
 REDIS_OUTAGE_PATIENCE_SECONDS = 300.0
 
 
-def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: str, delay: float) -> str:
+def _restart(
+    rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: str, delay: float, preempted: bool = False
+) -> str:
     # The failure may *be* a Redis outage: keep trying to record the restart until Redis is back,
     # because while this worker lives the reaper will not take its in-flight attempt away.
     deadline = time.monotonic() + REDIS_OUTAGE_PATIENCE_SECONDS
@@ -146,6 +148,8 @@ def _restart(rt: StageRuntime, job_id: str, stage: Stage, attempt: int, reason: 
                 max_attempts=rt.settings.worker.max_attempts,
                 delay_seconds=delay,
                 worker_id=rt.worker_id,
+                preempted=preempted,
+                max_preemptions=rt.settings.worker.max_preemptions,
                 secret=rt.secret,
             )
         except redis.RedisError as exc:

@@ -4,9 +4,13 @@ One Redis hash per job (``keys.job_key``); all values are strings::
 
     spec, state, stage, created_at, updated_at, error, result (JSON), failures (JSON),
     cancel_requested, retries, attempt_base, ...
+    preemptions (hand-backs of a stopping worker, not charged to max_attempts),
+    recovery ("recomputed transform (checkpoint missing)": finished DiT work was redone),
+    decode_only ("1" while a ``decode-from`` re-render must not recompute the DiT)
     <stage>.state  <stage>.worker  <stage>.attempt  <stage>.started_at
     <stage>.finished_at  <stage>.seconds  <stage>.progress ("done/total")
     <stage>.recovery ("pulled", "from checkpoint ...", "pulled; resumed at step n")
+    <stage>.preempted (attempts of the stage queued by a preemption: free of its attempt budget)
     transform.steps_computed (DiT steps run, over every attempt of this run)
     transform.checkpoint / transform.resume (JSON ``CheckpointRef``: latents / mid-denoise save)
 
@@ -86,6 +90,8 @@ class StageField(StrEnum):
     # The object-store checkpoint of the finished latents, and the latest mid-denoise save (``CheckpointRef``).
     CHECKPOINT = "checkpoint"
     RESUME = "resume"
+    # Attempts of this stage queued because a stopping worker handed the job back (not charged to max_attempts).
+    PREEMPTED = "preempted"
 
 
 def stage_field(stage: Stage | str, name: StageField) -> str:

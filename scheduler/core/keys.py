@@ -138,8 +138,13 @@ def parse_inflight_member(member: str) -> tuple[str, Stage, int]:
 
 
 def reaper_lock_key() -> str:
-    """Lock held by whichever process runs the maintenance pass, so passes never overlap."""
+    """The farm-wide maintenance lease: the id of the one process that runs maintenance passes (``reaper``)."""
     return f"{PREFIX}:lock:reaper"
+
+
+def dit_recomputed_key() -> str:
+    """Float counter: seconds of finished DiT work that recovery threw away and recomputed, since the farm began."""
+    return f"{PREFIX}:metrics:dit_recomputed_seconds"
 
 
 def stranded_seen_key(queue: str, rq_job_id: str) -> str:

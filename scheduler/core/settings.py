@@ -90,6 +90,9 @@ class WorkerSettings(BaseModel):
     lease_seconds: int = Field(default=600, ge=1)
     # Restarts of a stage before the job is quarantined (FAILED with its history).
     max_attempts: int = Field(default=3, ge=1)
+    # Hand-backs of a job by stopping workers (SIGTERM: scale-down, spot preemption) before it fails with that
+    # reason; they are counted apart and never charged to max_attempts.
+    max_preemptions: int = Field(default=20, ge=1)
     # Backoff before retrying a stage that raised: base * 2^(attempt-1).
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     # How often the maintenance pass (dead workers, delayed retries, stranded dequeues, demand keys) runs.

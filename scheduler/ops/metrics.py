@@ -2,7 +2,7 @@
 keep them up to date: ``reelfarm_queue_depth{stage,priority,model}``, ``reelfarm_jobs{state}``,
 ``reelfarm_workers_live{stage}``, ``reelfarm_workers_busy{stage}``, ``reelfarm_worker_busy_ratio{stage}``,
 ``reelfarm_worker_heartbeat_age_seconds{worker,stage}``, ``reelfarm_inflight{stage}``,
-``reelfarm_delayed_retries``, ``reelfarm_refused_calls{reason}`` (rq jobs workers refused to run) and
+``reelfarm_delayed_retries``, ``reelfarm_dit_recomputed_seconds``, ``reelfarm_refused_calls{reason}`` (rq jobs workers refused to run) and
 ``reelfarm_up`` (0 when Redis did not answer). ``reelfarm metrics --port P`` serves them. What each
 worker measures itself is ``scheduler.core.worker_metrics``.
 """
@@ -112,6 +112,12 @@ class FarmCollector(Collector):
         delayed = GaugeMetricFamily("reelfarm_delayed_retries", "Stage retries waiting out their backoff")
         delayed.add_metric([], int(self.conn.zcard(keys.delayed_key())))  # type: ignore[arg-type]
         yield delayed
+        recomputed = GaugeMetricFamily(
+            "reelfarm_dit_recomputed_seconds",
+            "Seconds of finished DiT work recovery redid because its latents checkpoint was gone, since the farm began",
+        )
+        recomputed.add_metric([], float(self.conn.get(keys.dit_recomputed_key()) or 0.0))  # type: ignore[arg-type]
+        yield recomputed
         refused = GaugeMetricFamily(
             "reelfarm_refused_calls", "rq jobs stage workers refused to run, since the farm began", labels=["reason"]
         )
