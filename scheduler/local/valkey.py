@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from scheduler.local.processes import (
     LOOPBACK,
@@ -116,12 +116,10 @@ def replica_config(primary_host: str, primary_port: int, password: str) -> list[
     return [f"replicaof {primary_host} {primary_port}", f"masterauth {_config_string(password, 'Redis password')}"]
 
 
-@dataclass(frozen=True)
-class SentinelWatch:
+class SentinelWatch(NamedTuple):
     """The primary a Sentinel watches: its name, address, how many sentinels must agree it is down, and how fast."""
 
     name: str
-    # Where the primary is when the Sentinel starts; it follows failovers on its own from then on.
     host: str
     port: int
     quorum: int = 2
