@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import torch
 
-from scheduler.core import jobs, keys, recovery, worker_metrics, worker_registry
+from scheduler.core import durability, jobs, keys, recovery, worker_metrics, worker_registry
 from scheduler.core.job_record import Routing, StageField, attempt_of, is_finished
 from scheduler.core.keys import Stage
 from scheduler.core.logging_setup import log_context
@@ -244,6 +244,8 @@ def _finish(
                     jobs.mark_succeeded(pipe, job_id, outputs)
                 worker_registry.increment(pipe, rt.worker_id, "jobs_done")
                 pipe.execute()
+                # Before rq hears the stage is done: a failover must not lose a commit the farm acted on.
+                durability.confirm(rt.conn, rt.settings, "hand-off" if next_stage is not None else "finish")
                 rt.jobs_done += 1
                 if rt.stage is Stage.TRANSFORM and rt.s3 is not None and rt.settings.checkpoints.enabled:
                     # After the publish: the checkpoint never delays the hand-off.

@@ -147,6 +147,16 @@ def dit_recomputed_key() -> str:
     return f"{PREFIX}:metrics:dit_recomputed_seconds"
 
 
+def durability_fence_key() -> str:
+    """Counter written just before a ``WAIT`` so the wait covers every earlier write (``durability.confirm``)."""
+    return f"{PREFIX}:durability:fence"
+
+
+def durability_timeouts_key() -> str:
+    """Hash: replication waits that timed out, by kind of write (submit, hand-off, finish)."""
+    return f"{PREFIX}:durability:timeouts"
+
+
 def stranded_seen_key(queue: str, rq_job_id: str) -> str:
     """When the reaper first saw an rq job id sitting in ``queue``'s intermediate (dequeued, not started) list."""
     return f"{PREFIX}:stranded:{queue}:{rq_job_id}"

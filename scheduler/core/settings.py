@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -244,10 +244,17 @@ class HttpSettings(BaseModel):
 class FarmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # ``redis://[USER:]PASSWORD@host:6379/0``, or ``rediss://`` for TLS; None = the embedded farm's.
+    # ``redis://[USER:]PASSWORD@host:6379/0``, ``rediss://`` for TLS, or
+    # ``redis+sentinel://[:PASSWORD@]host:26379,host:26379/MASTER_NAME/0`` for a primary behind Sentinel;
+    # None = the embedded farm's.
     redis_url: str | None = None
     # ``rediss://``: the CA bundle (PEM) that signed the server's certificate; None = the system's CAs.
     redis_ca_file: Path | None = None
+    # ``replica``: a job's creation, a stage's hand-off and a job's finish wait (WAIT) until a replica has them,
+    # when the server has one, so a failover cannot lose what the farm acknowledged; ``local``: never wait.
+    redis_durability: Literal["replica", "local"] = "replica"
+    # How long such a write waits for its replica; a wait that times out is logged and counted, never ignored.
+    redis_wait_timeout_seconds: float = Field(default=1.0, gt=0)
     # The default model: a Wan2.1 directory in diffusers format (the tiny one is built when missing).
     model_dir: Path = DEFAULT_HOME / "models" / "tiny-wan-t2v"
     # More models this farm serves, by name (jobs pick one with their `model` field).

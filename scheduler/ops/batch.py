@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from scheduler.core import jobs, keys
+from scheduler.core import durability, jobs, keys
 from scheduler.core.errors import UserError
 from scheduler.core.job_record import StageField, count_states, stage_fields
 from scheduler.core.settings import FarmSettings
@@ -147,6 +147,8 @@ def submit_batch(
     secret = settings.require_secret()
     for offset in range(0, len(parsed.entries), chunk_size):
         _submit_chunk(conn, name, parsed.entries[offset : offset + chunk_size], resume, outcome, images, secret)
+    # One wait covers every chunk before the batch is acknowledged (see scheduler.core.durability).
+    durability.confirm(conn, settings, "batch submit")
     conn.hset(
         keys.batch_key(name),
         mapping={
