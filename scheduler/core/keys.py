@@ -147,6 +147,11 @@ def dit_recomputed_key() -> str:
     return f"{PREFIX}:metrics:dit_recomputed_seconds"
 
 
+def server_run_key() -> str:
+    """The ``run_id`` of the Redis server the farm last saw: another one answering means a failover (``reconcile``)."""
+    return f"{PREFIX}:server:run_id"
+
+
 def durability_fence_key() -> str:
     """Counter written just before a ``WAIT`` so the wait covers every earlier write (``durability.confirm``)."""
     return f"{PREFIX}:durability:fence"

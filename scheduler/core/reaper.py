@@ -12,7 +12,9 @@ thread into a key that expires after ``worker_ttl_seconds``. A pass:
 3. releases delayed retries whose backoff is over,
 4. puts back stage jobs that rq dequeued but no worker started (``queues.requeue_stranded``:
    the connection died between rq's BLMOVE and the start, e.g. in a Redis restart),
-5. recounts each stage's demand key for the autoscaler (``demand.refresh_demand``).
+5. after a failover (another server answers), queues again the stage calls the records say are queued
+   but no queue holds (``reconcile.requeue_lost_calls``),
+6. recounts each stage's demand key for the autoscaler (``demand.refresh_demand``).
 
 Worst-case detection = worker_ttl_seconds + interval (defaults 15 s + 5 s), also when the dead worker
 held the lease: the lease lives ``worker_ttl_seconds`` past its last renewal (renewed every pass), so the
@@ -29,7 +31,7 @@ import threading
 
 import redis
 
-from scheduler.core import demand, jobs, keys, queues, recovery, worker_registry
+from scheduler.core import demand, jobs, keys, queues, reconcile, recovery, worker_registry
 from scheduler.core.job_record import StageField, stage_field
 
 log = logging.getLogger("reelfarm.reaper")
@@ -119,6 +121,8 @@ def reap_once(
             actions.append(f"released {released} delayed retries")
         for rq_job_id in queues.requeue_stranded(conn, stranded_after_seconds):
             actions.append(f"{rq_job_id}: dequeued but never started; put back on its queue")
+        for job_id in reconcile.requeue_lost_calls(conn, secret=secret):
+            actions.append(f"{job_id}: its queued stage call was lost in a failover; queued again")
         # Last, so the counts include what this pass put back.
         demand.refresh_demand(conn, queues.stage_backlog(conn))
     finally:
