@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler.core import jobs, reaper, recovery
+from scheduler.cli.job_commands import describe_status
+from scheduler.core import jobs, keys, reaper, recovery
 from scheduler.core.keys import Stage
 from scheduler.core.settings import CheckpointSettings
 from scheduler.core.spec import JobSpec
@@ -50,6 +51,7 @@ def test_preemptions_are_not_charged_to_max_attempts_and_have_their_own_limit(re
         assert outcome == f"restarted at encode attempt {n + 1}", "four hand-backs, max_attempts 3: still running"
     record = jobs.read_status(conn, "spot")
     assert record["preemptions"] == 4 and record["stages"]["encode"]["preempted"] == "4"
+    assert "preempted 4 times (handed back by stopping workers; not failures)" in describe_status(record)
     # Real failures still meet the budget: three of them, whatever the preemptions before.
     assert _run_and_lose(conn, "spot", Stage.ENCODE, preempted=False, max_attempts=3).startswith("restarted")
     assert _run_and_lose(conn, "spot", Stage.ENCODE, preempted=False, max_attempts=3).startswith("restarted")
@@ -62,6 +64,26 @@ def test_preemptions_are_not_charged_to_max_attempts_and_have_their_own_limit(re
     failed = jobs.read_status(conn, "flaky-fleet")
     assert failed["state"] == "failed" and "preempted 3 times" in failed["error"]
     assert "worker.max_preemptions (2)" in failed["error"] and "\n" not in failed["error"]
+
+
+def test_a_restart_that_recomputes_a_finished_dit_says_so_and_a_decode_only_one_fails(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    for job_id, decode_only in (("lineage", False), ("rerender", True)):
+        _planted_job(conn, job_id)
+        # encode and transform finished (the DiT took 42 s), decode queued; no room or checkpoint is left.
+        done = {f"{s}.{f}": v for s in ("encode", "transform") for f, v in (("state", "done"), ("attempt", "1"))}
+        conn.hset(keys.job_key(job_id), mapping={**done, "transform.seconds": "42.000", "decode.attempt": "1"})
+        if decode_only:
+            conn.hset(keys.job_key(job_id), "decode_only", "1")
+        outcome = _run_and_lose(conn, job_id, Stage.DECODE, preempted=False)
+        record = jobs.read_status(conn, job_id)
+        if decode_only:
+            assert outcome.startswith("failed") and record["state"] == "failed"
+            assert "never recomputes the DiT" in record["error"] and record["recovery"] is None
+        else:
+            assert outcome == "restarted at encode attempt 2"
+            assert record["recovery"] == "recomputed transform (checkpoint missing)"
+    assert float(conn.get(keys.dit_recomputed_key()) or 0) == 42.0, "counted once: the refused one recomputed nothing"
 
 
 @pytest.mark.slow
