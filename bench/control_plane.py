@@ -103,6 +103,23 @@ def layout_for(workers: int) -> dict[Stage, int]:
     }
 
 
+@contextmanager
+def bench_valkey(tmp: Path, model_dir: Path, **overrides: Any) -> Iterator[FarmSettings]:
+    """One Valkey under ``tmp`` (AOF on, as the embedded farm runs it) and settings for a zero-compute farm."""
+    password = secrets.token_hex(16)
+    valkey = start_valkey(tmp / "valkey", None, password)
+    try:
+        settings = FarmSettings(
+            redis_url=f"redis://:{password}@127.0.0.1:{valkey.port}/0",
+            secret=secrets.token_hex(32),
+            home=tmp / "farm",
+            model_dir=model_dir,
+        )
+        yield settings.model_copy(update=overrides)
+    finally:
+        valkey.stop()
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -501,23 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         (model_dir / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
         # First, while the machine is as quiet as this bench leaves it: real workers load torch.
         reference = real_reference(tmp) if args.real else REAL_REFERENCE
-        password = secrets.token_hex(16)
-        valkey = start_valkey(tmp / "valkey", None, password)
-        try:
-            settings = FarmSettings(
-                redis_url=f"redis://:{password}@127.0.0.1:{valkey.port}/0",
-                secret=secrets.token_hex(32),
-                home=tmp / "farm",
-                model_dir=model_dir,
-                spec_defaults={"fps": 16},
-            )
+        with bench_valkey(tmp, model_dir, spec_defaults={"fps": 16}) as settings:
             fidelity = run_layout(settings, "fidelity", dict.fromkeys(Stage, 1), FIDELITY_JOBS, one_by_one=True)
             results = [
                 run_layout(settings, f"{count} workers", layout, args.jobs)
                 for count, layout in zip(counts, layouts, strict=True)
             ]
-        finally:
-            valkey.stop()
     print(render([fidelity, *results]))
     for line in fidelity_lines(fidelity, reference):
         print(line)

@@ -161,6 +161,8 @@ class ZeroRuntime:
             worker.max_attempts,
             stranded_after_seconds=worker.worker_ttl_seconds,
             secret=self.secret,
+            holder=self.worker_id,
+            lease_seconds=self.settings.worker.worker_ttl_seconds,
         )
         self._reaper.start()
 

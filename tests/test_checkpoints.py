@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from scheduler.core import jobs
+from scheduler.core import jobs, keys, queues, recovery
 from scheduler.core.keys import Stage
-from scheduler.core.object_store import S3Config, get_bytes, make_s3_client
+from scheduler.core.object_store import S3Config, get_bytes, make_s3_client, object_exists
 from scheduler.core.settings import CheckpointSettings
 from scheduler.intake.submit import submit
-from scheduler.ops import job_admin
+from scheduler.ops import job_admin, rerender
 from tests.farm_fixtures import Farm
 from tests.farm_harness import wait_finished, wait_until, worker_logs
 from tests.video_probe import probe_frame_count
@@ -40,6 +40,11 @@ def checkpoints_of(farm: Farm, job_id: str) -> list[str]:
 def _s3(farm: Farm) -> S3Config:
     s3 = farm.settings.s3
     return S3Config(s3.endpoint_url, s3.bucket, s3.access_key, s3.secret_key)
+
+
+def in_store(farm: Farm) -> Callable[[str], bool]:
+    client = make_s3_client(_s3(farm))
+    return lambda key: object_exists(client, farm.settings.s3.bucket, key)
 
 
 def transform_field(farm: Farm, job_id: str, name: str) -> str | None:
@@ -104,14 +109,29 @@ def test_decode_from_re_renders_with_another_codec_and_cancel_leaves_no_checkpoi
     assert first["state"] == "succeeded" and first["result"]["codec"] == "h264", worker_logs(farm.settings)
     assert checkpoints_of(farm, job_id) == [f"checkpoints/{job_id}/transform-a1.latents"], "retention keeps it"
 
-    assert job_admin.decode_from(conn, job_id, {"name": "lossless"}, secret=farm.settings.require_secret()) == 2
+    secret = farm.settings.require_secret()
+    queued = rerender.decode_from(conn, job_id, {"name": "lossless"}, secret=secret, checkpoint_exists=in_store(farm))
+    assert queued == (Stage.DECODE, 2)
     again = wait_finished(conn, job_id, timeout=120)
     assert again["state"] == "succeeded", worker_logs(farm.settings)
     assert again["result"]["codec"] == "lossless" and again["result"]["sha256"] != first["result"]["sha256"]
     assert again["stages"]["decode"]["recovery"] == "from checkpoint (transform attempt 1)"
     assert again["stages"]["transform"]["steps_computed"] == "8", "no DiT step ran for the re-render"
     with pytest.raises(job_admin.JobAdminError, match="finished jobs only"):
-        job_admin.decode_from(conn, submit(conn, farm.settings, {**JOB, "seed": 9}), None, secret=b"x")
+        rerender.decode_from(
+            conn, submit(conn, farm.settings, {**JOB, "seed": 9}), None, secret=b"x", checkpoint_exists=in_store(farm)
+        )
+
+    # The checkpoint vanishes after decode-from queued (an operator's cleanup): the decode-only re-render fails
+    # with the reason instead of re-running encode and the DiT behind the user's back.
+    fleet.sigkill(Stage.DECODE)
+    assert rerender.decode_from(conn, job_id, None, secret=secret, checkpoint_exists=in_store(farm)).attempt == 3
+    make_s3_client(_s3(farm)).delete_object(Bucket=farm.settings.s3.bucket, Key=checkpoints_of(farm, job_id)[0])
+    fleet.start(Stage.DECODE)
+    refused = wait_finished(conn, job_id, timeout=120)
+    assert refused["state"] == "failed" and "never recomputes the DiT" in refused["error"], refused["error"]
+    assert refused["stages"]["transform"]["attempt"] == "1" and refused["stages"]["transform"]["steps_computed"] == "8"
+    assert refused["stages"]["encode"]["attempt"] == "1" and refused["recovery"] is None
 
     # Cancelled while its decode waits: the checkpoint goes with it.
     fleet.sigkill(Stage.DECODE)
@@ -120,6 +140,40 @@ def test_decode_from_re_renders_with_another_codec_and_cancel_leaves_no_checkpoi
     assert job_admin.cancel_job(conn, doomed) == "cancelled"
     assert job_admin.drop_checkpoints(conn, farm.settings, doomed) == 1
     assert checkpoints_of(farm, doomed) == []
+
+
+def test_decode_from_without_a_checkpoint_is_refused_at_once_and_recomputes_only_when_allowed(farm: Farm) -> None:
+    conn = farm.conn
+    fleet = farm.fleet()
+    fleet.start(*Stage)
+    job_id = submit(conn, farm.settings, JOB)  # retention_days 0 (the default): completion deletes the checkpoint
+    first = wait_finished(conn, job_id, timeout=120)
+    assert first["state"] == "succeeded" and checkpoints_of(farm, job_id) == [], worker_logs(farm.settings)
+    before = jobs.job_fields(conn, job_id)
+    assert "transform.checkpoint" in before, "the record still names the deleted checkpoint: the store decides"
+    secret = farm.settings.require_secret()
+    started = time.monotonic()
+    with pytest.raises(job_admin.JobAdminError) as refused:
+        rerender.decode_from(conn, job_id, {"name": "lossless"}, secret=secret, checkpoint_exists=in_store(farm))
+    refused_seconds = time.monotonic() - started
+    message = str(refused.value)
+    assert "\n" not in message and "is gone" in message and "checkpoints.retention_days" in message, message
+    assert "--allow-recompute" in message and "nothing was queued" in message
+    assert jobs.job_fields(conn, job_id) == before, "the record is unchanged"
+    assert sum(queues.stage_backlog(conn).values()) == 0, "nothing queued"
+    assert refused_seconds < 2.0
+
+    # Asked for: the whole job runs again, and the record and the metric say the DiT was recomputed.
+    queued = rerender.decode_from(
+        conn, job_id, {"name": "lossless"}, secret=secret, checkpoint_exists=in_store(farm), allow_recompute=True
+    )
+    assert queued.stage is Stage.ENCODE
+    again = wait_finished(conn, job_id, timeout=120)
+    assert again["state"] == "succeeded" and again["result"]["codec"] == "lossless", worker_logs(farm.settings)
+    assert again["recovery"] == recovery.RECOMPUTED_DIT
+    assert float(conn.get(keys.dit_recomputed_key()) or 0) == pytest.approx(
+        float(first["stages"]["transform"]["seconds"])
+    )
 
 
 def test_sigkill_at_step_6_of_8_resumes_at_step_6_on_another_worker_with_the_same_frames(

@@ -14,7 +14,7 @@ import pytest
 import redis
 from rq import Queue
 
-from scheduler.core import jobs, keys, queues, reaper
+from scheduler.core import jobs, keys, queues, reaper, reconcile
 from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings
 from scheduler.intake.submit import submit
@@ -115,3 +115,19 @@ def test_a_batch_mate_claimed_but_never_started_goes_back_and_one_claim_wins(
     assert queues.requeue_stranded(conn, 15.0, now=2000.0) == []
     assert queues.requeue_stranded(conn, 15.0, now=2100.0) == []
     assert mate not in queue.job_ids
+
+
+def test_a_call_popped_before_a_failover_is_queued_again_once_the_server_changed(
+    conn: redis.Redis, settings: FarmSettings, job_id: str
+) -> None:
+    secret = settings.require_secret()
+    assert reconcile.requeue_lost_calls(conn, secret=secret) == [], "the first pass only learns the server"
+    queue = queues.stage_queue(conn, Stage.ENCODE)
+    # rq's BLPOP over a stage's priorities took the call, then the worker lost its connection for good.
+    assert conn.lpop(queue.key) == keys.stage_job_id(job_id, Stage.ENCODE, 1).encode()
+    assert reaper.reap_once(conn, secret=secret) == [], "the same server: nothing was lost to a failover"
+    conn.set(keys.server_run_key(), "the-old-primary")  # what the promoted replica holds
+    actions = reaper.reap_once(conn, secret=secret)
+    assert actions == [f"{job_id}: its queued stage call was lost in a failover; queued again"]
+    assert queue.job_ids == [keys.stage_job_id(job_id, Stage.ENCODE, 1)]
+    assert reaper.reap_once(conn, secret=secret) == [], "once per server change, and nothing held twice"

@@ -154,7 +154,7 @@ class StageRuntime:
     def _start_services(self) -> None:
         if self.produces:
             self._start_thread(self._ack_loop, "ack-listener")
-        # Every worker runs the maintenance loop, so any live worker notices the dead ones.
+        # Every worker runs the maintenance loop and one at a time holds its lease: any live worker takes over.
         self._reaper = ReaperThread(
             self.conn,
             self.settings.worker.reaper_interval_seconds,
@@ -162,6 +162,8 @@ class StageRuntime:
             # A worker that dies between dequeue and start is noticed on the same bound as one dying mid-job.
             stranded_after_seconds=self.settings.worker.worker_ttl_seconds,
             secret=self.secret,
+            holder=self.worker_id,
+            lease_seconds=self.settings.worker.worker_ttl_seconds,
         )
         self._reaper.start()
 

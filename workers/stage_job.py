@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import torch
 
-from scheduler.core import jobs, keys, recovery, worker_metrics, worker_registry
+from scheduler.core import durability, jobs, keys, recovery, worker_metrics, worker_registry
 from scheduler.core.job_record import Routing, StageField, attempt_of, is_finished
 from scheduler.core.keys import Hop, Stage
 from scheduler.core.logging_setup import log_context
@@ -123,14 +123,14 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
         checkpoints.on_job_ended(rt, job_id, completed=False)
     except StagePreempted as exc:
         # Handed back at once with its state saved; another worker resumes it from there.
-        outcome = _restart(rt, job_id, this_stage, attempt, f"preempted: {exc}", delay=0.0)
+        outcome = _restart(rt, job_id, this_stage, attempt, f"preempted: {exc}", delay=0.0, preempted=True)
     except Exception as exc:  # noqa: BLE001 - any stage error is retried with backoff, then quarantined
         log.exception("job %s: %s attempt %d raised", job_id, stage, attempt)
         backoff = rt.settings.worker.retry_backoff_seconds * 2 ** (attempt - 1)
         outcome = _restart(rt, job_id, this_stage, attempt, _one_line(exc), delay=backoff)
     except BaseException:
         # Forced shutdown (second SIGTERM, Ctrl-C): hand the job back before the process goes.
-        _restart(rt, job_id, this_stage, attempt, "worker shut down mid-job", delay=0.0)
+        _restart(rt, job_id, this_stage, attempt, "worker shut down mid-job", delay=0.0, preempted=True)
         raise
     finally:
         rt.job_ended(job_id)
@@ -141,7 +141,9 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
 REDIS_OUTAGE_PATIENCE_SECONDS = 300.0
 
 
-def _restart(rt: StageRuntime, job_id: str, stage: Hop, attempt: int, reason: str, delay: float) -> str:
+def _restart(
+    rt: StageRuntime, job_id: str, stage: Hop, attempt: int, reason: str, delay: float, preempted: bool = False
+) -> str:
     # The failure may *be* a Redis outage: keep trying to record the restart until Redis is back,
     # because while this worker lives the reaper will not take its in-flight attempt away.
     deadline = time.monotonic() + REDIS_OUTAGE_PATIENCE_SECONDS
@@ -156,6 +158,8 @@ def _restart(rt: StageRuntime, job_id: str, stage: Hop, attempt: int, reason: st
                 max_attempts=rt.settings.worker.max_attempts,
                 delay_seconds=delay,
                 worker_id=rt.worker_id,
+                preempted=preempted,
+                max_preemptions=rt.settings.worker.max_preemptions,
                 secret=rt.secret,
             )
         except redis.RedisError as exc:
@@ -249,6 +253,8 @@ def _finish(rt: StageRuntime, job: StageJob, route: Route, outputs: StageOutputs
                     jobs.mark_succeeded(pipe, job_id, outputs)
                 worker_registry.increment(pipe, rt.worker_id, "jobs_done")
                 pipe.execute()
+                # Before rq hears the stage is done: a failover must not lose a commit the farm acted on.
+                durability.confirm(rt.conn, rt.settings, "hand-off" if next_stage is not None else "finish")
                 rt.jobs_done += 1
                 finished_dit = hop.kind is Stage.TRANSFORM and next_stage is not None and next_stage.kind is Stage.DECODE
                 if finished_dit and rt.s3 is not None and rt.settings.checkpoints.enabled:

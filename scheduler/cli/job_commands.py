@@ -58,14 +58,34 @@ def wait(job_id: str, settings: FarmSettings, timeout: float, as_json: bool) -> 
 @click.option("--codec", type=click.Choice(["h264", "lossless"]), default=None, help="render with this codec instead")
 @click.option("--crf", type=int, default=None, help="h264 quality (0-51, lower is better)")
 @click.option("--wait", "wait_", is_flag=True, help="wait for the new video, showing progress")
+@click.option(
+    "--allow-recompute",
+    is_flag=True,
+    help="when the latents checkpoint is gone, run the whole job again (encode and the DiT) instead of refusing",
+)
 @farm_command
-def decode_from(job_id: str, settings: FarmSettings, codec: str | None, crf: int | None, wait_: bool) -> None:
+def decode_from(
+    job_id: str, settings: FarmSettings, codec: str | None, crf: int | None, wait_: bool, allow_recompute: bool
+) -> None:
     """Re-render a finished job's video from its latents checkpoint (a new decode only, no DiT)."""
-    from scheduler.ops.job_admin import decode_from as queue_decode
+    from scheduler.core.keys import Stage
+    from scheduler.core.object_store import object_exists
+    from scheduler.ops.rerender import decode_from as queue_decode
 
     options = {k: v for k, v in (("name", codec), ("crf", crf)) if v is not None}
-    attempt = queue_decode(connect_redis(settings), job_id, options or None, secret=settings.require_secret())
-    click.echo(f"{job_id}: decode attempt {attempt} queued from the latents checkpoint")
+    s3, bucket = settings.s3.client(), settings.s3.bucket
+    queued = queue_decode(
+        connect_redis(settings),
+        job_id,
+        options or None,
+        secret=settings.require_secret(),
+        checkpoint_exists=lambda key: object_exists(s3, bucket, key),
+        allow_recompute=allow_recompute,
+    )
+    if queued.stage is Stage.DECODE:
+        click.echo(f"{job_id}: decode attempt {queued.attempt} queued from the latents checkpoint")
+    else:
+        click.echo(f"{job_id}: latents checkpoint gone; the whole job is queued again (attempt {queued.attempt})")
     if wait_:
         record = wait_for_job(settings, job_id, 3600.0, quiet=False)
         if record["state"] != jobs.JobState.SUCCEEDED.value:
@@ -138,6 +158,10 @@ def describe_status(record: dict[str, Any]) -> str:
         if "seconds" in stage:
             bits.append(f"{float(stage['seconds']):.1f}s")
         lines.append(f"  {name:<{width}} " + ", ".join(bits))
+    if record.get("preemptions"):
+        lines.append(f"  preempted {record['preemptions']} times (handed back by stopping workers; not failures)")
+    if record.get("recovery"):
+        lines.append(f"  recovery: {record['recovery']}")
     for failure in record.get("failures") or []:
         lines.append(
             f"  failed {failure['stage']} attempt {failure['attempt']} on {failure['worker'] or '?'}: {failure['reason']}"

@@ -4,12 +4,16 @@ One Redis hash per job (``keys.job_key``); all values are strings::
 
     spec, state, stage, created_at, updated_at, error, result (JSON), failures (JSON),
     cancel_requested, retries, attempt_base, ...
+    preemptions (hand-backs of a stopping worker, not charged to max_attempts),
+    recovery ("recomputed transform (checkpoint missing)": finished DiT work was redone),
+    decode_only ("1" while a ``decode-from`` re-render must not recompute the DiT)
     route (JSON: the hops in order, ``scheduler.core.route``; absent = encode, transform, decode)
     <hop>.state  <hop>.worker  <stage>.attempt  <stage>.started_at
     <hop>.finished_at  <hop>.seconds  <hop>.progress ("done/total")
     <hop>.recovery ("pulled", "from checkpoint ...", "pulled; resumed at step n")
     <transform hop>.steps_computed (DiT steps run, over every attempt of this run)
     <transform hop>.checkpoint / .resume (JSON ``CheckpointRef``: latents / mid-denoise save)
+    <hop>.preempted (attempts of the hop queued by a preemption: free of its attempt budget)
 
 A hop is ``encode``, ``transform``, ``transform@high``... (``keys.Hop``): per-stage fields are per hop.
 
@@ -89,6 +93,8 @@ class StageField(StrEnum):
     # The object-store checkpoint of the finished latents, and the latest mid-denoise save (``CheckpointRef``).
     CHECKPOINT = "checkpoint"
     RESUME = "resume"
+    # Attempts of this stage queued because a stopping worker handed the job back (not charged to max_attempts).
+    PREEMPTED = "preempted"
 
 
 def stage_field(stage: Hop | str, name: StageField) -> str:

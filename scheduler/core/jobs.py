@@ -310,6 +310,8 @@ def read_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
         "error": fields.get("error"),
         "result": _json_or_raw(fields["result"]) if "result" in fields else None,
         "failures": _json_or_raw(fields.get("failures", "[]")),
+        "preemptions": int(fields.get("preemptions") or 0),
+        "recovery": fields.get("recovery"),
         "spec": spec,
     }
 
@@ -372,6 +374,9 @@ _STALE_FIELDS = [
     "cancel_requested",
     "cancel_requested_at",
     "cancelled_at",
+    "decode_only",
+    "preemptions",
+    "recovery",
 ]
 _RETRY_READ_FIELDS = ("state", "spec", ROUTE_FIELD, *stage_fields(StageField.ATTEMPT))
 

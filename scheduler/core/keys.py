@@ -186,8 +186,28 @@ def parse_inflight_member(member: str) -> tuple[str, Hop, int]:
 
 
 def reaper_lock_key() -> str:
-    """Lock held by whichever process runs the maintenance pass, so passes never overlap."""
+    """The farm-wide maintenance lease: the id of the one process that runs maintenance passes (``reaper``)."""
     return f"{PREFIX}:lock:reaper"
+
+
+def dit_recomputed_key() -> str:
+    """Float counter: seconds of finished DiT work that recovery threw away and recomputed, since the farm began."""
+    return f"{PREFIX}:metrics:dit_recomputed_seconds"
+
+
+def server_run_key() -> str:
+    """The ``run_id`` of the Redis server the farm last saw: another one answering means a failover (``reconcile``)."""
+    return f"{PREFIX}:server:run_id"
+
+
+def durability_fence_key() -> str:
+    """Counter written just before a ``WAIT`` so the wait covers every earlier write (``durability.confirm``)."""
+    return f"{PREFIX}:durability:fence"
+
+
+def durability_timeouts_key() -> str:
+    """Hash: replication waits that timed out, by kind of write (submit, hand-off, finish)."""
+    return f"{PREFIX}:durability:timeouts"
 
 
 def stranded_seen_key(queue: str, rq_job_id: str) -> str:

@@ -17,6 +17,17 @@ that exhausts it is quarantined -- FAILED with its whole failure history --
 instead of looping. The attempt counter is also the fence: a restart bumps
 ``<stage>.attempt`` under WATCH, and a stale attempt that finishes later finds
 the counter moved and discards its output (see ``workers.stage_job``).
+
+Two things are not failures of the job and are kept apart from that budget:
+
+* a preemption (a stopping worker hands its job back, ``preempted=True``): the
+  attempt it queues is counted in ``<stage>.preempted`` and the job's
+  ``preemptions``, not against ``max_attempts``; past ``max_preemptions`` the
+  job fails with that reason;
+* finished DiT work is never redone silently: a restart that would recompute a
+  finished transform (its latents checkpoint is gone) says so in the record's
+  ``recovery`` and adds the transform's seconds to ``keys.dit_recomputed_key``;
+  a ``decode-from`` re-render (``decode_only``) fails instead.
 """
 
 from __future__ import annotations
@@ -48,6 +59,8 @@ from scheduler.core.stage_calls import StageCall
 log = logging.getLogger("reelfarm.recovery")
 
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_MAX_PREEMPTIONS = 20
+RECOMPUTED_DIT = "recomputed transform (checkpoint missing)"
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,22 @@ def plan_restart(conn: redis.Redis, job_id: str, failed: Hop, fields: dict[str, 
     return RestartPlan(stage, None)
 
 
+def recomputes_finished_dit(failed: Hop, plan: RestartPlan, fields: dict[str, str]) -> bool:
+    """True when restarting at ``plan.stage`` would run the job's finished DiT loop again: the route's last
+    transform hop (the one decode reads) is done and the restart walks back past it. A split loop's first
+    hop being done is no finished DiT: it resumes from its saved boundary state."""
+    route = route_or_default(fields)
+    finished = route.previous(route.last)
+    if finished is None or stage_state_of(fields, finished) != StageState.DONE:
+        return False
+    stage: Hop | None = failed
+    while stage is not None and stage != plan.stage:
+        stage = route.previous(stage)
+        if stage == finished:
+            return True
+    return False
+
+
 def restart_job(
     conn: redis.Redis,
     job_id: str,
@@ -112,12 +141,16 @@ def restart_job(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     delay_seconds: float = 0.0,
     worker_id: str = "",
+    preempted: bool = False,
+    max_preemptions: int = DEFAULT_MAX_PREEMPTIONS,
     secret: bytes,
 ) -> str:
     """Record the failure and restart the job, or quarantine it; returns what happened, for logs.
 
-    Idempotent per failed attempt: if the stage's attempt counter already moved
-    past ``failed_attempt`` (another path recovered it), nothing is done.
+    ``preempted``: the worker handed the job back because it is stopping (not the job's fault), so the
+    restart is not charged to ``max_attempts``; the job fails once it was preempted more than
+    ``max_preemptions`` times. Idempotent per failed attempt: if the stage's attempt counter already
+    moved past ``failed_attempt`` (another path recovered it), nothing is done.
     """
     key = keys.job_key(job_id)
     member = keys.inflight_member(job_id, failed, failed_attempt)
@@ -144,20 +177,52 @@ def restart_job(
                     "at": time.time(),
                 }
                 history = json.loads(fields.get("failures", "[]")) + [failure]
+                preemptions = int(fields.get("preemptions") or 0) + int(preempted)
+                # A user's retry (`reelfarm retry`) starts a fresh budget above the attempts already used;
+                # attempts a preemption queued are free.
+                charged = (
+                    used
+                    - int(fields.get("attempt_base", "0"))
+                    - int(fields.get(stage_field(plan.stage, StageField.PREEMPTED)) or 0)
+                )
+                recomputes_dit = recomputes_finished_dit(failed, plan, fields)
                 pipe.multi()
                 pipe.zrem(keys.inflight_key(), member)
                 pipe.hset(key, "failures", json.dumps(history))
-                # A user's retry (`reelfarm retry`) starts a fresh budget above the attempts already used.
-                if used - int(fields.get("attempt_base", "0")) >= max_attempts:
+                if preempted:
+                    pipe.hset(key, "preemptions", str(preemptions))
+                if preempted and preemptions > max_preemptions:
+                    jobs.mark_failed(
+                        pipe,
+                        job_id,
+                        failed,
+                        f"preempted {preemptions} times, more than worker.max_preemptions ({max_preemptions}): "
+                        "give the farm workers that stay up, or raise worker.max_preemptions",
+                    )
+                    outcome = "failed: preempted too often"
+                elif not preempted and charged >= max_attempts:
                     summary = "; ".join(f"{f['stage']}#{f['attempt']}: {f['reason']}" for f in history[-max_attempts:])
                     jobs.mark_failed(
                         pipe,
                         job_id,
                         failed,
-                        f"quarantined after {used} attempts of {plan.stage.value} ({summary})",
+                        f"quarantined after {charged} attempts of {plan.stage.value} ({summary})",
                     )
                     outcome = "quarantined"
+                elif recomputes_dit and fields.get("decode_only") == "1":
+                    jobs.mark_failed(
+                        pipe,
+                        job_id,
+                        failed,
+                        f"{reason}; a decode-from re-render never recomputes the DiT: keep checkpoints with "
+                        f"checkpoints.retention_days > 0, or run `reelfarm decode-from {job_id} --allow-recompute`",
+                    )
+                    outcome = "failed: decode-only, checkpoint gone"
                 else:
+                    if preempted:
+                        pipe.hincrby(key, stage_field(plan.stage, StageField.PREEMPTED), 1)
+                    if recomputes_dit:
+                        note_recomputed_dit(pipe, job_id, fields)
                     enqueue_later(
                         conn,
                         pipe,
@@ -175,6 +240,14 @@ def restart_job(
         if outcome.startswith("restarted"):
             worker_metrics.count_retry(failed)
         return outcome
+
+
+def note_recomputed_dit(pipe: redis.client.Pipeline, job_id: str, fields: dict[str, str]) -> None:
+    """Say in the record that finished DiT work is being redone, and count its seconds farm-wide."""
+    pipe.hset(keys.job_key(job_id), "recovery", RECOMPUTED_DIT)
+    transform_hops = route_or_default(fields).of_kind(Stage.TRANSFORM)
+    seconds = sum(float(fields.get(stage_field(hop, StageField.SECONDS)) or 0.0) for hop in transform_hops)
+    pipe.incrbyfloat(keys.dit_recomputed_key(), seconds)
 
 
 def enqueue_later(

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -90,6 +90,9 @@ class WorkerSettings(BaseModel):
     lease_seconds: int = Field(default=600, ge=1)
     # Restarts of a stage before the job is quarantined (FAILED with its history).
     max_attempts: int = Field(default=3, ge=1)
+    # Hand-backs of a job by stopping workers (SIGTERM: scale-down, spot preemption) before it fails with that
+    # reason; they are counted apart and never charged to max_attempts.
+    max_preemptions: int = Field(default=20, ge=1)
     # Backoff before retrying a stage that raised: base * 2^(attempt-1).
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     # How often the maintenance pass (dead workers, delayed retries, stranded dequeues, demand keys) runs.
@@ -246,10 +249,17 @@ class HttpSettings(BaseModel):
 class FarmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # ``redis://[USER:]PASSWORD@host:6379/0``, or ``rediss://`` for TLS; None = the embedded farm's.
+    # ``redis://[USER:]PASSWORD@host:6379/0``, ``rediss://`` for TLS, or
+    # ``redis+sentinel://[:PASSWORD@]host:26379,host:26379/MASTER_NAME/0`` for a primary behind Sentinel;
+    # None = the embedded farm's.
     redis_url: str | None = None
     # ``rediss://``: the CA bundle (PEM) that signed the server's certificate; None = the system's CAs.
     redis_ca_file: Path | None = None
+    # ``replica``: a job's creation, a stage's hand-off and a job's finish wait (WAIT) until a replica has them,
+    # when the server has one, so a failover cannot lose what the farm acknowledged; ``local``: never wait.
+    redis_durability: Literal["replica", "local"] = "replica"
+    # How long such a write waits for its replica; a wait that times out is logged and counted, never ignored.
+    redis_wait_timeout_seconds: float = Field(default=1.0, gt=0)
     # The default model: a Wan2.1 directory in diffusers format (the tiny one is built when missing).
     model_dir: Path = DEFAULT_HOME / "models" / "tiny-wan-t2v"
     # More models this farm serves, by name (jobs pick one with their `model` field).

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from scheduler.core import jobs, keys
+from scheduler.core import durability, jobs, keys
 from scheduler.core.model_catalog import ModelChooser
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, parse_spec
@@ -51,4 +51,6 @@ def submit(
             pipe.execute()
         except redis.WatchError:
             pass  # another submitter created it first: same id, same job
+    # Only then is the id handed out: a failover right after this returns must not lose the job.
+    durability.confirm(conn, settings, "submit")
     return job_id

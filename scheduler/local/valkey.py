@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from scheduler.local.processes import (
     LOOPBACK,
@@ -85,6 +87,46 @@ def valkey_config(data_dir: Path, port: int, password: str, host: str = LOOPBACK
     )
 
 
+def sentinel_config(data_dir: Path, port: int, password: str, master: SentinelWatch, host: str = LOOPBACK) -> str:
+    """The config of a Sentinel watching ``master`` (it rewrites the file as it learns replicas and failovers)."""
+    secret = _config_string(password, "Redis password")
+    name = master.name
+    return "\n".join(
+        [
+            f"bind {host}",
+            f"port {port}",
+            f"dir {_config_string(str(data_dir), 'data dir')}",
+            f"requirepass {secret}",
+            # Sentinels talk to each other with the same password they ask of clients.
+            f"sentinel sentinel-pass {secret}",
+            f"sentinel monitor {name} {master.host} {master.port} {master.quorum}",
+            f"sentinel auth-pass {name} {secret}",
+            f"sentinel down-after-milliseconds {name} {master.down_after_ms}",
+            f"sentinel failover-timeout {name} {master.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+            "daemonize no",
+            'logfile ""',
+            "",
+        ]
+    )
+
+
+def replica_config(primary_host: str, primary_port: int, password: str) -> list[str]:
+    """``extra_config`` lines that make a server a replica of the primary at ``primary_host:primary_port``."""
+    return [f"replicaof {primary_host} {primary_port}", f"masterauth {_config_string(password, 'Redis password')}"]
+
+
+class SentinelWatch(NamedTuple):
+    """The primary a Sentinel watches: its name, address, how many sentinels must agree it is down, and how fast."""
+
+    name: str
+    host: str
+    port: int
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 10_000
+
+
 def start_valkey(
     data_dir: Path,
     port: int | None,
@@ -94,11 +136,15 @@ def start_valkey(
     timeout: float = VALKEY_START_TIMEOUT,
     detach: bool = True,
     host: str = LOOPBACK,
+    extra_config: Sequence[str] = (),
+    sentinel_of: SentinelWatch | None = None,
 ) -> ManagedServer:
     """Start (or restart on the same ``data_dir``, replaying its AOF) a password-protected Valkey on 127.0.0.1.
 
     ``port=None`` picks a free port. Returns once ``PING`` with the password answers. ``host`` binds another
     address of this host instead of loopback (the multi-host test's server namespace); the embedded farm never does.
+    ``extra_config`` lines are appended (a replica's ``replicaof``); ``sentinel_of`` starts a Sentinel watching
+    that primary instead of a data server (``valkey-server --sentinel``, the same binary).
     """
     # The control plane's own client; imported here to keep this module light.
     import redis
@@ -113,11 +159,16 @@ def start_valkey(
     attempts = 1 if port is not None else PORT_ATTEMPTS
     for _ in range(attempts):
         chosen = port if port is not None else free_port()
-        write_private(conf_path, valkey_config(data_dir, chosen, password, host))
+        if sentinel_of is None:
+            config = valkey_config(data_dir, chosen, password, host) + "".join(f"{line}\n" for line in extra_config)
+        else:
+            config = sentinel_config(data_dir, chosen, password, sentinel_of, host)
+        write_private(conf_path, config)
         mark = log_size(log_path)
-        proc = spawn([str(exe), str(conf_path)], log_path, data_dir, None, detach)
+        args = [str(exe), str(conf_path)] + (["--sentinel"] if sentinel_of is not None else [])
+        proc = spawn(args, log_path, data_dir, None, detach)
         server = ManagedServer(
-            name="valkey",
+            name="valkey" if sentinel_of is None else "valkey-sentinel",
             pid=proc.pid,
             port=chosen,
             log_path=log_path,

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from scheduler.core import jobs, keys
+from scheduler.core import durability, jobs, keys
 from scheduler.core.errors import UserError
 from scheduler.core.job_record import StageField, count_states, stage_fields
 from scheduler.core.route import ROUTE_FIELD
@@ -157,6 +157,8 @@ def submit_batch(
             secret,
             settings.transform.split_at_step,
         )
+    # One wait covers every chunk before the batch is acknowledged (see scheduler.core.durability).
+    durability.confirm(conn, settings, "batch submit")
     conn.hset(
         keys.batch_key(name),
         mapping={

@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis
-from pydantic import ValidationError
 
 from scheduler.core import jobs, keys, queues, worker_registry
 from scheduler.core.job_record import (
@@ -43,7 +42,6 @@ from scheduler.core.job_record import (
     lua_finished,
     read_records,
     routing_of,
-    stage_field,
     stage_fields,
 )
 from scheduler.core.jobs import JobAdminError, JobNotFound, JobState
@@ -52,8 +50,6 @@ from scheduler.core.output_keys import checkpoint_prefix
 from scheduler.core.rooms import Rooms
 from scheduler.core.route import ROUTE_FIELD
 from scheduler.core.settings import FarmSettings
-from scheduler.core.spec import CodecOptions, JobSpec
-from scheduler.core.stage_calls import StageCall
 
 CANCEL_REASON = jobs.CANCEL_REASON
 
@@ -143,63 +139,6 @@ def cancel_jobs(conn: redis.Redis, job_ids: Iterable[str]) -> dict[CancelOutcome
     for job_id in job_ids:
         counts[cancel_job(conn, job_id)] += 1
     return counts
-
-
-# --------------------------------------------------------------------------- decode-from
-
-
-def decode_from(conn: redis.Redis, job_id: str, codec: dict[str, Any] | None, *, secret: bytes) -> int:
-    """Re-render a finished job's video from its latents checkpoint: a new decode attempt only, no DiT.
-
-    ``codec`` (``{"name": ..., "crf": ...}``) replaces the spec's codec for this and later renders. The
-    video lands at the job's usual (deterministic) key, replacing the old one. Returns the decode attempt.
-    """
-    key = keys.job_key(job_id)
-
-    def queue_decode(pipe: redis.client.Pipeline) -> int:
-        fields = jobs.job_fields(pipe, job_id)  # type: ignore[arg-type]
-        if not fields:
-            raise JobNotFound(f"job {job_id} not found (check the id with `reelfarm ls`)")
-        call, spec_json = _decode_from_call(job_id, fields, codec)
-        pipe.multi()
-        pipe.hdel(key, "result", "error", *(stage_field(Stage.DECODE, f) for f in _DECODE_STALE))
-        pipe.hset(key, mapping={"state": JobState.QUEUED.value, "spec": spec_json, "redecoded_at": repr(time.time())})
-        jobs.queue_stage(pipe, conn, call, routing_of(spec_json), secret=secret)
-        return call.attempt
-
-    # redis-py's transaction() re-runs the read-decide-write under WATCH until nobody changed the job meanwhile.
-    # (typeshed declares the callable as returning None, though value_from_callable returns its value.)
-    return int(conn.transaction(queue_decode, key, value_from_callable=True))  # type: ignore[arg-type]
-
-
-# A new decode attempt shows only its own story; ``decode.attempt`` stays (the next attempt number).
-_DECODE_STALE = [f for f in StageField if f is not StageField.ATTEMPT]
-
-
-def _decode_from_call(job_id: str, fields: dict[str, str], codec: dict[str, Any] | None) -> tuple[StageCall, str]:
-    state = fields.get("state")
-    if state not in (JobState.SUCCEEDED.value, JobState.FAILED.value):
-        raise JobAdminError(f"job {job_id} is {state}: decode-from re-renders finished jobs only (wait for it first)")
-    route = jobs.route_or_default(fields)
-    last_transform = route.previous(route.last) or Stage.TRANSFORM
-    ref = checkpoint_ref(fields, last_transform, StageField.CHECKPOINT)
-    if ref is None or fields.get(stage_field(last_transform, StageField.STATE)) != StageState.DONE:
-        raise JobAdminError(
-            f"job {job_id} has no latents checkpoint (they are kept after completion only with "
-            f"checkpoints.retention_days > 0); re-render it with `reelfarm retry {job_id}` instead"
-        )
-    try:
-        spec = JobSpec.model_validate_json(fields.get("spec", ""))
-        if codec:
-            spec = spec.model_copy(update={"codec": CodecOptions.model_validate({**spec.codec.model_dump(), **codec})})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "spec"
-        raise JobAdminError(
-            f"decode-from {job_id}: {where}: {first['msg']} (see `reelfarm decode-from --help`)"
-        ) from None
-    attempt = attempt_of(fields, route.last) + 1
-    return StageCall(job_id, route.last, attempt, ref.attempt), spec.to_json()
 
 
 def drop_checkpoints(conn: redis.Redis, settings: FarmSettings, job_id: str) -> int:

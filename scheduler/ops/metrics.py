@@ -2,7 +2,8 @@
 keep them up to date: ``reelfarm_queue_depth{stage,priority,model}``, ``reelfarm_jobs{state}``,
 ``reelfarm_workers_live{stage}``, ``reelfarm_workers_busy{stage}``, ``reelfarm_worker_busy_ratio{stage}``,
 ``reelfarm_worker_heartbeat_age_seconds{worker,stage}``, ``reelfarm_inflight{stage}``,
-``reelfarm_delayed_retries``, ``reelfarm_refused_calls{reason}`` (rq jobs workers refused to run) and
+``reelfarm_delayed_retries``, ``reelfarm_dit_recomputed_seconds``, ``reelfarm_replication_wait_timeouts{write}``,
+``reelfarm_refused_calls{reason}`` (rq jobs workers refused to run) and
 ``reelfarm_up`` (0 when Redis did not answer). ``reelfarm metrics --port P`` serves them. What each
 worker measures itself is ``scheduler.core.worker_metrics``.
 """
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler.core import keys, stage_calls, worker_registry
+from scheduler.core import durability, keys, stage_calls, worker_registry
 from scheduler.core.keys import Stage
 from scheduler.core.worker_metrics import start_metrics_server
 from scheduler.ops import job_admin
@@ -113,6 +114,20 @@ class FarmCollector(Collector):
         delayed = GaugeMetricFamily("reelfarm_delayed_retries", "Stage retries waiting out their backoff")
         delayed.add_metric([], int(self.conn.zcard(keys.delayed_key())))  # type: ignore[arg-type]
         yield delayed
+        recomputed = GaugeMetricFamily(
+            "reelfarm_dit_recomputed_seconds",
+            "Seconds of finished DiT work recovery redid because its latents checkpoint was gone, since the farm began",
+        )
+        recomputed.add_metric([], float(self.conn.get(keys.dit_recomputed_key()) or 0.0))  # type: ignore[arg-type]
+        yield recomputed
+        waits = GaugeMetricFamily(
+            "reelfarm_replication_wait_timeouts",
+            "Acknowledged writes no replica confirmed in time (redis_durability replica), by kind, since the farm began",
+            labels=["write"],
+        )
+        for write, count in sorted(durability.timeout_counts(self.conn).items()):
+            waits.add_metric([write], count)
+        yield waits
         refused = GaugeMetricFamily(
             "reelfarm_refused_calls", "rq jobs stage workers refused to run, since the farm began", labels=["reason"]
         )
