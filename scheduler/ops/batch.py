@@ -34,6 +34,7 @@ from scheduler.core.errors import UserError
 from scheduler.core.job_record import StageField, count_states, stage_fields
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
+from scheduler.intake.tenancy import tag_owned_jobs
 from scheduler.ops.batch_file import (  # noqa: E402 - the batch API is one module to its callers
     BatchEntry,
     BatchError,
@@ -137,8 +138,12 @@ def submit_batch(
     resume: bool = False,
     source: str = "",
     chunk_size: int = CHUNK_SIZE,
+    owner: str | None = None,
 ) -> SubmitOutcome:
-    """Submit the valid entries of ``parsed``; existing jobs are skipped (or retried with ``resume``)."""
+    """Submit the valid entries of ``parsed``; existing jobs are skipped (or retried with ``resume``).
+
+    ``owner``: the API key name whose batch it is (``intake.tenancy``), written on each new job.
+    """
     started = time.perf_counter()
     outcome = SubmitOutcome()
     name = parsed.name
@@ -146,7 +151,8 @@ def submit_batch(
     images = _ImageStager(settings)
     secret = settings.require_secret()
     for offset in range(0, len(parsed.entries), chunk_size):
-        _submit_chunk(conn, name, parsed.entries[offset : offset + chunk_size], resume, outcome, images, secret)
+        chunk = parsed.entries[offset : offset + chunk_size]
+        _submit_chunk(conn, name, chunk, resume, outcome, images, secret, owner)
     conn.hset(
         keys.batch_key(name),
         mapping={
@@ -189,6 +195,7 @@ def _submit_chunk(
     outcome: SubmitOutcome,
     images: _ImageStager,
     secret: bytes,
+    owner: str | None = None,
 ) -> None:
     job_keys = [keys.job_key(e.job_id) for e in chunk]
     with conn.pipeline(transaction=True) as pipe:
@@ -221,6 +228,8 @@ def _submit_chunk(
                     else:
                         existing.append(entry.job_id)
                 jobs.create_jobs(pipe, conn, new_jobs, secret=secret)
+                if owner is not None:
+                    tag_owned_jobs(pipe, owner, [job_id for job_id, _ in new_jobs], time.time())
                 batch_jobs = keys.batch_jobs_key(name)
                 members = {e.job_id: e.line_no for e in chunk if e.job_id not in images.refused}
                 if members:
