@@ -1,7 +1,8 @@
-"""Tenants on the shared real farm (issue 26): a webhook scoped to one key, and fair admission under renders.
+"""Tenants on the shared real farm (issue 26): a webhook scoped to one key, fair admission under
+renders, and usage per key against the records.
 
 ``http_farm`` runs one worker per stage behind the front, with two user keys: team-a (an admission window
-of one job) and team-b (the default quota), beside its admin key.
+of one job), team-b and team-c (the default quota), beside its admin key.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.core import keys
 from scheduler.core.job_record import read_records
@@ -117,3 +119,60 @@ def test_one_keys_2000_job_batch_does_not_delay_another_keys_job(http_farm: Http
     assert done < 60
     counts = team_a.batches.retrieve(batch.id).request_counts
     assert counts is not None and counts.total == A_BATCH_LINES and counts.completed < 20
+
+
+def test_usage_equals_the_sums_over_the_job_records_of_a_batch(http_farm: HttpFarm, tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from scheduler.cli import main
+
+    team_c = _client(http_farm, "team-c")  # team-c makes only this batch
+    lines = [("a fox", "1"), ("a hare", "2"), ("an owl", "1")]
+    text = "\n".join(
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/videos", "body": {"prompt": p, "seconds": s}})
+        for i, (p, s) in enumerate(lines)
+    )
+    upload = team_c.files.create(file=("c.jsonl", io.BytesIO(text.encode())), purpose="batch")
+    batch = team_c.batches.create(input_file_id=upload.id, endpoint="/v1/videos", completion_window="24h")
+    wait_until(lambda: team_c.batches.retrieve(batch.id).status == "completed", 120, "team-c's batch")
+    output = team_c.files.content(team_c.batches.retrieve(batch.id).output_file_id).text
+    job_ids = [json.loads(line)["response"]["body"]["id"] for line in output.splitlines()]
+    assert len(job_ids) == 3
+
+    records = [
+        {k.decode(): v.decode() for k, v in http_farm.conn.hgetall(keys.job_key(j)).items()}  # type: ignore[union-attr]
+        for j in job_ids
+    ]
+    specs = [json.loads(r["spec"]) for r in records]
+    expected = {
+        "jobs": 3,
+        "videos": 3,
+        "video_seconds": sum(s["frames"] / s["fps"] for s in specs),  # 17/16 + 33/16 + 17/16
+        "dit_seconds": sum(float(r["transform.compute_seconds"]) for r in records),
+        "decode_seconds": sum(float(r["decode.compute_seconds"]) for r in records),
+    }
+    assert expected["video_seconds"] == pytest.approx(67 / 16)
+    day = time.strftime("%Y-%m-%d", time.gmtime(float(records[0]["created_at"])))
+
+    env = {"REELFARM_REDIS_URL": str(http_farm.settings.redis_url), "REELFARM_HOME": str(tmp_path)}
+    result = CliRunner().invoke(main, ["usage", "--key", "team-c", "--since", "1d", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert (row["key"], row["day"]) == ("team-c", day)
+    for name, value in expected.items():
+        assert row[name] == pytest.approx(value), name
+
+    status, _, body = http_farm.request("GET", "/v1/usage?key=team-c&since=1d", headers=http_farm.headers())
+    assert status == 200 and json.loads(body)["data"] == [row]
+    user = {"Authorization": f"Bearer {http_farm.extra['user_keys']['team-c']}"}
+    status, _, body = http_farm.request("GET", "/v1/usage", headers=user)
+    assert status == 403 and json.loads(body)["error"]["type"] == "permission_error"
+    status, _, metrics = http_farm.request("GET", "/metrics", headers=http_farm.headers())
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics.decode())
+        for sample in family.samples
+        if family.name.startswith("reelfarm_key_") and sample.labels.get("key") == "team-c"
+    }
+    for name, value in expected.items():
+        assert samples[f"reelfarm_key_{name}_total"] == pytest.approx(value), name
