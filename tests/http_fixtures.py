@@ -4,7 +4,7 @@ models, ``python -m scheduler.http`` on a loopback port, and a webhook receiver 
 settings name (allowlisted in ``fetch.allow``). Loaded by ``pytest_plugins``.
 
 ``http_farm`` (session scope: started once, ~30 s, for every HTTP test module) gives ``HttpFarm``: settings,
-a Redis connection, the base URL, the (admin) API key, two user keys (and team-c for usage; ``extra["user_keys"]``, a webhook
+a Redis connection, the base URL, the (admin) API key, two user keys (team-c for the usage test, team-fuzz for the fuzz test; ``extra["user_keys"]``, a webhook
 receiver scoped to team-a in ``extra["team_a_receiver"]``), ``client()`` (the official ``openai`` SDK pointed at the
 front), ``request()`` for raw HTTP, ``restart_front()``, ``restart_valkey()`` and ``receiver``. Its specs are
 small (64x48, 2 steps) so a video renders in a few seconds on a CPU.
@@ -46,7 +46,7 @@ from tests.service_fixtures import S3Service
 
 HTTP_SPEC_DEFAULTS: dict[str, Any] = {"width": 64, "height": 48, "frames": 17, "steps": 2, "fps": 16}
 # The shared farm's user keys and their quotas (the unnamed api_key is its admin key).
-TENANTS = {"team-a": KeyQuota(max_active_jobs=1), "team-b": KeyQuota(), "team-c": KeyQuota()}
+TENANTS = {"team-a": KeyQuota(max_active_jobs=1), "team-b": KeyQuota(), "team-c": KeyQuota(), "team-fuzz": KeyQuota()}
 
 
 class WebhookReceiver:
