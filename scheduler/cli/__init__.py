@@ -44,6 +44,7 @@ for _command in (
     batch_commands.manifest_command,
     batch_commands.cron_command,
     tenant_commands.usage_command,
+    tenant_commands.redis_acl_command,
     deploy_commands.settings_doc,
     deploy_commands.worker_ready,
 ):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -42,3 +43,23 @@ def usage_command(settings: FarmSettings, key_name: str | None, since: str, as_j
         for r in rows
     ]
     click.echo(table([header, *body]))
+
+
+@click.command("redis-acl")
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="the ACL file to write (Valkey/Redis aclfile)"
+)
+@click.option(
+    "--url", default="redis://127.0.0.1:6379/0", show_default=True, help="the server the printed role URLs point at"
+)
+def redis_acl_command(out: Path, url: str) -> None:
+    """Write a Redis ACL file with one user per farm role (worker, http, scheduler, keda, admin) and print
+    each role's redis_url once (the file holds only password digests)."""
+    from scheduler.local.processes import write_private
+    from scheduler.ops.redis_acl import ROLES, new_passwords, render_acl, role_url
+
+    passwords = new_passwords()
+    write_private(out, render_acl(passwords))
+    click.echo(f"wrote {out}: load it with `aclfile {out}` in valkey.conf (or redis.conf), then ACL LOAD")
+    for role in ROLES:
+        click.echo(f"{role.name:10} {role_url(url, role.name, passwords[role.name])}   # {role.what}")
