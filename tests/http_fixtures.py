@@ -4,7 +4,7 @@ models, ``python -m scheduler.http`` on a loopback port, and a webhook receiver 
 settings name (allowlisted in ``fetch.allow``). Loaded by ``pytest_plugins``.
 
 ``http_farm`` (session scope: started once, ~30 s, for every HTTP test module) gives ``HttpFarm``: settings,
-a Redis connection, the base URL, the (admin) API key, two user keys (team-c for the usage test, team-fuzz for the fuzz test; ``extra["user_keys"]``, a webhook
+a Redis connection, the base URL, the (admin) API key, user keys (team-a and team-b; team-c for the usage test, team-fuzz for the fuzz test; ``extra["user_keys"]``, a webhook
 receiver scoped to team-a in ``extra["team_a_receiver"]``), ``client()`` (the official ``openai`` SDK pointed at the
 front), ``request()`` for raw HTTP, ``restart_front()``, ``restart_valkey()`` and ``receiver``. Its specs are
 small (64x48, 2 steps) so a video renders in a few seconds on a CPU.

@@ -228,7 +228,12 @@ def _result_line(batch_id: str, outcome: RequestOutcome, response: dict[str, Any
 
 
 def _finalize(
-    front: Front, batch_id: str, outcomes: list[RequestOutcome], records: dict[str, Any], owner: str | None
+    front: Front,
+    batch_id: str,
+    outcomes: list[RequestOutcome],
+    records: dict[str, Any],
+    owner: str | None,
+    cancelled: bool,
 ) -> dict[str, str]:
     output, errors = [], []
     for outcome in outcomes:
@@ -237,7 +242,8 @@ def _finalize(
             continue
         fields = records.get(outcome.job_id or "") or {
             "state": JobState.FAILED.value,
-            "error": "the job record expired",
+            # No record: a line the cancel dropped while it waited for admission, or an expired record.
+            "error": "cancelled before it entered the queues" if cancelled else "the job record expired",
         }
         video = video_object(outcome.job_id or "", fields)
         if video["status"] == "completed":
@@ -273,7 +279,7 @@ def batch_object(front: Front, batch_id: str, caller: Caller | None = None) -> d
         now = repr(time.time())
         end_field = "cancelled_at" if "cancelling_at" in record else "completed_at"
         records = {job_id: fields for job_id, fields in read_records(front.conn, job_ids) if fields is not None}
-        results = _finalize(front, batch_id, outcomes, records, record.get(OWNER_FIELD))
+        results = _finalize(front, batch_id, outcomes, records, record.get(OWNER_FIELD), "cancelling_at" in record)
         update = {**results, "finalizing_at": now, end_field: now}
         front.conn.hset(keys.api_batch_key(batch_id), mapping=update)  # type: ignore[arg-type]
         record.update(update)
