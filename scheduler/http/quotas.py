@@ -10,7 +10,9 @@ Over a quota a create answers 429 in OpenAI's error shape and nothing is written
   ``Retry-After`` is the seconds to the next window;
 - ``max_active_jobs`` (queued + running): a single create over it gets ``Retry-After``; a batch is not
   refused for it but held back at admission (``admission``), so the limit is also the most of one key's
-  jobs any other key's job can find queued ahead of it.
+  jobs any other key's job can find queued ahead of it. Two creates racing for the last slot may both
+  pass (count, then submit, is not one transaction): the window can be exceeded by the number of a key's
+  concurrent creates, never by a batch.
 """
 
 from __future__ import annotations

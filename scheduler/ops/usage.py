@@ -88,6 +88,8 @@ def _video_seconds(spec_json: str | None) -> float:
 
 def usage_rows(conn: redis.Redis, since_seconds: float, key: str | None = None) -> list[UsageRow]:
     """One row per (key, UTC day) with jobs created in the last ``since_seconds``, sorted by day then key."""
+    if key is not None and key != CLI_KEY and not keys.ID_PATTERN.match(key):
+        raise UsageError(f"key {key!r}: give an API key name (A-Z a-z 0-9 _ -) or {CLI_KEY}")
     low = time.time() - since_seconds
     # A named key's jobs are in its own index; everyone's (the CLI's included) in the farm-wide one.
     index = keys.jobs_index_key() if key in (None, CLI_KEY) else keys.api_owner_index_key(key, "videos")
