@@ -104,8 +104,8 @@ def test_one_keys_2000_job_batch_does_not_delay_another_keys_job(http_farm: Http
         )
         # The admission window (one job) is all of team-a's that team-b's job can find ahead of it.
         assert len(ahead) <= 1
-        # Wall-clock bound (shared CPU: a second of slack for polling and the housekeeper's pass).
-        assert delay <= one_job + 1.0
+        # Wall-clock bound (shared CPU: slack for polling, the housekeeper's pass and a loaded machine).
+        assert delay <= one_job + 1.0 + 0.5 * solo_seconds
         # Only the window's worth of team-a's batch is in the farm; the rest waits outside the queues.
         unfinished = [j for j, f in a_records.items() if (f or {}).get("state") in ("queued", "running")]
         assert len(unfinished) <= 1 and a_jobs_before <= len(a_ids) < A_BATCH_LINES / 10
