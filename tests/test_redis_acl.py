@@ -20,8 +20,10 @@ from fastapi.testclient import TestClient
 from scheduler.cli import main
 from scheduler.core import jobs, keys
 from scheduler.core.keys import Stage
-from scheduler.core.settings import HttpSettings, api_key_hash
+from scheduler.core.settings import FetchSettings, HttpSettings, WebhookEndpoint, api_key_hash
 from scheduler.http.app import create_app
+from scheduler.http.server import housekeeping_tasks
+from scheduler.http.state import Front
 from scheduler.intake.submit import submit
 from scheduler.local.processes import ManagedServer, free_port, log_size, spawn, wait_ready, write_private
 from scheduler.local.valkey import find_valkey_binary, valkey_config
@@ -136,21 +138,29 @@ def test_the_farm_completes_jobs_and_survives_a_worker_sigkill_under_the_acls(
     base = farm_settings(acl_valkey.urls["admin"], s3_config, tiny_model_dir, tmp_path)
     as_role = {role: base.model_copy(update={"redis_url": acl_valkey.urls[role]}) for role in acl_valkey.urls}
     api_key = "rf-acl-test-key"
-    front_settings = as_role["http"].model_copy(update={"http": HttpSettings(api_key_hashes=[api_key_hash(api_key)])})
+    # A webhook nobody answers: the front's outbox and retries run under its role too.
+    hook = WebhookEndpoint(url=f"http://127.0.0.1:{free_port()}/hook", secret="whsec_" + "a" * 32)
+    front_settings = as_role["http"].model_copy(
+        update={
+            "http": HttpSettings(api_key_hashes=[api_key_hash(api_key)], webhooks=[hook]),
+            "fetch": FetchSettings(allow=["127.0.0.1"]),
+        }
+    )
     fleet = WorkerFleet(as_role["worker"], {"REELFARM_FAULT_SLOW": "transform:1.5"})
     scheduler = acl_valkey.connect("scheduler")
     try:
         fleet.start(*Stage)
         # One job from the CLI's role, one through the HTTP front's.
         cli_job = submit(scheduler, as_role["scheduler"], {**JOB, "seed": 1})
-        with TestClient(create_app(front_settings)) as front:
-            answer = front.post(
+        with TestClient(create_app(front_settings)) as http:
+            answer = http.post(
                 "/v1/videos",
                 json={"prompt": "through the front", "size": "64x48", "seconds": "1", "seed": 2, "steps": 2},
                 headers={"Authorization": f"Bearer {api_key}"},
             )
             assert answer.status_code == 200, answer.text
             http_job = answer.json()["id"]
+            auth = {"Authorization": f"Bearer {api_key}"}
         # Kill the transform worker mid-job, as an OOM kill would; a new one takes over.
         wait_until(lambda: jobs.job_fields(scheduler, cli_job).get("transform.state") == "running", 90, "transform")
         time.sleep(0.5)
@@ -160,6 +170,19 @@ def test_the_farm_completes_jobs_and_survives_a_worker_sigkill_under_the_acls(
             record = wait_finished(scheduler, job_id, timeout=180)
             assert record["state"] == "succeeded", worker_logs(as_role["worker"])
         assert wait_finished(scheduler, cli_job, timeout=1)["failures"], "the kill landed mid-job: a restart recorded"
+        # The front's reads and deletes, and its background work (admission, events, outbox, sweep), as http.
+        front = Front.from_settings(front_settings)
+        tasks = housekeeping_tasks(front)
+        with TestClient(create_app(front_settings, front)) as http:
+            assert http.get(f"/v1/videos/{http_job}", headers=auth).json()["status"] == "completed"
+            assert http.get("/metrics", headers=auth).status_code == 200
+            for task in tasks:
+                task()
+            assert front.conn.zcard(keys.webhook_outbox_key()) == 1  # the event waits for its receiver
+            assert http.delete(f"/v1/videos/{http_job}", headers=auth).status_code == 200
+            for task in tasks:
+                task()
+        assert not front.conn.exists(keys.job_key(http_job))  # swept
         assert "NOPERM" not in worker_logs(as_role["worker"])
     finally:
         fleet.stop_all()
