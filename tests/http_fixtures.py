@@ -4,7 +4,8 @@ models, ``python -m scheduler.http`` on a loopback port, and a webhook receiver 
 settings name (allowlisted in ``fetch.allow``). Loaded by ``pytest_plugins``.
 
 ``http_farm`` (session scope: started once, ~30 s, for every HTTP test module) gives ``HttpFarm``: settings,
-a Redis connection, the base URL, the API key, ``client()`` (the official ``openai`` SDK pointed at the
+a Redis connection, the base URL, the (admin) API key, user keys (team-a and team-b; team-c for the usage test, team-fuzz for the fuzz test; ``extra["user_keys"]``, a webhook
+receiver scoped to team-a in ``extra["team_a_receiver"]``), ``client()`` (the official ``openai`` SDK pointed at the
 front), ``request()`` for raw HTTP, ``restart_front()``, ``restart_valkey()`` and ``receiver``. Its specs are
 small (64x48, 2 steps) so a video renders in a few seconds on a CPU.
 """
@@ -28,7 +29,15 @@ import redis
 
 from scheduler.core.keys import Stage
 from scheduler.core.object_store import ensure_bucket, make_s3_client, remove_bucket
-from scheduler.core.settings import FarmSettings, FetchSettings, HttpSettings, WebhookEndpoint, api_key_hash
+from scheduler.core.settings import (
+    ApiKeyEntry,
+    FarmSettings,
+    FetchSettings,
+    HttpSettings,
+    KeyQuota,
+    WebhookEndpoint,
+    api_key_hash,
+)
 from scheduler.local.embedded import start_http_front
 from scheduler.local.processes import ManagedServer, free_port, stop_child
 from scheduler.local.valkey import start_valkey
@@ -36,6 +45,8 @@ from tests.farm_harness import WorkerFleet, farm_settings
 from tests.service_fixtures import S3Service
 
 HTTP_SPEC_DEFAULTS: dict[str, Any] = {"width": 64, "height": 48, "frames": 17, "steps": 2, "fps": 16}
+# The shared farm's user keys and their quotas (the unnamed api_key is its admin key).
+TENANTS = {"team-a": KeyQuota(max_active_jobs=1), "team-b": KeyQuota(), "team-c": KeyQuota(), "team-fuzz": KeyQuota()}
 
 
 class WebhookReceiver:
@@ -137,11 +148,20 @@ def make_http_farm(s3: S3Service, t2v: Path, i2v: Path, home: Path) -> Iterator[
     receiver = WebhookReceiver()
     webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     api_key = "rf-test-" + secrets.token_urlsafe(16)
+    # Two tenants beside the admin key: team-a's window of one job is what the fairness test needs.
+    user_keys = {name: "rf-test-" + secrets.token_urlsafe(16) for name in TENANTS}
+    team_a_receiver = WebhookReceiver()
     http = HttpSettings(
         port=free_port(),
         api_key_hashes=[api_key_hash(api_key)],
+        api_keys=[
+            ApiKeyEntry(name=name, hash=api_key_hash(key), quota=TENANTS[name]) for name, key in user_keys.items()
+        ],
         watch_interval_seconds=0.2,
-        webhooks=[WebhookEndpoint(url=receiver.url, secret=webhook_secret)],
+        webhooks=[
+            WebhookEndpoint(url=receiver.url, secret=webhook_secret),
+            WebhookEndpoint(url=team_a_receiver.url, secret=webhook_secret, key="team-a"),
+        ],
         webhook_backoff_seconds=0.2,
         webhook_max_backoff_seconds=1.0,
         # Retries every second or so; enough attempts to outlast the restarts a test puts in between.
@@ -158,7 +178,7 @@ def make_http_farm(s3: S3Service, t2v: Path, i2v: Path, home: Path) -> Iterator[
         fetch=FetchSettings(allow=["127.0.0.1"]),
     )
     farm = HttpFarm(settings, conn, api_key, valkey, receiver, webhook_secret, fleet=WorkerFleet(settings))
-    farm.extra["valkey_password"] = password
+    farm.extra.update(valkey_password=password, user_keys=user_keys, team_a_receiver=team_a_receiver)
     try:
         farm.fleet.start(*Stage)  # type: ignore[union-attr]
         farm.start_front()
@@ -167,6 +187,7 @@ def make_http_farm(s3: S3Service, t2v: Path, i2v: Path, home: Path) -> Iterator[
         farm.stop_front()
         farm.fleet.stop_all()  # type: ignore[union-attr]
         receiver.stop()
+        team_a_receiver.stop()
         remove_bucket(client, bucket.bucket)
         conn.close()
         farm.valkey.stop()

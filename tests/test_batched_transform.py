@@ -101,7 +101,9 @@ def test_queued_compatible_jobs_run_as_one_batch_and_each_equals_wanpipeline(
 
 def test_a_cancelled_job_and_a_malformed_input_leave_their_batch_mates_alone(make_farm: Any) -> None:
     base = make_farm()
-    farm = make_farm(transform=BATCH, transfer=SLOTS, worker=base.settings.worker.model_copy(update={"max_attempts": 1}))
+    farm = make_farm(
+        transform=BATCH, transfer=SLOTS, worker=base.settings.worker.model_copy(update={"max_attempts": 1})
+    )
     specs = [
         {**JOB, "prompt": "slowpoke fox", "steps": 8},
         {**JOB, "prompt": "a lighthouse at dusk", "seed": 8},

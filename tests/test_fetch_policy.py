@@ -9,6 +9,7 @@ is watched, and the loopback server counts the connections it accepted.
 from __future__ import annotations
 
 import io
+import ipaddress
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ import pytest
 from scheduler.core.object_store import S3Config, get_bytes
 from scheduler.core.settings import FarmSettings, FetchSettings, S3Settings
 from scheduler.core.spec import JobSpec, SpecError
-from scheduler.intake.fetch_policy import FetchPolicy, FetchRefused, fetch
+from scheduler.intake.fetch_policy import FetchPolicy, FetchRefused, address_class, fetch
 from scheduler.intake.image_staging import stage_input_image
 
 
@@ -268,3 +269,71 @@ def test_submission_fetches_from_an_allowlisted_server(
     assert staged.image is not None
     bucket, _, key = staged.image.removeprefix("s3://").partition("/")
     assert get_bytes(s3_client, bucket, key) == PNG
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("[2002:7f00:1::1]", "6to4 loopback"),  # 2002:7f00:0001:: embeds 127.0.0.1
+        ("[2002:a00:1::]", "6to4 private"),  # 10.0.0.1
+        ("[2002:a9fe:a9fe::]", "6to4 link-local"),  # 169.254.169.254, the metadata service
+        ("[fec0::1]", "site-local"),
+    ],
+)
+def test_6to4_of_non_public_ipv4_and_site_local_are_refused(
+    server: CountingServer, connections: list[Any], host: str, kind: str
+) -> None:
+    with pytest.raises(FetchRefused) as refused:
+        fetch(f"http://{host}:{server.port}/img.png", FetchPolicy(max_bytes=100_000))
+    assert f"is a {kind} address" in str(refused.value) and connections == []
+
+
+def test_6to4_of_a_public_ipv4_is_public() -> None:
+    assert address_class(ipaddress.ip_address("2002:808:808::1")) is None  # 8.8.8.8
+
+
+def test_the_deadline_bounds_name_resolution(connections: list[Any]) -> None:
+    release = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        release.wait(30)  # a DNS server that never answers
+        return ["93.184.216.34"]
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchRefused, match="took longer than 0.5 s"):
+            fetch("https://images.example/cat.png", FetchPolicy(max_bytes=1000, timeout_seconds=0.5), resolver=hanging)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2.0 and connections == []
+
+
+def test_a_server_dribbling_its_headers_is_cut_off_at_the_deadline() -> None:
+    """Each byte arrives well within a socket timeout, so only the watchdog can stop it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def dribble() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * 200:
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=dribble, daemon=True)
+    thread.start()
+    policy = FetchPolicy(max_bytes=100_000, allow=("127.0.0.0/8",), timeout_seconds=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchRefused, match="took longer than 1 s"):
+            fetch(f"http://127.0.0.1:{listener.getsockname()[1]}/img.png", policy)
+        assert time.monotonic() - started < 2.5
+    finally:
+        stop.set()
+        listener.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.core.settings import FarmSettings, api_key_hash, load_settings
+from scheduler.core.settings import FarmSettings, HttpSettings, api_key_hash, load_settings
 from scheduler.core.spec import SpecError
 from scheduler.http.auth import ApiKeys
 from scheduler.http.content import byte_range
@@ -82,8 +82,10 @@ def test_multipart_fields_nest_by_brackets() -> None:
 
 
 def test_idempotency_key_gives_one_id_per_key() -> None:
-    assert new_video_id("k1") == new_video_id("k1") != new_video_id("k2")
-    assert new_video_id(None) != new_video_id(None)
+    assert new_video_id("k1", "team-a") == new_video_id("k1", "team-a") != new_video_id("k2", "team-a")
+    # Idempotency keys are scoped per API key: the same spelling from another key is another video.
+    assert new_video_id("k1", "team-a") != new_video_id("k1", "team-b")
+    assert new_video_id(None, "team-a") != new_video_id(None, "team-a")
 
 
 def test_byte_ranges() -> None:
@@ -100,7 +102,7 @@ def test_byte_ranges() -> None:
 
 
 def test_api_keys_are_stored_hashed_and_env_keys_hashed_at_load() -> None:
-    keys = ApiKeys([api_key_hash("good-key"), api_key_hash("other")])
+    keys = ApiKeys(HttpSettings(api_key_hashes=[api_key_hash("good-key"), api_key_hash("other")]))
     assert keys.accepts("good-key") and keys.accepts("other") and not keys.accepts("bad")
     settings = load_settings(env={"REELFARM_API_KEY": "from-env"})
     assert settings.http.api_key_hashes == [api_key_hash("from-env")]

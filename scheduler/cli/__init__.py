@@ -4,6 +4,7 @@
 - ``job_commands``: submit, status, wait, run, decode-from;
 - ``batch_commands``: batch, ls, cancel, retry, report, manifest, cron;
 - ``farm_commands``: up, down, worker, model, info, metrics, serve (the HTTP front), api-key;
+- ``tenant_commands``: usage (per API key and day), redis-acl;
 - ``deploy_commands``: settings-doc, worker-ready.
 
 Nothing here imports torch: submitting and watching jobs needs no GPU stack.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import click
 
-from scheduler.cli import batch_commands, deploy_commands, farm_commands, job_commands
+from scheduler.cli import batch_commands, deploy_commands, farm_commands, job_commands, tenant_commands
 
 
 @click.group()
@@ -42,6 +43,8 @@ for _command in (
     batch_commands.report_command,
     batch_commands.manifest_command,
     batch_commands.cron_command,
+    tenant_commands.usage_command,
+    tenant_commands.redis_acl_command,
     deploy_commands.settings_doc,
     deploy_commands.worker_ready,
 ):

@@ -101,15 +101,28 @@ def serve_command(settings: FarmSettings, host: str | None, port: int | None) ->
 
 
 @click.command("api-key")
-def api_key_command() -> None:
-    """Make a new random API key for the HTTP front and print it with the digest to configure."""
+@click.option(
+    "--name", default=None, help="Name the key (1-64 of A-Z a-z 0-9 _ -): what it creates is recorded under it."
+)
+@click.option("--role", type=click.Choice(["user", "admin"]), default="user", show_default=True, help="With --name.")
+def api_key_command(name: str | None, role: str) -> None:
+    """Make a new random API key for the HTTP front and print it with the settings entry to configure."""
+    import json
     import secrets
 
-    from scheduler.core.settings import api_key_hash
+    from scheduler.core.settings import ApiKeyEntry, api_key_hash
 
     key = "rf-" + secrets.token_urlsafe(32)
     click.echo(f"key:    {key}")
-    click.echo(f"config: http: {{api_key_hashes: [{api_key_hash(key)}]}}   (or pass the key as REELFARM_API_KEY)")
+    if name is None:
+        click.echo(f"config: http: {{api_key_hashes: [{api_key_hash(key)}]}}   (or pass the key as REELFARM_API_KEY)")
+        return
+    try:
+        entry = ApiKeyEntry(name=name, hash=api_key_hash(key), role=role)  # type: ignore[arg-type]
+    except ValueError:
+        raise click.BadParameter("use 1-64 characters from A-Z a-z 0-9 _ -", param_hint="--name") from None
+    # JSON is YAML: the entry pastes into configs/farm.yaml's http.api_keys list as it is.
+    click.echo(f"config: http: {{api_keys: [{json.dumps(entry.model_dump(exclude_none=True))}]}}")
 
 
 @click.command()

@@ -304,6 +304,35 @@ def api_watch_key() -> str:
     return f"{PREFIX}:api:watch"
 
 
+def api_owner_index_key(owner: str, kind: str) -> str:
+    """Sorted set of the ids of the ``videos``, ``files`` or ``batches`` one API key (by name) created,
+    scored by creation time: a user key's list reads it, not the farm-wide index."""
+    if kind not in ("videos", "files", "batches"):
+        raise ValueError(f"invalid owner index kind {kind!r}: use videos, files or batches")
+    return f"{PREFIX}:api:owner:{check_id(owner, 'API key name')}:{kind}"
+
+
+def api_owner_active_key(owner: str) -> str:
+    """Sorted set of an API key's jobs that may still be queued or running (pruned when counted)."""
+    return f"{PREFIX}:api:owner:{check_id(owner, 'API key name')}:active"
+
+
+def api_owner_held_key(owner: str) -> str:
+    """Sorted set of ``<batch id>|<line>`` an API key's batches hold back from the queues (its admission
+    window is full), scored in submission order."""
+    return f"{PREFIX}:api:owner:{check_id(owner, 'API key name')}:held"
+
+
+def api_owner_rate_key(owner: str, minute: int) -> str:
+    """Counter of an API key's create requests in one minute (epoch minute), for its per-minute quota."""
+    return f"{PREFIX}:api:owner:{check_id(owner, 'API key name')}:rate:{int(minute)}"
+
+
+def api_batch_held_key(batch_id: str) -> str:
+    """Hash: input line -> JSON ``{job_id, spec}`` of a batch's lines not yet admitted to the queues."""
+    return f"{PREFIX}:api:batch:{check_id(batch_id, 'batch id')}:held"
+
+
 def deleting_jobs_key() -> str:
     """Sorted set of deleted jobs whose objects and record go once they have stopped (scored by delete time)."""
     return f"{PREFIX}:api:deleting"

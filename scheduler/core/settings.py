@@ -213,6 +213,44 @@ class WebhookEndpoint(BaseModel):
     secret: str = Field(min_length=8)
     # Event types sent to this endpoint; empty = all of them.
     events: list[str] = Field(default_factory=list)
+    # Only events of what this API key (by name, ``http.api_keys[].name``) created; None = every key's.
+    key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class KeyQuota(BaseModel):
+    """What one API key may hold and send (``http.api_keys[].quota``); over one: 429 in OpenAI's shape.
+
+    The defaults keep one key from starving the others on a farm of a few workers: a key's batch waits,
+    beyond ``max_active_jobs``, outside the queues (released as its own jobs finish), so another key's
+    job is never queued behind more than that many of its jobs.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The most of the key's jobs in the farm's queues or running at once; a batch's further lines wait
+    # (held back, not queued) and a single create over it is refused with Retry-After.
+    max_active_jobs: int = Field(default=8, ge=1)
+    # Create requests (videos and batches) per minute.
+    max_submits_per_minute: int = Field(default=60, ge=1)
+    # Lines in one batch input file; a longer batch is refused whole.
+    max_batch_lines: int = Field(default=10_000, ge=1)
+    # frames x width x height of one job (default: 81 frames at 832x480, Wan2.1's 480p clip).
+    max_frame_pixels: int = Field(default=81 * 832 * 480, ge=1)
+
+
+class ApiKeyEntry(BaseModel):
+    """One named API key of the HTTP front: its name (recorded on what it creates), digest, role and quota."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Shown in usage and recorded on its jobs, files and batches (never the key itself).
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # SHA-256 hex digest of the key (``reelfarm api-key --name NAME`` prints one).
+    hash: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    # user: sees only its own videos, files and batches; admin: everything, including CLI work.
+    role: Literal["user", "admin"] = "user"
+    # This key's limits; None = ``http.user_quota``. Admin keys have none (the operator's own).
+    quota: KeyQuota | None = None
 
 
 class HttpSettings(BaseModel):
@@ -227,6 +265,11 @@ class HttpSettings(BaseModel):
     # SHA-256 hex digests of the accepted bearer API keys (``reelfarm serve --print-key-hash KEY`` makes one);
     # REELFARM_API_KEY adds one key given in clear (hashed at load, never stored). No key: every call is 401.
     api_key_hashes: list[str] = Field(default_factory=list)
+    # Named keys ``[{name, hash, role: user|admin, quota}]``; a key in api_key_hashes is an admin key
+    # named ``admin-<first 8 hex of its digest>``.
+    api_keys: list[ApiKeyEntry] = Field(default_factory=list)
+    # The quota of every user key that names none of its own.
+    user_quota: KeyQuota = KeyQuota()
     # A JSON request body larger than this is refused with 413 before it is read.
     max_json_bytes: int = Field(default=1 * 2**20, ge=1024)
     # A multipart request (image or batch file upload) larger than this is refused with 413.

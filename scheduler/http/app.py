@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from scheduler.core.settings import FarmSettings
-from scheduler.http import batches, files, status_page, videos
+from scheduler.http import batches, files, status_page, usage, videos
 from scheduler.http.errors import install_error_handlers
 from scheduler.http.limits import BodySizeLimit
 from scheduler.http.state import Front, front_of, require_key
@@ -38,7 +38,7 @@ def create_app(settings: FarmSettings, front: Front | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit, max_json_bytes=settings.http.max_json_bytes, max_upload_bytes=settings.http.max_upload_bytes
     )
-    for router in (videos.router, files.router, batches.router, status_page.router):
+    for router in (videos.router, files.router, batches.router, usage.router, status_page.router):
         app.include_router(router)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the server answers, and whether Redis does")

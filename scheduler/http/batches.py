@@ -25,7 +25,7 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -37,11 +37,16 @@ from scheduler.core.job_record import JobState, read_records
 from scheduler.core.object_store import ObjectStoreError, get_bytes
 from scheduler.core.spec import SpecError
 from scheduler.http import video_requests
+from scheduler.http.admission import drop_held, held_job_ids, hold_back
+from scheduler.http.auth import Caller
 from scheduler.http.errors import INVALID_REQUEST, ApiError, error_body, not_found
 from scheduler.http.files import file_object_key, read_file_record, store_file
+from scheduler.http.ownership import ensure_visible, index_for, indexes_to_write
 from scheduler.http.pagination import cursor_page, ids_after
-from scheduler.http.state import Front, front_of, require_key
+from scheduler.http.quotas import check_batch_lines, check_batch_quota
+from scheduler.http.state import Front, caller_of, front_of, require_key
 from scheduler.http.video_objects import video_object
+from scheduler.intake.tenancy import OWNER_FIELD
 from scheduler.ops.batch import parse_batch, specs_to_text, submit_batch
 from scheduler.ops.job_admin import cancel_jobs
 
@@ -119,11 +124,20 @@ def read_input_lines(text: str, front: Front) -> tuple[list[tuple[int, str, dict
 
 
 def _submit(
-    front: Front, batch_id: str, good: list[tuple[int, str, dict[str, Any]]], source: str
+    front: Front, batch_id: str, good: list[tuple[int, str, dict[str, Any]]], source: str, caller: Caller
 ) -> list[RequestOutcome]:
-    """Submit the good lines as the reelfarm batch ``batch_id``; an outcome per line, in any order."""
+    """Submit the good lines as the reelfarm batch ``batch_id``; an outcome per line, in any order.
+
+    A user key's lines beyond its admission window are held back (``admission``) and enter the queues as
+    its earlier jobs finish; their outcome is already their job id.
+    """
     parsed = parse_batch(specs_to_text([spec for _, _, spec in good]), front.settings, name=batch_id, source=source)
-    outcome = submit_batch(front.conn, front.settings, parsed, source=source)
+    largest = max((e.spec.frames * e.spec.width * e.spec.height for e in parsed.entries), default=0)
+    check_batch_quota(front, caller, largest)
+    admitted = hold_back(front, caller, batch_id, parsed.entries)
+    outcome = submit_batch(
+        front.conn, front.settings, replace(parsed, entries=admitted), source=source, owner=caller.name
+    )
     # parse_batch numbers the spec text's lines from 1: spec line n is good[n - 1].
     by_spec_line = {e.line_no: e.job_id for e in parsed.entries}
     for line, first in parsed.duplicates:
@@ -138,19 +152,20 @@ def _submit(
     return results
 
 
-def create_batch(front: Front, request: BatchCreateRequest) -> dict[str, Any]:
-    read_file_record(front, request.input_file_id)
+def create_batch(front: Front, request: BatchCreateRequest, caller: Caller) -> dict[str, Any]:
+    read_file_record(front, request.input_file_id, caller)
     try:
         data = get_bytes(front.s3, front.settings.s3.bucket, file_object_key(front, request.input_file_id))
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "input_file_id: the file is not UTF-8 JSONL", param="input_file_id") from None
     batch_id = "batch_" + uuid.uuid4().hex[:24]
+    check_batch_lines(caller, sum(1 for line in text.splitlines() if line.strip()))
     good, bad = read_input_lines(text, front)
     if not good and not bad:
         raise ApiError(400, "input_file_id: the file has no requests; one JSON request per line", param="input_file_id")
     try:
-        submitted = _submit(front, batch_id, good, request.input_file_id) if good else []
+        submitted = _submit(front, batch_id, good, request.input_file_id, caller) if good else []
     except SpecError as exc:  # the whole batch refused (not one line): nothing was written
         raise ApiError(400, str(exc), param="input_file_id") from None
     now = repr(time.time())
@@ -165,9 +180,11 @@ def create_batch(front: Front, request: BatchCreateRequest) -> dict[str, Any]:
             "metadata": json.dumps(request.metadata),
             "created_at": now,
             "in_progress_at": now,
+            OWNER_FIELD: caller.name,
         },
     )
-    pipe.zadd(keys.api_batches_index_key(), {batch_id: float(now)})
+    for index in indexes_to_write(caller.name, "batches"):
+        pipe.zadd(index, {batch_id: float(now)})
     if front.settings.http.webhooks:
         pipe.zadd(keys.api_watch_key(), {f"batch:{batch_id}": float(now)}, nx=True)
     pipe.execute()
@@ -183,13 +200,15 @@ def _outcomes(front: Front, batch_id: str) -> list[RequestOutcome]:
     return sorted(outcomes, key=lambda o: o.line)
 
 
-def _record(front: Front, batch_id: str) -> dict[str, str]:
+def _record(front: Front, batch_id: str, caller: Caller | None = None) -> dict[str, str]:
     if not keys.ID_PATTERN.match(batch_id):
         raise not_found("batch", batch_id, _HINT)
     raw: dict[bytes, bytes] = front.conn.hgetall(keys.api_batch_key(batch_id))  # type: ignore[assignment]
     if not raw:
         raise not_found("batch", batch_id, _HINT)
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    record = {k.decode(): v.decode() for k, v in raw.items()}
+    ensure_visible(caller, record.get(OWNER_FIELD), not_found("batch", batch_id, _HINT))
+    return record
 
 
 def _result_file_id(batch_id: str, kind: str) -> str:
@@ -208,7 +227,14 @@ def _result_line(batch_id: str, outcome: RequestOutcome, response: dict[str, Any
     )
 
 
-def _finalize(front: Front, batch_id: str, outcomes: list[RequestOutcome], records: dict[str, Any]) -> dict[str, str]:
+def _finalize(
+    front: Front,
+    batch_id: str,
+    outcomes: list[RequestOutcome],
+    records: dict[str, Any],
+    owner: str | None,
+    cancelled: bool,
+) -> dict[str, str]:
     output, errors = [], []
     for outcome in outcomes:
         if outcome.error is not None:
@@ -216,7 +242,8 @@ def _finalize(front: Front, batch_id: str, outcomes: list[RequestOutcome], recor
             continue
         fields = records.get(outcome.job_id or "") or {
             "state": JobState.FAILED.value,
-            "error": "the job record expired",
+            # No record: a line the cancel dropped while it waited for admission, or an expired record.
+            "error": "cancelled before it entered the queues" if cancelled else "the job record expired",
         }
         video = video_object(outcome.job_id or "", fields)
         if video["status"] == "completed":
@@ -227,19 +254,22 @@ def _finalize(front: Front, batch_id: str, outcomes: list[RequestOutcome], recor
     for kind, lines, field in (("output", output, "output_file_id"), ("errors", errors, "error_file_id")):
         if lines:
             file_id = _result_file_id(batch_id, kind)
-            store_file(front, ("\n".join(lines) + "\n").encode(), f"{batch_id}_{kind}.jsonl", "batch_output", file_id)
+            data = ("\n".join(lines) + "\n").encode()
+            store_file(front, data, f"{batch_id}_{kind}.jsonl", "batch_output", file_id, owner=owner)
             done[field] = file_id
     return done
 
 
-def batch_object(front: Front, batch_id: str) -> dict[str, Any]:
+def batch_object(front: Front, batch_id: str, caller: Caller | None = None) -> dict[str, Any]:
     """The batch as OpenAI shows it; finalizes it (result files, end time) once all its jobs have finished."""
-    record = _record(front, batch_id)
+    record = _record(front, batch_id, caller)
     outcomes = _outcomes(front, batch_id)
     job_ids = sorted({o.job_id for o in outcomes if o.job_id})
+    held = held_job_ids(front, batch_id)
     # Only the states while it runs (one field per job); whole records once, when the results are written.
+    # A line held back at admission has no record yet: it is waiting, not gone.
     states = {
-        job_id: (fields or {}).get("state") or JobState.FAILED.value
+        job_id: (fields or {}).get("state") or (JobState.QUEUED.value if job_id in held else JobState.FAILED.value)
         for job_id, fields in read_records(front.conn, job_ids, ("state",))
     }
     completed = sum(1 for o in outcomes if o.job_id and states[o.job_id] == JobState.SUCCEEDED.value)
@@ -249,7 +279,8 @@ def batch_object(front: Front, batch_id: str) -> dict[str, Any]:
         now = repr(time.time())
         end_field = "cancelled_at" if "cancelling_at" in record else "completed_at"
         records = {job_id: fields for job_id, fields in read_records(front.conn, job_ids) if fields is not None}
-        update = {**_finalize(front, batch_id, outcomes, records), "finalizing_at": now, end_field: now}
+        results = _finalize(front, batch_id, outcomes, records, record.get(OWNER_FIELD), "cancelling_at" in record)
+        update = {**results, "finalizing_at": now, end_field: now}
         front.conn.hset(keys.api_batch_key(batch_id), mapping=update)  # type: ignore[arg-type]
         record.update(update)
     if "cancelled_at" in record:
@@ -292,24 +323,27 @@ def batch_object(front: Front, batch_id: str) -> dict[str, Any]:
 async def create(body: BatchCreateRequest, request: Request) -> dict[str, Any]:
     front = front_of(request)
     try:
-        return await run_in_threadpool(create_batch, front, body)
+        return await run_in_threadpool(create_batch, front, body, caller_of(request))
     except ObjectStoreError as exc:
         raise ApiError(503, f"cannot read the input file: {exc}", error_type="server_error") from None
 
 
 @router.get("/v1/batches/{batch_id}", summary="Retrieve a batch")
 def retrieve(batch_id: str, request: Request) -> dict[str, Any]:
-    return batch_object(front_of(request), batch_id)
+    return batch_object(front_of(request), batch_id, caller_of(request))
 
 
 @router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch: queued jobs leave, running ones stop")
 def cancel(batch_id: str, request: Request) -> dict[str, Any]:
     front = front_of(request)
-    record = _record(front, batch_id)
+    caller = caller_of(request)
+    record = _record(front, batch_id, caller)
     if "completed_at" not in record and "cancelled_at" not in record:
         front.conn.hsetnx(keys.api_batch_key(batch_id), "cancelling_at", repr(time.time()))
-        cancel_jobs(front.conn, sorted({o.job_id for o in _outcomes(front, batch_id) if o.job_id}))
-    return batch_object(front, batch_id)
+        # First: no held line is admitted after the cancel (the dropped ones never became jobs).
+        never_queued = drop_held(front, batch_id, record.get(OWNER_FIELD))
+        cancel_jobs(front.conn, sorted({o.job_id for o in _outcomes(front, batch_id) if o.job_id} - never_queued))
+    return batch_object(front, batch_id, caller)
 
 
 @router.get("/v1/batches", summary="List batches")
@@ -319,7 +353,8 @@ def list_batches(
     limit: int = Query(default=20, ge=1, le=100),
 ) -> dict[str, Any]:
     front = front_of(request)
-    ids = [m.decode() for m in front.conn.zrevrange(keys.api_batches_index_key(), 0, -1)]  # type: ignore[union-attr]
+    caller = caller_of(request)
+    ids = [m.decode() for m in front.conn.zrevrange(index_for(caller, "batches"), 0, -1)]  # type: ignore[union-attr]
     ids = ids_after(ids, after)
-    data = [batch_object(front, batch_id) for batch_id in ids[:limit]]
+    data = [batch_object(front, batch_id, caller) for batch_id in ids[:limit]]
     return cursor_page(data, len(ids) > limit)

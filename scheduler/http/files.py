@@ -18,10 +18,13 @@ from starlette.datastructures import UploadFile
 
 from scheduler.core import keys
 from scheduler.core.object_store import delete_objects, put_bytes
+from scheduler.http.auth import Caller
 from scheduler.http.content import stream_object
 from scheduler.http.errors import ApiError, not_found
+from scheduler.http.ownership import ensure_visible, index_for, indexes_to_write
 from scheduler.http.pagination import cursor_page, ids_after
-from scheduler.http.state import Front, front_of, require_key
+from scheduler.http.state import Front, caller_of, front_of, require_key
+from scheduler.intake.tenancy import OWNER_FIELD
 
 router = APIRouter(dependencies=[Depends(require_key)], tags=["files"])
 
@@ -34,8 +37,11 @@ def file_object_key(front: Front, file_id: str) -> str:
     return f"{front.settings.s3.key_prefix}/{front.settings.http.files_prefix}/{keys.check_id(file_id, 'file id')}"
 
 
-def store_file(front: Front, data: bytes, filename: str, purpose: str, file_id: str | None = None) -> dict[str, Any]:
-    """Put ``data`` in the object store and record it; the same ``file_id`` again overwrites (idempotent)."""
+def store_file(
+    front: Front, data: bytes, filename: str, purpose: str, file_id: str | None = None, *, owner: str | None
+) -> dict[str, Any]:
+    """Put ``data`` in the object store and record it as ``owner``'s (an API key name); the same ``file_id``
+    again overwrites (idempotent)."""
     file_id = file_id or "file-" + uuid.uuid4().hex[:24]
     put_bytes(
         front.s3,
@@ -48,8 +54,10 @@ def store_file(front: Front, data: bytes, filename: str, purpose: str, file_id: 
     now = time.time()
     record = {"filename": filename[:256], "bytes": str(len(data)), "purpose": purpose, "created_at": repr(now)}
     pipe = front.conn.pipeline(transaction=True)
-    pipe.hset(keys.api_file_key(file_id), mapping=record)  # type: ignore[arg-type]
-    pipe.zadd(keys.api_files_index_key(), {file_id: now})
+    stored: dict[str, str] = {**record, **({OWNER_FIELD: owner} if owner else {})}
+    pipe.hset(keys.api_file_key(file_id), mapping=stored)  # type: ignore[arg-type]
+    for index in indexes_to_write(owner, "files"):
+        pipe.zadd(index, {file_id: now})
     pipe.execute()
     return file_object(file_id, record)
 
@@ -68,14 +76,16 @@ def file_object(file_id: str, record: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def read_file_record(front: Front, file_id: str) -> dict[str, str]:
+def read_file_record(front: Front, file_id: str, caller: Caller | None = None) -> dict[str, str]:
+    """The file's record; 404 for an unknown or malformed id, or (for ``caller``) another key's file."""
     if not keys.ID_PATTERN.match(file_id):
         raise not_found("file", file_id, _HINT)
-    raw = front.conn.hmget(keys.api_file_key(file_id), list(_FIELDS))
+    raw = front.conn.hmget(keys.api_file_key(file_id), [*_FIELDS, OWNER_FIELD])
     values = [v.decode() if isinstance(v, bytes) else v for v in raw]  # type: ignore[union-attr]
-    if any(v is None for v in values):
+    if any(v is None for v in values[: len(_FIELDS)]):
         raise not_found("file", file_id, _HINT)
-    return dict(zip(_FIELDS, values, strict=True))  # type: ignore[arg-type]
+    ensure_visible(caller, values[-1], not_found("file", file_id, _HINT))
+    return dict(zip(_FIELDS, values, strict=False))  # type: ignore[arg-type]
 
 
 # The route reads its multipart form itself (to bound it); this documents it for clients and the fuzz test.
@@ -114,12 +124,14 @@ async def upload_file(request: Request) -> dict[str, Any]:
             param="purpose",
         )
     data = await upload.read()
-    return await run_in_threadpool(store_file, front, data, upload.filename or "upload.jsonl", str(purpose))
+    owner = caller_of(request).name
+    filename = upload.filename or "upload.jsonl"
+    return await run_in_threadpool(lambda: store_file(front, data, filename, str(purpose), owner=owner))
 
 
 @router.get("/v1/files/{file_id}", summary="Retrieve a file's record")
 def retrieve_file(file_id: str, request: Request) -> dict[str, Any]:
-    return file_object(file_id, read_file_record(front_of(request), file_id))
+    return file_object(file_id, read_file_record(front_of(request), file_id, caller_of(request)))
 
 
 @router.get("/v1/files", summary="List files")
@@ -130,13 +142,14 @@ def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
     front = front_of(request)
-    ids = [m.decode() for m in front.conn.zrange(keys.api_files_index_key(), 0, -1, desc=order == "desc")]  # type: ignore[union-attr]
+    caller = caller_of(request)
+    ids = [m.decode() for m in front.conn.zrange(index_for(caller, "files"), 0, -1, desc=order == "desc")]  # type: ignore[union-attr]
     ids = ids_after(ids, after)
     page = ids[:limit]
     data = []
     for file_id in page:
         try:
-            data.append(file_object(file_id, read_file_record(front, file_id)))
+            data.append(file_object(file_id, read_file_record(front, file_id, caller)))
         except ApiError:
             continue  # deleted between the index read and the record read
     return cursor_page(data, len(ids) > limit)
@@ -147,7 +160,7 @@ def file_content(
     file_id: str, request: Request, range_header: str | None = Header(default=None, alias="Range")
 ) -> StreamingResponse:
     front = front_of(request)
-    read_file_record(front, file_id)
+    read_file_record(front, file_id, caller_of(request))
     return stream_object(
         front.s3, front.settings.s3.bucket, file_object_key(front, file_id), range_header, "application/jsonl"
     )
@@ -156,10 +169,13 @@ def file_content(
 @router.delete("/v1/files/{file_id}", summary="Delete a file")
 def delete_file(file_id: str, request: Request) -> dict[str, Any]:
     front = front_of(request)
-    read_file_record(front, file_id)
+    caller = caller_of(request)
+    read_file_record(front, file_id, caller)
+    owner = front.conn.hget(keys.api_file_key(file_id), OWNER_FIELD)
     delete_objects(front.s3, front.settings.s3.bucket, [file_object_key(front, file_id)])
     pipe = front.conn.pipeline(transaction=True)
     pipe.delete(keys.api_file_key(file_id))
-    pipe.zrem(keys.api_files_index_key(), file_id)
+    for index in indexes_to_write(owner.decode() if isinstance(owner, bytes) else None, "files"):
+        pipe.zrem(index, file_id)
     pipe.execute()
     return {"id": file_id, "object": "file", "deleted": True}

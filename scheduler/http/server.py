@@ -2,7 +2,8 @@
 
 The loop (``Housekeeper``, one thread) does what must happen after a request
 has been answered: remove deleted jobs' objects once they have stopped, turn
-finished watched jobs and batches into webhook events, and deliver due events.
+finished watched jobs and batches into webhook events, deliver due events, and admit user keys'
+held-back batch lines as their windows free up (``admission``).
 All of its state is in Redis, so a restarted server picks up where the last one
 stopped, and several servers may run it at once (each step is claimed atomically).
 """
@@ -43,13 +44,16 @@ class Housekeeper(threading.Thread):
 
 
 def housekeeping_tasks(front: Front) -> list[Callable[[], object]]:
-    from scheduler.http import webhooks
+    from scheduler.http import admission, webhooks
 
     def sweep() -> int:
         return sweep_deleted(front.conn, front.settings, front.s3)
 
+    def release() -> int:
+        return admission.release_held(front)
+
     # Announce before sweeping: a job deleted after it ended still gets its event.
-    return [*webhooks.background_tasks(front), sweep]
+    return [release, *webhooks.background_tasks(front), sweep]
 
 
 def serve(settings: FarmSettings, host: str | None = None, port: int | None = None) -> None:

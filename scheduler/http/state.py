@@ -10,7 +10,7 @@ from fastapi import Request
 
 from scheduler.core.connection import connect_redis
 from scheduler.core.settings import FarmSettings
-from scheduler.http.auth import ApiKeys
+from scheduler.http.auth import ApiKeys, Caller
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Front:
 
     @classmethod
     def from_settings(cls, settings: FarmSettings) -> Front:
-        return cls(settings, connect_redis(settings), ApiKeys(settings.http.api_key_hashes))
+        return cls(settings, connect_redis(settings), ApiKeys(settings.http))
 
     @property
     def s3(self) -> Any:
@@ -37,5 +37,10 @@ def front_of(request: Request) -> Front:
 
 
 def require_key(request: Request) -> None:
-    """Route dependency: a 401 in OpenAI's shape unless the request carries an accepted API key."""
-    front_of(request).keys.check(request)
+    """Route dependency: a 401 in OpenAI's shape unless the request carries an accepted API key;
+    the key's caller is kept on the request for the route (``caller_of``)."""
+    request.state.caller = front_of(request).keys.check(request)
+
+
+def caller_of(request: Request) -> Caller:
+    return request.state.caller  # type: ignore[no-any-return]

@@ -21,9 +21,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from scheduler.core import keys
 from scheduler.core.job_record import read_records
-from scheduler.http.auth import COOKIE_NAME
+from scheduler.http.auth import COOKIE_NAME, Caller
 from scheduler.http.errors import ApiError
-from scheduler.http.state import Front, front_of, require_key
+from scheduler.http.ownership import index_for
+from scheduler.http.state import Front, caller_of, front_of, require_key
 from scheduler.http.video_objects import video_object
 from scheduler.ops import batch, job_admin
 
@@ -87,8 +88,8 @@ def _table(header: list[str], rows: list[list[str]], empty: str) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _job_rows(front: Front) -> str:
-    ids = [m.decode() for m in front.conn.zrevrange(keys.jobs_index_key(), 0, JOBS_SHOWN - 1)]  # type: ignore[union-attr]
+def _job_rows(front: Front, caller: Caller) -> str:
+    ids = [m.decode() for m in front.conn.zrevrange(index_for(caller, "videos"), 0, JOBS_SHOWN - 1)]  # type: ignore[union-attr]
     rows = []
     for job_id, fields in read_records(front.conn, ids):
         if fields is None:
@@ -116,9 +117,17 @@ def _job_rows(front: Front) -> str:
     return f'<table id="jobs"><tr>{header}</tr>{"".join(rows)}</table>'
 
 
-def _batches(front: Front) -> str:
+def _visible_batches(front: Front, caller: Caller) -> list[dict[str, Any]]:
+    if caller.admin:
+        return batch.list_batches(front.conn, limit=BATCHES_SHOWN)
+    # A user key's batches are its API batches (the reelfarm batch of each is named after the batch id).
+    names = [m.decode() for m in front.conn.zrevrange(index_for(caller, "batches"), 0, BATCHES_SHOWN - 1)]  # type: ignore[union-attr]
+    return [batch.read_batch(front.conn, name) for name in names if front.conn.exists(keys.batch_key(name))]
+
+
+def _batches(front: Front, caller: Caller) -> str:
     parts = []
-    for record in batch.list_batches(front.conn, limit=BATCHES_SHOWN):
+    for record in _visible_batches(front, caller):
         states: dict[str, int] = record["states"]
         total = sum(states.values())
         done = sum(n for s, n in states.items() if s in ("succeeded", "failed", "cancelled"))
@@ -133,7 +142,9 @@ def _batches(front: Front) -> str:
     return "".join(parts) or '<p class="muted">no batches yet</p>'
 
 
-def render_page(front: Front) -> str:
+def render_page(front: Front, caller: Caller) -> str:
+    """The page as ``caller`` may see it: farm-wide queues and workers, and its own jobs and batches (all
+    of them for an admin key; a user key is not shown which job a worker runs)."""
     models = list(front.settings.model_dirs())
     queues = [
         [_e(q.stage), _e(q.model), *[str(q.depths[p]) for p in keys.PRIORITIES], str(q.total)]
@@ -144,7 +155,7 @@ def render_page(front: Front) -> str:
             _e(w.worker_id),
             _e(w.stage),
             _e(w.state),
-            _e(w.current_job or "-"),
+            _e(w.current_job or "-") if caller.admin else "-",
             _e(w.model),
             f"{w.heartbeat_age:.1f}s ago",
         ]
@@ -160,9 +171,9 @@ def render_page(front: Front) -> str:
         + "<h2>Workers</h2>"
         + _table(["worker", "stage", "state", "job", "model", "heartbeat"], workers, "no live workers")
         + "<h2>Jobs</h2>"
-        + _job_rows(front)
+        + _job_rows(front, caller)
         + "<h2>Batches</h2>"
-        + _batches(front)
+        + _batches(front, caller)
         + f"<script>{script}</script></body></html>"
     )
 
@@ -181,10 +192,11 @@ def _login_page(message: str) -> str:
 def status_page(request: Request) -> HTMLResponse:
     front = front_of(request)
     key = front.keys.presented_key(request)
-    if key is None or not front.keys.accepts(key):
+    caller = None if key is None else front.keys.caller_for(key)
+    if caller is None:
         message = "This page needs the farm's API key (`reelfarm up` prints it)."
         return HTMLResponse(_login_page(message), status_code=401, headers=_SECURITY_HEADERS)
-    return HTMLResponse(render_page(front), headers=_SECURITY_HEADERS)
+    return HTMLResponse(render_page(front, caller), headers=_SECURITY_HEADERS)
 
 
 @router.post("/login")
@@ -208,7 +220,9 @@ async def batch_timeline(name: str, request: Request) -> Response:
     from scheduler.ops.timeline import batch_report
 
     front = front_of(request)
-    if not keys.BATCH_NAME_PATTERN.match(name):
+    caller = caller_of(request)
+    mine = caller.admin or bool(front.conn.zscore(index_for(caller, "batches"), name))
+    if not keys.BATCH_NAME_PATTERN.match(name) or not mine:
         raise ApiError(404, f"batch {name!r} not found; see the batches on the status page", code="not_found")
 
     def draw() -> bytes:

@@ -243,13 +243,23 @@ def to_spec(request: VideoCreateRequest, settings: FarmSettings) -> dict[str, An
     return raw
 
 
-def new_video_id(idempotency_key: str | None) -> str:
-    """A fresh job id, or, with an ``Idempotency-Key``, the same id for every retry of one create."""
+def new_video_id(idempotency_key: str | None, key_name: str) -> str:
+    """A fresh job id, or, with an ``Idempotency-Key``, the same id for every retry of one create by one
+    API key (``key_name``): two tenants' keys of the same spelling are two videos."""
     if idempotency_key is None:
         return "video_" + uuid.uuid4().hex[:24]
     if not 1 <= len(idempotency_key) <= 255:
         raise ApiError(400, "Idempotency-Key: give 1-255 characters", param="Idempotency-Key", code="invalid_value")
-    return "video_" + hashlib.sha256(b"idempotency:" + idempotency_key.encode()).hexdigest()[:24]
+    scoped = json.dumps(["idempotency", key_name, idempotency_key]).encode()
+    return "video_" + hashlib.sha256(scoped).hexdigest()[:24]
+
+
+def request_digest(raw: dict[str, Any], image: bytes | None) -> str:
+    """What a create asked for, as a digest: the body's fields (key order aside) and the uploaded image."""
+    body = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str).encode()
+    digest = hashlib.sha256(body)
+    digest.update(b"\0" + hashlib.sha256(image or b"").digest())
+    return digest.hexdigest()
 
 
 def decode_json_body(body: bytes) -> dict[str, Any]:

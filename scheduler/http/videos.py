@@ -22,12 +22,16 @@ from scheduler.core.object_store import delete_objects, put_bytes, s3_uri
 from scheduler.core.output_keys import output_keys
 from scheduler.core.spec import JobSpec
 from scheduler.http import video_requests
+from scheduler.http.auth import Caller
 from scheduler.http.content import stream_object
 from scheduler.http.errors import ApiError, not_found
+from scheduler.http.ownership import ensure_visible, index_for
 from scheduler.http.pagination import cursor_page
-from scheduler.http.state import Front, front_of, require_key
+from scheduler.http.quotas import check_job_quota
+from scheduler.http.state import Front, caller_of, front_of, require_key
 from scheduler.http.video_objects import video_object
 from scheduler.intake.submit import submit
+from scheduler.intake.tenancy import OWNER_FIELD, REQUEST_DIGEST_FIELD
 from scheduler.ops.job_removal import delete_job, is_deleted
 
 router = APIRouter(dependencies=[Depends(require_key)], tags=["videos"])
@@ -65,13 +69,14 @@ _CREATE_BODY: dict[str, Any] = {
 }
 
 
-def read_video(front: Front, video_id: str) -> dict[str, str | None]:
-    """The job record behind ``video_id``; 404 for an unknown, malformed or deleted id."""
+def read_video(front: Front, video_id: str, caller: Caller | None = None) -> dict[str, str | None]:
+    """The job record behind ``video_id``; 404 for an unknown, malformed or deleted id, or another key's."""
     if not keys.ID_PATTERN.match(video_id):
         raise not_found("video", video_id, _HINT)
     _, fields = next(read_records(front.conn, [video_id]))
     if fields is None or "state" not in fields or is_deleted(fields):
         raise not_found("video", video_id, _HINT)
+    ensure_visible(caller, fields.get(OWNER_FIELD), not_found("video", video_id, _HINT))
     return fields
 
 
@@ -92,8 +97,12 @@ async def _request_fields(request: Request) -> tuple[dict[str, Any], UploadFile 
     return video_requests.decode_json_body(await request.body()), None
 
 
-def _submit_video(front: Front, spec: dict[str, Any], job_id: str, image: bytes | None) -> dict[str, Any]:
+def _submit_video(
+    front: Front, spec: dict[str, Any], job_id: str, image: bytes | None, caller: Caller, digest: str | None
+) -> dict[str, Any]:
     settings = front.settings
+    if digest is not None:
+        _check_reuse(front, job_id, digest)
     staged: str | None = None
     if image is not None:
         # The upload takes the farm's one image path (checked, then copied to the job's input key).
@@ -101,13 +110,29 @@ def _submit_video(front: Front, spec: dict[str, Any], job_id: str, image: bytes 
         put_bytes(front.s3, settings.s3.bucket, staged, image, retry_seconds=settings.s3.retry_seconds)
         spec = {**spec, "image": s3_uri(settings.s3.bucket, staged)}
     try:
-        submit(front.conn, settings, spec, job_id=job_id)
+        submit(front.conn, settings, spec, job_id=job_id, owner=caller.name, request_digest=digest)
     finally:
         if staged is not None:
             delete_objects(front.s3, settings.s3.bucket, [staged])
+    if digest is not None:
+        _check_reuse(front, job_id, digest)  # again: a concurrent create with another body may have won
     if settings.http.webhooks:
         front.conn.zadd(keys.api_watch_key(), {f"video:{job_id}": time.time()}, nx=True)
-    return video_object(job_id, read_video(front, job_id))
+    return video_object(job_id, read_video(front, job_id, caller))
+
+
+def _check_reuse(front: Front, job_id: str, digest: str) -> None:
+    """422 when the video an ``Idempotency-Key`` made was asked for with a different body (the IETF
+    idempotency-key draft and Stripe: a reused key must not silently answer with the first request's object)."""
+    stored = front.conn.hget(keys.job_key(job_id), REQUEST_DIGEST_FIELD)
+    if stored is not None and stored.decode() != digest:  # type: ignore[union-attr]
+        raise ApiError(
+            422,
+            "Idempotency-Key was already used with a different request body; "
+            "send the same body to retry, or use a new Idempotency-Key for a new video",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
 
 
 @router.post("/v1/videos", openapi_extra=_CREATE_BODY, summary="Create a video")
@@ -130,13 +155,18 @@ async def create_video(
                 param="input_reference",
                 code="invalid_value",
             )
-    job_id = video_requests.new_video_id(idempotency_key)
-    return JSONResponse(await run_in_threadpool(_submit_video, front, spec, job_id, image))
+    caller = caller_of(request)
+    job_id = video_requests.new_video_id(idempotency_key, caller.name)
+    digest = None if idempotency_key is None else video_requests.request_digest(raw, image)
+    if digest is None or not front.conn.exists(keys.job_key(job_id)):
+        check_job_quota(front, caller, spec)  # a retry of a create that was made is no new job
+    created = await run_in_threadpool(_submit_video, front, spec, job_id, image, caller, digest)
+    return JSONResponse(created)
 
 
 @router.get("/v1/videos/{video_id}", summary="Retrieve a video")
 def retrieve_video(video_id: str, request: Request) -> JSONResponse:
-    body = video_object(video_id, read_video(front_of(request), video_id))
+    body = video_object(video_id, read_video(front_of(request), video_id, caller_of(request)))
     return JSONResponse(body, headers={"openai-poll-after-ms": POLL_AFTER_MS})
 
 
@@ -148,7 +178,7 @@ def list_videos(
     order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
     front = front_of(request)
-    index = keys.jobs_index_key()
+    index = index_for(caller_of(request), "videos")
     if after is None:
         low, high = "-inf", "+inf"
     else:
@@ -179,7 +209,7 @@ def video_content(
     range_header: str | None = Header(default=None, alias="Range"),
 ) -> StreamingResponse:
     front = front_of(request)
-    fields = read_video(front, video_id)
+    fields = read_video(front, video_id, caller_of(request))
     if variant == "spritesheet":
         raise ApiError(400, "variant 'spritesheet' is not made by this farm; use video or thumbnail", param="variant")
     video = video_object(video_id, fields)
@@ -198,6 +228,6 @@ def video_content(
 @router.delete("/v1/videos/{video_id}", summary="Delete a video (cancels it if unfinished)")
 def remove_video(video_id: str, request: Request) -> dict[str, Any]:
     front = front_of(request)
-    read_video(front, video_id)
+    read_video(front, video_id, caller_of(request))
     delete_job(front.conn, front.settings, video_id, front.s3)
     return {"id": video_id, "object": "video.deleted", "deleted": True}

@@ -38,6 +38,7 @@ from scheduler.core.settings import WebhookEndpoint
 from scheduler.http.errors import ApiError
 from scheduler.http.state import Front
 from scheduler.intake.fetch_policy import FetchPolicy, FetchRefused, post
+from scheduler.intake.tenancy import OWNER_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,11 @@ def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def _wants(endpoint: WebhookEndpoint, event_type: str) -> bool:
+def _wants(endpoint: WebhookEndpoint, event_type: str, owner: str | None) -> bool:
+    """Whether ``endpoint`` takes this event: its type is one it asked for, and, for an endpoint scoped to
+    an API key (``key``), the video or batch is that key's."""
+    if endpoint.key is not None and endpoint.key != owner:
+        return False
     return not endpoint.events or event_type in endpoint.events
 
 
@@ -94,15 +99,20 @@ def _delivery(event: str, index: int) -> str:
     return f"{event}|{index}"
 
 
-def _ended_type(front: Front, kind: str, ident: str, state: str | None) -> str | None:
-    if kind == "video":
-        if state == JobState.SUCCEEDED:
-            return "video.completed"
-        return "video.failed" if state in (JobState.FAILED, JobState.CANCELLED) else None
+def _batch_ended(front: Front, ident: str) -> tuple[str | None, str | None]:
+    """The event type of a batch that ended (None: still running) and the API key name that created it."""
     from scheduler.http.batches import batch_object
 
     status = batch_object(front, ident)["status"]
-    return {"completed": "batch.completed", "cancelled": "batch.cancelled"}.get(status)
+    owner = front.conn.hget(keys.api_batch_key(ident), OWNER_FIELD)
+    event_type = {"completed": "batch.completed", "cancelled": "batch.cancelled"}.get(status)
+    return event_type, owner.decode() if isinstance(owner, bytes) else None
+
+
+def _video_ended_type(state: str | None) -> str | None:
+    if state == JobState.SUCCEEDED:
+        return "video.completed"
+    return "video.failed" if state in (JobState.FAILED, JobState.CANCELLED) else None
 
 
 def announce_finished(front: Front, batch_checked: dict[str, float] | None = None) -> int:
@@ -114,7 +124,8 @@ def announce_finished(front: Front, batch_checked: dict[str, float] | None = Non
     checked = {} if batch_checked is None else batch_checked
     members = [m.decode() for m in conn.zrange(keys.api_watch_key(), 0, 999)]  # type: ignore[union-attr]
     videos = [m.split(":", 1)[1] for m in members if m.startswith("video:")]
-    states = {job_id: (fields or {}).get("state") for job_id, fields in read_records(conn, videos, ("state",))}
+    records = dict(read_records(conn, videos, ("state", OWNER_FIELD)))
+    states = {job_id: (fields or {}).get("state") for job_id, fields in records.items()}
     announced = 0
     for member in members:
         kind, _, ident = member.partition(":")
@@ -125,11 +136,14 @@ def announce_finished(front: Front, batch_checked: dict[str, float] | None = Non
             if time.monotonic() - checked.get(member, float("-inf")) < BATCH_CHECK_SECONDS:
                 continue
             checked[member] = time.monotonic()
-        try:
-            event_type = _ended_type(front, kind, ident, states.get(ident))
-        except ApiError:  # the batch is gone: nothing to announce
-            conn.zrem(keys.api_watch_key(), member)
-            continue
+        if kind == "video":
+            event_type, owner = _video_ended_type(states.get(ident)), (records.get(ident) or {}).get(OWNER_FIELD)
+        else:
+            try:
+                event_type, owner = _batch_ended(front, ident)
+            except ApiError:  # the batch is gone: nothing to announce
+                conn.zrem(keys.api_watch_key(), member)
+                continue
         if event_type is None:
             continue
         checked.pop(member, None)
@@ -141,7 +155,7 @@ def announce_finished(front: Front, batch_checked: dict[str, float] | None = Non
             "type": event_type,
             "data": {"id": ident},
         }
-        deliveries = [_delivery(event, i) for i, e in enumerate(endpoints) if _wants(e, event_type)]
+        deliveries = [_delivery(event, i) for i, e in enumerate(endpoints) if _wants(e, event_type, owner)]
         script_keys = (keys.api_watch_key(), keys.webhook_event_key(event), keys.webhook_outbox_key())
         announced += int(
             conn.eval(_ANNOUNCE, 3, *script_keys, member, json.dumps(body), repr(time.time()), *deliveries)

@@ -7,16 +7,20 @@ submits for remote clients. So a fetch, hop by hop:
 
 1. accepts only ``http`` and ``https`` URLs with a host and no credentials;
 2. resolves the host once and checks *every* address it resolves to: loopback,
-   private, link-local, shared (CGNAT), multicast, reserved and unspecified
-   addresses -- also inside IPv4-mapped IPv6 -- are refused unless
-   ``fetch.allow`` names the host or a CIDR range holding the address;
+   private, link-local, site-local (``fec0::/10``), shared (CGNAT), multicast,
+   reserved and unspecified addresses -- also inside IPv4-mapped IPv6 and 6to4
+   (``2002::/16``, which routes to the IPv4 address it embeds) -- are refused
+   unless ``fetch.allow`` names the host or a CIDR range holding the address;
 3. connects to the address it checked (never resolving again, so a DNS answer
    that changes between check and connect cannot move the request), with TLS
    verified against the host name;
 4. follows at most ``max_redirects`` redirects, each ``Location`` checked from
    step 1 again;
 5. stops at ``max_bytes`` (refused, not truncated) and at one deadline for the
-   whole fetch, every hop and byte included.
+   whole fetch, every hop and byte included: name resolution runs in a thread
+   that is waited for only until the deadline, and a watchdog closes the socket
+   at the deadline, so a server that sends its status line and headers one byte
+   at a time (each within the socket timeout) cannot hold the fetch past it.
 
 A refusal is a ``FetchRefused`` whose message is one line: the URL, the
 reason, and what to do.
@@ -28,6 +32,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -94,10 +99,16 @@ def address_class(address: IPAddress) -> str | None:
     """What kind of non-public address this is ("loopback", "private", ...), or None for a public one."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address_class(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address) and address.sixtofour is not None:
+        # Python counts 2002::/16 as global, but a 6to4 relay delivers it to the embedded IPv4 address.
+        embedded = address_class(address.sixtofour)
+        return None if embedded is None else f"6to4 {embedded}"
     checks = [
         ("unspecified", address.is_unspecified),
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
+        # Deprecated (RFC 3879) but still routed inside some sites; Python counts it as global.
+        ("site-local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local),
         ("multicast", address.is_multicast),
         ("shared (CGNAT)", isinstance(address, ipaddress.IPv4Address) and address in _SHARED),
         # Before "private": Python counts 240.0.0.0/4 as private too, but "reserved" is the truer word.
@@ -123,7 +134,29 @@ class _Target:
     address: str
 
 
-def _check_url(url: str, policy: FetchPolicy, resolver: Resolver) -> _Target:
+def _resolve_by(resolver: Resolver, host: str, port: int, deadline: float, url: str, policy: FetchPolicy) -> list[str]:
+    """``resolver(host, port)``, waited for until ``deadline``: a resolver that hangs (a slow or hostile DNS
+    server) is left behind in its daemon thread, and the fetch is refused as too slow."""
+    answer: list[Sequence[str]] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            answer.append(resolver(host, port))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which re-raises it
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name=f"resolve {host}", daemon=True)
+    worker.start()
+    worker.join(_remaining(deadline, url, policy))
+    if worker.is_alive():
+        raise _too_slow(url, policy)
+    if failure:
+        raise failure[0]
+    return list(answer[0])
+
+
+def _check_url(url: str, policy: FetchPolicy, resolver: Resolver, deadline: float) -> _Target:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
@@ -138,7 +171,7 @@ def _check_url(url: str, policy: FetchPolicy, resolver: Resolver) -> _Target:
     except ValueError:
         raise FetchRefused(f"URL {url!r} has an invalid port") from None
     try:
-        addresses = list(resolver(host, port))
+        addresses = _resolve_by(resolver, host, port, deadline, url, policy)
     except (OSError, UnicodeError) as exc:
         raise FetchRefused(f"URL {url!r}: host {host} does not resolve ({_one_line(exc)}); check the URL") from None
     if not addresses:
@@ -202,7 +235,7 @@ def fetch(
     deadline = time.monotonic() + policy.timeout_seconds
     current = url
     for _hop in range(policy.max_redirects + 1):
-        target = _check_url(current, policy, resolver)
+        target = _check_url(current, policy, resolver, deadline)
         with _connection(target, deadline, url, policy, tls_context, "fetch") as conn:
             status, location, body = _request(conn, target, deadline, url, policy)
         if status in REDIRECT_STATUSES:
@@ -231,7 +264,7 @@ def post(
     and at most ``max_bytes`` of the answer are read, within the policy's deadline.
     """
     deadline = time.monotonic() + policy.timeout_seconds
-    target = _check_url(url, policy, resolver)
+    target = _check_url(url, policy, resolver, deadline)
     with _connection(target, deadline, url, policy, tls_context, "deliver to") as conn:
         conn.request("POST", target.path, body=body, headers={"User-Agent": "reelfarm-webhooks/1", **headers})
         response = conn.getresponse()
@@ -243,16 +276,34 @@ def post(
 def _connection(
     target: _Target, deadline: float, url: str, policy: FetchPolicy, tls: ssl.SSLContext | None, verb: str
 ) -> Iterator[http.client.HTTPConnection]:
-    """A connection to the checked address; its failures become one-line ``FetchRefused``s, and it is closed."""
+    """A connection to the checked address; its failures become one-line ``FetchRefused``s, and it is closed.
+
+    A watchdog shuts the socket down at ``deadline``: socket timeouts bound each receive, not the sum of
+    them, so without it a server answering its status line and headers a byte at a time is never cut off.
+    """
     conn = _open(target, _remaining(deadline, url, policy), tls)
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut_down, (conn,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         yield conn
-    except TimeoutError:
-        raise _too_slow(url, policy) from None
     except (OSError, http.client.HTTPException) as exc:
+        if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
+            raise _too_slow(url, policy) from None
         raise FetchRefused(f"URL {url!r}: cannot {verb} it ({_one_line(exc)})") from None
     finally:
+        watchdog.cancel()
         conn.close()
+
+
+def _shut_down(conn: http.client.HTTPConnection) -> None:
+    """Wake whatever read is blocked on ``conn``'s socket: it returns end-of-stream or fails at once."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
 
 def _request(
@@ -281,6 +332,8 @@ def _request(
             raise FetchRefused(_too_big(url, policy))
         chunks.append(chunk)
         _remaining(deadline, url, policy)
+    # The watchdog's shutdown ends a read as end-of-stream: a body cut off at the deadline is no body.
+    _remaining(deadline, url, policy)
     return 200, None, b"".join(chunks)
 
 

@@ -7,6 +7,7 @@ a queued stage without a record.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -16,6 +17,7 @@ from scheduler.core import durability, jobs, keys
 from scheduler.core.model_catalog import ModelChooser
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, parse_spec
+from scheduler.intake.tenancy import tag_owned_jobs
 
 
 def new_job_id() -> str:
@@ -23,9 +25,18 @@ def new_job_id() -> str:
 
 
 def submit(
-    conn: redis.Redis, settings: FarmSettings, raw_spec: dict[str, Any] | JobSpec, job_id: str | None = None
+    conn: redis.Redis,
+    settings: FarmSettings,
+    raw_spec: dict[str, Any] | JobSpec,
+    job_id: str | None = None,
+    *,
+    owner: str | None = None,
+    request_digest: str | None = None,
 ) -> str:
-    """Validate and enqueue one job; returns its id. Re-submitting an existing id is a no-op."""
+    """Validate and enqueue one job; returns its id. Re-submitting an existing id is a no-op.
+
+    ``owner``: the API key name that creates it (``tenancy``), written with the record.
+    """
     if isinstance(raw_spec, JobSpec):
         raw_spec = raw_spec.model_dump()
     spec = parse_spec(raw_spec, settings.limits, settings.spec_defaults)
@@ -47,6 +58,8 @@ def submit(
         jobs.create_jobs(
             pipe, conn, [(job_id, spec)], secret=settings.require_secret(), split_at_step=settings.transform.split_at_step
         )
+        if owner is not None:
+            tag_owned_jobs(pipe, owner, [job_id], time.time(), request_digest)
         try:
             pipe.execute()
         except redis.WatchError:

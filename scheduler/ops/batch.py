@@ -35,6 +35,7 @@ from scheduler.core.job_record import StageField, count_states, stage_fields
 from scheduler.core.route import ROUTE_FIELD
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
+from scheduler.intake.tenancy import tag_owned_jobs
 from scheduler.ops.batch_file import (  # noqa: E402 - the batch API is one module to its callers
     BatchEntry,
     BatchError,
@@ -138,8 +139,12 @@ def submit_batch(
     resume: bool = False,
     source: str = "",
     chunk_size: int = CHUNK_SIZE,
+    owner: str | None = None,
 ) -> SubmitOutcome:
-    """Submit the valid entries of ``parsed``; existing jobs are skipped (or retried with ``resume``)."""
+    """Submit the valid entries of ``parsed``; existing jobs are skipped (or retried with ``resume``).
+
+    ``owner``: the API key name whose batch it is (``intake.tenancy``), written on each new job.
+    """
     started = time.perf_counter()
     outcome = SubmitOutcome()
     name = parsed.name
@@ -156,6 +161,7 @@ def submit_batch(
             images,
             secret,
             settings.transform.split_at_step,
+            owner,
         )
     # One wait covers every chunk before the batch is acknowledged (see scheduler.core.durability).
     durability.confirm(conn, settings, "batch submit")
@@ -202,6 +208,7 @@ def _submit_chunk(
     images: _ImageStager,
     secret: bytes,
     split_at_step: int | None = None,
+    owner: str | None = None,
 ) -> None:
     job_keys = [keys.job_key(e.job_id) for e in chunk]
     with conn.pipeline(transaction=True) as pipe:
@@ -234,6 +241,8 @@ def _submit_chunk(
                     else:
                         existing.append(entry.job_id)
                 jobs.create_jobs(pipe, conn, new_jobs, secret=secret, split_at_step=split_at_step)
+                if owner is not None:
+                    tag_owned_jobs(pipe, owner, [job_id for job_id, _ in new_jobs], time.time())
                 batch_jobs = keys.batch_jobs_key(name)
                 members = {e.job_id: e.line_no for e in chunk if e.job_id not in images.refused}
                 if members:

@@ -3,8 +3,9 @@ keep them up to date: ``reelfarm_queue_depth{stage,priority,model}``, ``reelfarm
 ``reelfarm_workers_live{stage}``, ``reelfarm_workers_busy{stage}``, ``reelfarm_worker_busy_ratio{stage}``,
 ``reelfarm_worker_heartbeat_age_seconds{worker,stage}``, ``reelfarm_inflight{stage}``,
 ``reelfarm_delayed_retries``, ``reelfarm_dit_recomputed_seconds``, ``reelfarm_replication_wait_timeouts{write}``,
-``reelfarm_refused_calls{reason}`` (rq jobs workers refused to run) and
-``reelfarm_up`` (0 when Redis did not answer). ``reelfarm metrics --port P`` serves them. What each
+``reelfarm_refused_calls{reason}`` (rq jobs workers refused to run),
+``reelfarm_up`` (0 when Redis did not answer), and per API key ``reelfarm_key_*`` (``scheduler.ops.usage``).
+``reelfarm metrics --port P`` serves them. What each
 worker measures itself is ``scheduler.core.worker_metrics``.
 """
 
@@ -147,9 +148,13 @@ class FarmCollector(Collector):
 
 
 def farm_registry(conn: redis.Redis, **options: Any) -> CollectorRegistry:
-    """A registry holding only the farm collector (the scheduler process's own metrics stay out of it)."""
+    """A registry holding the farm and per-key usage collectors (the scheduler process's own metrics stay out)."""
+    from scheduler.core.jobs import JOB_RETENTION_SECONDS
+    from scheduler.ops.usage import UsageCollector
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FarmCollector(conn, **options))
+    registry.register(UsageCollector(conn, JOB_RETENTION_SECONDS))
     return registry
 
 
