@@ -9,6 +9,7 @@ the bucket, progress and cancellation through the job record, the upload.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
     from workers.decode_group import DecodeRankGroup
     from workers.dit_group import DitRankGroup
+    from workers.lora_assets import WorkerLoras
     from workers.runtime import StageRuntime
     from workers.stages.decode import StreamingVaeDecoder
     from workers.stages.denoise_state import DenoiseState
@@ -74,6 +76,7 @@ class TransformCompute:
 
     denoiser: DenoiseStage
     group: DitRankGroup | None = None  # with transform.context_parallel above 1: the ranks sharing each DiT call
+    loras: WorkerLoras | None = None  # the LoRAs loaded into the DiT (None: this worker runs no LoRA jobs)
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         if self.group is None:
@@ -127,8 +130,8 @@ class TransformCompute:
         if resume is not None:
             jobs.set_recovery(rt.conn, job.job_id, Stage.TRANSFORM, f"pulled; resumed at step {resume.step}")
 
-        # The job's step cache (if any) is on for this job only: the DiT stays resident for the next one.
-        with dit_speed.step_cache(self.denoiser.transformer, spec.cache) as calls:
+        # The job's step cache and LoRAs (if any) are on for this job only: the DiT stays resident for the next one.
+        with dit_speed.step_cache(self.denoiser.transformer, spec.cache) as calls, self._loras_for(job) as loras:
             latents = self.denoiser.denoise(
                 inputs,
                 height=spec.height,
@@ -143,8 +146,19 @@ class TransformCompute:
                 resume=resume,
                 at_boundary=saving_boundary(job) if resumable else None,
             )
-        jobs.set_dit_report(rt.conn, job.job_id, {**self.denoiser.speed_options(), **calls.as_record()})
+        report = {**self.denoiser.speed_options(), **calls.as_record(), **({"loras": loras} if loras else {})}
+        jobs.set_dit_report(rt.conn, job.job_id, report)
         return {"latents": latents}
+
+    def _loras_for(self, job: StageJob) -> contextlib.AbstractContextManager[list[dict[str, object]]]:
+        if self.loras is not None:
+            return self.loras.for_job(job.rt, job.spec)
+        if job.spec.loras:
+            raise MalformedJob(
+                "this transform worker runs the DiT context-parallel (transform.context_parallel), where LoRAs are "
+                "not supported: resubmit without loras, or serve the model on a worker without context_parallel"
+            )
+        return contextlib.nullcontext([])
 
 
 def saving_boundary(job: StageJob) -> AtBoundary:
@@ -265,7 +279,9 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
             batch_jobs=speed.batch_size > 1,
         )
         if speed.context_parallel == 1:
-            return TransformCompute(denoiser)
+            from workers.lora_assets import WorkerLoras
+
+            return TransformCompute(denoiser, loras=WorkerLoras(denoiser.transformer, speed.lora_cache))
         from workers.dit_group import DitRankGroup
 
         dit_group = DitRankGroup(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from scheduler.core.lora_catalog import LoraEntry, check_job_loras, lora_catalog
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
 
@@ -51,13 +52,16 @@ def model_for_task(settings: FarmSettings, task: Literal["t2v", "i2v"]) -> str |
 
 class ModelChooser:
     """The model rules of submission: a job naming no model gets one that does its task, and the model must
-    be served and do the job's task. Answers are kept per model and task (they read model dirs from disk),
-    so one chooser serves a whole batch."""
+    be served and do the job's task, and its LoRAs must be the farm's (the registered ones are read from
+    ``conn``; without one, the settings' only). Answers are kept per model and task (they read model dirs
+    from disk) and the LoRA catalog is read once, so one chooser serves a whole batch."""
 
-    def __init__(self, settings: FarmSettings) -> None:
+    def __init__(self, settings: FarmSettings, conn: Any | None = None) -> None:
         self.settings = settings
+        self.conn = conn
         self._for_task: dict[str, str | None] = {}
         self._refusals: dict[tuple[str, str], str | None] = {}
+        self._loras: dict[str, LoraEntry] | None = None
 
     def resolve(self, spec: JobSpec, named: bool) -> JobSpec:
         """``spec`` with its model chosen (unless ``named``) and checked; raises ``SpecError`` if refused."""
@@ -77,4 +81,8 @@ class ModelChooser:
         refusal = self._refusals[key]
         if refusal is not None:
             raise SpecError(refusal)
+        if spec.loras:
+            if self._loras is None:
+                self._loras = lora_catalog(self.settings, self.conn)
+            check_job_loras(spec, self._loras, self.settings.model_dirs().get(spec.model))
         return spec

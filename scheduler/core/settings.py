@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scheduler.core.errors import UserError
 from scheduler.core.keys import Stage
+from scheduler.core.loras import LoraSource, check_lora_names
 from scheduler.core.spec import SpecLimits
 
 DEFAULT_HOME = Path(".reelfarm")
@@ -145,6 +146,9 @@ class TransformSettings(BaseModel):
     # the CPU, over gloo) and keeps them across jobs. N must divide the DiT's attention heads. Not with
     # batch_size, compile or jobs asking for a step cache (refused at start, or for the job, in one line).
     context_parallel: int = Field(default=1, ge=1, le=64)
+    # LoRA adapters a transform worker keeps loaded into its DiT (least recently used dropped first): a job
+    # naming a cached one switches to it at no load cost; one past this many costs a fetch and a load.
+    lora_cache: int = Field(default=8, ge=1, le=256)
 
 
 class CheckpointSettings(BaseModel):
@@ -265,10 +269,15 @@ class FarmSettings(BaseModel):
     fetch: FetchSettings = FetchSettings()
     http: HttpSettings = HttpSettings()
     checkpoints: CheckpointSettings = CheckpointSettings()
+    # LoRA adapters jobs may name (spec ``loras``): NAME: PATH or s3://bucket/key.safetensors, or
+    # NAME: {source, sha256, expert}. `reelfarm lora add` registers more in the farm's bucket.
+    loras: dict[str, LoraSource] = Field(default_factory=dict)
     # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
     spec_defaults: dict[str, Any] = Field(default_factory=dict)
     # How many workers of each stage the embedded farm (`reelfarm up`) starts; a stage left out gets one.
     workers_per_stage: dict[str, int] = Field(default_factory=dict)
+
+    _lora_names = field_validator("loras")(check_lora_names)
 
     @field_validator("workers_per_stage")
     @classmethod

@@ -122,7 +122,8 @@ def _submit(
     front: Front, batch_id: str, good: list[tuple[int, str, dict[str, Any]]], source: str
 ) -> list[RequestOutcome]:
     """Submit the good lines as the reelfarm batch ``batch_id``; an outcome per line, in any order."""
-    parsed = parse_batch(specs_to_text([spec for _, _, spec in good]), front.settings, name=batch_id, source=source)
+    text = specs_to_text([spec for _, _, spec in good])
+    parsed = parse_batch(text, front.settings, name=batch_id, source=source, conn=front.conn)
     outcome = submit_batch(front.conn, front.settings, parsed, source=source)
     # parse_batch numbers the spec text's lines from 1: spec line n is good[n - 1].
     by_spec_line = {e.line_no: e.job_id for e in parsed.entries}
