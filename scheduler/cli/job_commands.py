@@ -115,6 +115,9 @@ def download_result(settings: FarmSettings, record: dict[str, Any], outputs: Pat
 
 def describe_status(record: dict[str, Any]) -> str:
     lines = [f"{record['job_id']}: {record['state']}"]
+    spec: dict[str, Any] = record["spec"] if isinstance(record.get("spec"), dict) else {}
+    if spec.get("loras"):
+        lines.append("  loras     " + ", ".join(f"{c['name']}@{c['scale']:g}" for c in spec["loras"]))
     for name, stage in record["stages"].items():
         bits = [stage.get("state", "?")]
         if "progress" in stage:

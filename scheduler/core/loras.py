@@ -55,11 +55,6 @@ class LoraChoice(BaseModel):
     scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
 
 
-def describe_loras(choices: tuple[LoraChoice, ...] | list[LoraChoice]) -> str:
-    """``style@0.8, distill@1`` for status lines and logs; empty for none."""
-    return ", ".join(f"{c.name}@{c.scale:g}" for c in choices)
-
-
 def check_lora_names(cls: type, value: dict[str, LoraSource]) -> dict[str, LoraSource]:
     """Settings validator: every configured LoRA name is one a spec can name."""
     bad = [name for name in value if not re.match(LORA_NAME_PATTERN, name)]
