@@ -77,6 +77,7 @@ class TransformCompute:
     denoiser: DenoiseStage
     group: DitRankGroup | None = None  # with transform.context_parallel above 1: the ranks sharing each DiT call
     loras: WorkerLoras | None = None  # the LoRAs loaded into the DiT (None: this worker runs no LoRA jobs)
+    quantize: str = "none"  # transform.quantize, applied once at start (workers.stages.dit_quantize)
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         if self.group is None:
@@ -146,7 +147,9 @@ class TransformCompute:
                 resume=resume,
                 at_boundary=saving_boundary(job) if resumable else None,
             )
-        report = {**self.denoiser.speed_options(), **calls.as_record(), **({"loras": loras} if loras else {})}
+        report = {**self.denoiser.speed_options(), "quantize": self.quantize, **calls.as_record()}
+        if loras:
+            report["loras"] = loras
         jobs.set_dit_report(rt.conn, job.job_id, report)
         return {"latents": latents}
 
@@ -264,10 +267,10 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
         from workers.stages.transform import DenoiseStage
 
         speed = settings.transform
-        if speed.context_parallel > 1 and (speed.batch_size > 1 or speed.compile):
+        if speed.context_parallel > 1 and (speed.batch_size > 1 or speed.compile or speed.quantize != "none"):
             raise ValueError(
-                "transform.context_parallel runs one job over several devices: set transform.batch_size to 1 and "
-                "transform.compile to false with it"
+                "transform.context_parallel runs one job over several devices: set transform.batch_size to 1, "
+                "transform.compile to false and transform.quantize to none with it"
             )
         denoiser = DenoiseStage(
             model_dir,
@@ -280,8 +283,11 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
         )
         if speed.context_parallel == 1:
             from workers.lora_assets import WorkerLoras
+            from workers.stages.dit_quantize import quantize_dit
 
-            return TransformCompute(denoiser, loras=WorkerLoras(denoiser.transformer, speed.lora_cache))
+            quantize_dit(denoiser.transformer, speed.quantize)
+            loras = WorkerLoras(denoiser.transformer, speed.lora_cache)
+            return TransformCompute(denoiser, loras=loras, quantize=speed.quantize)
         from workers.dit_group import DitRankGroup
 
         dit_group = DitRankGroup(

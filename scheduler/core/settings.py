@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -149,6 +149,11 @@ class TransformSettings(BaseModel):
     # LoRA adapters a transform worker keeps loaded into its DiT (least recently used dropped first): a job
     # naming a cached one switches to it at no load cost; one past this many costs a fetch and a load.
     lora_cache: int = Field(default=8, ge=1, le=256)
+    # Quantize the DiT once at worker start with torchao (frames move within the bound bench/README.md states):
+    # int8_dynamic = int8 weights and per-token dynamic int8 activations (CPUs and GPUs); fp8_dynamic = the
+    # same in float8 (GPUs with fp8 tensor cores: Hopper, Ada); none = the model's own dtype. Recorded in each
+    # job's dit block. Not with context_parallel (its follower ranks keep full-precision copies).
+    quantize: Literal["none", "int8_dynamic", "fp8_dynamic"] = "none"
 
 
 class CheckpointSettings(BaseModel):
