@@ -249,7 +249,7 @@ STAGE_COMPONENTS: dict[Stage, dict[ModelTask, tuple[Component, ...]]] = {
 }
 
 
-def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) -> StageCompute:
+def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings, model: str = "default") -> StageCompute:
     device, dtype = settings.worker.device, torch_dtype(settings.worker.dtype)
     check_model_dir(model_dir, [])
     task = model_task(model_dir)
@@ -281,6 +281,11 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
             attention_backend=speed.attention_backend,
             batch_jobs=speed.batch_size > 1,
         )
+        options = settings.model_options.get(model)
+        if options is not None:
+            from workers.stages.samplers import sampler_template
+
+            denoiser.scheduler_template = sampler_template(denoiser.scheduler_template, options.sampler)
         if speed.context_parallel == 1:
             from workers.lora_assets import WorkerLoras
             from workers.stages.dit_quantize import quantize_dit
@@ -325,6 +330,6 @@ def load_all(stage: Stage, settings: FarmSettings) -> tuple[dict[str, StageCompu
     computes: dict[str, StageCompute] = {}
     tasks: dict[str, str] = {}
     for name, model_dir in settings.served_models().items():
-        computes[name] = load_stage_compute(stage, model_dir, settings)
+        computes[name] = load_stage_compute(stage, model_dir, settings, name)
         tasks[name] = model_task(model_dir)
     return computes, tasks

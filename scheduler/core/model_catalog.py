@@ -42,6 +42,22 @@ def check_job_model(settings: FarmSettings, spec: JobSpec) -> None:
         raise SpecError(f"invalid job spec: model {spec.model!r} is a {task} model and needs {need}")
 
 
+def with_model_loras(settings: FarmSettings, spec: JobSpec) -> JobSpec:
+    """``spec`` with its model's default LoRAs (settings ``model_options``) before its own; one the job names wins."""
+    options = settings.model_options.get(spec.model)
+    if options is None or not options.loras:
+        return spec
+    named = {choice.name for choice in spec.loras}
+    defaults = tuple(choice for choice in options.loras if choice.name not in named)
+    merged = (*defaults, *spec.loras)
+    if len(merged) > settings.limits.max_loras:
+        raise SpecError(
+            f"invalid job spec: loras: with model {spec.model!r}'s {len(defaults)} default LoRAs this job has "
+            f"{len(merged)}, over this farm's maximum {settings.limits.max_loras}"
+        )
+    return spec.model_copy(update={"loras": merged})
+
+
 def model_for_task(settings: FarmSettings, task: Literal["t2v", "i2v"]) -> str | None:
     """The first configured model that does ``task`` (for a job that named no model)."""
     for name, model_dir in settings.model_dirs().items():
@@ -81,6 +97,7 @@ class ModelChooser:
         refusal = self._refusals[key]
         if refusal is not None:
             raise SpecError(refusal)
+        spec = with_model_loras(self.settings, spec)
         if spec.loras:
             if self._loras is None:
                 self._loras = lora_catalog(self.settings, self.conn)

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scheduler.core.errors import UserError
 from scheduler.core.keys import Stage
 from scheduler.core.loras import LoraSource, check_lora_names
+from scheduler.core.model_options import ModelOptions
 from scheduler.core.spec import SpecLimits
 
 DEFAULT_HOME = Path(".reelfarm")
@@ -277,6 +278,9 @@ class FarmSettings(BaseModel):
     # LoRA adapters jobs may name (spec ``loras``): NAME: PATH or s3://bucket/key.safetensors, or
     # NAME: {source, sha256, expert}. `reelfarm lora add` registers more in the farm's bucket.
     loras: dict[str, LoraSource] = Field(default_factory=dict)
+    # Per model (``default`` or a name in ``models``): its sampler (solver, shift) and LoRAs added to
+    # every job of it, e.g. a 4-step distillation: {sampler: {solver: euler, shift: 5.0}, loras: [{name: distill}]}.
+    model_options: dict[str, ModelOptions] = Field(default_factory=dict)
     # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
     spec_defaults: dict[str, Any] = Field(default_factory=dict)
     # How many workers of each stage the embedded farm (`reelfarm up`) starts; a stage left out gets one.
@@ -303,6 +307,15 @@ class FarmSettings(BaseModel):
             )
         except ValidationError as exc:
             raise SettingsError(f"--workers: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+    @model_validator(mode="after")
+    def _options_for_served_models(self) -> FarmSettings:
+        unknown = [name for name in self.model_options if name not in self.model_dirs()]
+        if unknown:
+            raise ValueError(
+                f"model_options {unknown[0]!r} is not a model of this farm (it has: {', '.join(self.model_dirs())})"
+            )
+        return self
 
     def worker_layout(self) -> dict[Stage, int]:
         """Workers per stage for the embedded farm, in pipeline order."""
