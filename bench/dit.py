@@ -14,7 +14,10 @@ same resident DiT weights:
   worker runs a batch, their steps sharing DiT calls (`workers.stages.step_batcher`), one-pass guidance
   on, for each ``--batches`` size;
 - ``WanPipeline, B jobs per call`` -- diffusers' own batching (B prompts, a generator per job), for
-  comparison with the farm's batching.
+  comparison with the farm's batching;
+- ``quantized M`` -- ``transform.quantize`` (torchao's ``quantize_`` on a copy of the DiT), two-pass and
+  one-pass, for each ``--quantize`` mode; the relative error column is of its latents against the
+  two-pass latents of the full-precision DiT.
 
 Rounds are interleaved (each round runs one job of every row) so a noisy machine slows all rows
 alike; medians are reported. Ratios are jobs/min over the baseline's jobs/min measured in this run.
@@ -78,6 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", default="2,4", help="WanPipeline batch sizes to time (diffusers' own batching)")
     parser.add_argument("--thresholds", default="0.05,0.2", help="FirstBlockCache thresholds, comma-separated")
     parser.add_argument("--attention", default="", help="diffusers attention backends to time, comma-separated")
+    parser.add_argument("--quantize", default="int8_dynamic", help="transform.quantize modes to time, comma-separated")
     parser.add_argument("--compile", action="store_true", help="also time transform.compile (slow to compile on CPU)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu")
@@ -213,6 +217,13 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         compiled = DenoiseStage(model_dir, args.device, dtype, compile_blocks=True)
         add("compiled", compiled, False, None)
         add(best_name + " + compiled", compiled, True, best_cache)
+    for mode in [m.strip() for m in args.quantize.split(",") if m.strip()]:
+        from workers.stages.dit_quantize import quantize_dit
+
+        quantized = DenoiseStage(model_dir, args.device, dtype)
+        quantize_dit(quantized.transformer, mode)
+        add(f"quantized {mode}, two-pass", quantized, False, None)
+        add(f"quantized {mode} + one-pass", quantized, True, None)
     batching = DenoiseStage(model_dir, args.device, dtype, one_pass_guidance=True, batch_jobs=True)
     for batch in batches:
         name = f"farm batch of {batch} (transform.batch_size, one-pass)"
@@ -245,9 +256,11 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                 row.psnr_db = psnr(frames, reference)
 
     base_seconds = statistics.median(rows[0].seconds)
+    reference_latents = outputs[rows[1].name]
     report_rows = []
     for row in rows:
         seconds = statistics.median(row.seconds) / row.jobs_per_run
+        error = (outputs[row.name] - reference_latents).norm() / reference_latents.norm()
         report_rows.append(
             {
                 "option": row.name,
@@ -259,6 +272,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                 "dit_calls": row.dit_calls,
                 "dit_calls_skipped": row.dit_calls_skipped,
                 "psnr_db_vs_uncached": row.psnr_db,
+                "relative_error_vs_two_pass": float(error),
                 "warmup_seconds": row.setup_seconds,
             }
         )
@@ -293,14 +307,15 @@ def render(report: dict[str, Any]) -> str:
         f"CFG {job['guidance_scale']}, {job['dtype']} on {job['device']} ({report['torch_threads']} threads); "
         f"transformer {report['transformer']}; median of {report['repeats']} jobs per row",
         "",
-        "| option | s/step per job | jobs/min | vs WanPipeline | DiT calls (skipped) | PSNR vs uncached | warm-up s |",
-        "|---|---|---|---|---|---|---|",
+        "| option | s/step per job | jobs/min | vs WanPipeline | DiT calls (skipped) | PSNR vs uncached | rel. error | warm-up s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         psnr_text = "-" if row["psnr_db_vs_uncached"] is None else f"{row['psnr_db_vs_uncached']:.1f} dB"
         lines.append(
             f"| {row['option']} | {row['seconds_per_step']:.3f} | {row['jobs_per_min']:.2f} | {row['ratio']:.2f}x | "
-            f"{row['dit_calls']} ({row['dit_calls_skipped']}) | {psnr_text} | {row['warmup_seconds']:.1f} |"
+            f"{row['dit_calls']} ({row['dit_calls_skipped']}) | {psnr_text} | {row['relative_error_vs_two_pass']:.1e} | "
+            f"{row['warmup_seconds']:.1f} |"
         )
     met = "met" if report["best_ratio"] >= TARGET_WITH_CACHE else "MISSED"
     batch_of_4 = report["batch_of_4_ratio"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,21 @@ import numpy as np
 import torch
 
 
-def reference_frames(model_dir: Path, spec: dict[str, Any], image: Any = None) -> np.ndarray:
-    """WanPipeline (or WanImageToVideoPipeline when ``image`` is given) with the spec's seed, in uint8."""
+def reference_frames(
+    model_dir: Path, spec: dict[str, Any], image: Any = None, loras: Mapping[str, tuple[Path, float]] | None = None
+) -> np.ndarray:
+    """WanPipeline (or WanImageToVideoPipeline when ``image`` is given) with the spec's seed, in uint8.
+
+    ``loras`` (name -> file, scale): loaded with ``load_lora_weights`` and set with ``set_adapters`` first.
+    """
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
     pipeline_class = WanPipeline if image is None else WanImageToVideoPipeline
     pipe = pipeline_class.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    for name, (path, _) in (loras or {}).items():
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    if loras:
+        pipe.set_adapters(list(loras), [scale for _, scale in loras.values()])
     extra = {} if image is None else {"image": image}
     out = pipe(
         prompt=spec["prompt"],

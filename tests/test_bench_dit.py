@@ -31,6 +31,8 @@ def test_quick_run_reports_every_option_against_wanpipeline(tiny_model_dir: Path
         "one-pass guidance",
         "cache first_block t=0.5",
         "best: one-pass + cache",
+        "quantized int8_dynamic, two-pass",
+        "quantized int8_dynamic + one-pass",
         "farm batch of 2 (transform.batch_size, one-pass)",
         "WanPipeline, 2 jobs per call (diffusers' batching)",
     ]
@@ -39,6 +41,10 @@ def test_quick_run_reports_every_option_against_wanpipeline(tiny_model_dir: Path
     assert baseline["psnr_db_vs_uncached"] == float("inf")  # the farm's loop equals diffusers' exactly
     assert rows["one-pass guidance"]["dit_calls"] == steps
     assert rows["one-pass guidance"]["psnr_db_vs_uncached"] > 60
+    # int8 weights and activations move the output, a little: neither exact nor far off.
+    quantized = rows["quantized int8_dynamic, two-pass"]
+    assert 0 < quantized["relative_error_vs_two_pass"] < 0.1 and quantized["dit_calls"] == 2 * steps
+    assert rows["stage, two-pass (all options off)"]["relative_error_vs_two_pass"] == 0
     assert rows["cache first_block t=0.5"]["dit_calls"] == 2 * steps
     assert rows["cache first_block t=0.5"]["dit_calls_skipped"] > 0
     for name in (

@@ -89,6 +89,7 @@ def test_two_jobs_end_to_end_match_wanpipeline(
         "one_pass_guidance": True,
         "compiled": False,
         "attention_backend": "default",
+        "quantize": "none",
         "dit_calls": 4,
         "dit_calls_skipped": 0,
     }

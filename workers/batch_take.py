@@ -4,8 +4,9 @@ rq hands a worker one job. With ``transform.batch_size`` above 1, the worker the
 heads of its queues (highest priority first) for jobs it can denoise together with that one, and
 takes each by id the way rq's dequeue takes the head (``queues.claim_queued``: another worker that
 took it first wins, a crash before the start leaves it for the reaper). Compatible means equal
-DiT input shapes -- model, height, width, frames, guidance on or off -- and no step cache (a
-cache decides per DiT call, so a cached job runs alone). Seeds, prompts, guidance scales and
+DiT input shapes -- model, height, width, frames, guidance on or off --, the same LoRAs at the
+same scales (they are the DiT's weights for the call), and no step cache (a cache decides per DiT
+call, so a cached job runs alone). Seeds, prompts, guidance scales and
 step counts may differ: each job keeps its own scheduler (`workers.stages.step_batcher`).
 
 Backpressure counts the batch: every job of a batch hands off its own output, so the worker takes
@@ -39,7 +40,17 @@ def batch_key(spec: JobSpec) -> BatchKey | None:
     """What must be equal for two jobs to share DiT calls; None for a job that runs alone."""
     if spec.cache is not None:
         return None
-    return (spec.model, spec.image is not None, spec.height, spec.width, spec.frames, uses_cfg(spec.guidance_scale))
+    # The LoRAs are the DiT's weights for the call: batch-mates must share the very same set and scales.
+    loras = tuple((choice.name, choice.scale) for choice in spec.loras)
+    return (
+        spec.model,
+        spec.image is not None,
+        spec.height,
+        spec.width,
+        spec.frames,
+        uses_cfg(spec.guidance_scale),
+        loras,
+    )
 
 
 def _batch_keys(conn: redis.Redis, job_ids: Sequence[str]) -> list[BatchKey | None]:

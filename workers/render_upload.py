@@ -115,6 +115,8 @@ def render_and_upload(
         "attempts": {name: int(stage.get("attempt", 1)) for name, stage in status["stages"].items()},
         "model": spec.model,
         "model_dir": rt.settings.model_dirs()[spec.model].name,
+        # The adapters the DiT ran with, with the checksums of the bytes loaded (spec.loras has names and scales).
+        "loras": (status["stages"].get("transform", {}).get("dit") or {}).get("loras", []),
         "created_at": status["created_at"],
         "finished_at": time.time(),
     }

@@ -9,6 +9,7 @@ the bucket, progress and cancellation through the job record, the upload.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from workers.decode_group import DecodeRankGroup
     from workers.dit_group import DitRankGroup
+    from workers.lora_assets import WorkerLoras
     from workers.stages.decode import StreamingVaeDecoder
     from workers.stages.encode import TextEncodeStage
     from workers.stages.image_encode import ImageConditionStage
@@ -73,6 +75,8 @@ class TransformCompute(StageCompute):
 
     denoiser: DenoiseStage
     group: DitRankGroup | None = None  # with transform.context_parallel above 1: the ranks sharing each DiT call
+    loras: WorkerLoras | None = None  # the LoRAs loaded into the DiT (None: this worker runs no LoRA jobs)
+    quantize: str = "none"  # transform.quantize, applied once at start (workers.stages.dit_quantize)
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         if self.group is None:
@@ -150,8 +154,8 @@ class TransformCompute(StageCompute):
             if boundary is not None:
                 boundary(done, total, capture)
 
-        # The job's step cache (if any) is on for this job only: the DiT stays resident for the next one.
-        with dit_speed.step_cache(self.denoiser.transformer, spec.cache) as calls:
+        # The job's step cache and LoRAs (if any) are on for this job only: the DiT stays resident for the next one.
+        with dit_speed.step_cache(self.denoiser.transformer, spec.cache) as calls, self._loras_for(job) as loras:
             latents = self.denoiser.denoise(
                 embeds,
                 height=spec.height,
@@ -167,7 +171,10 @@ class TransformCompute(StageCompute):
                 at_boundary=at_boundary,
                 stop_after=stop_after,
             )
-        jobs.set_dit_report(rt.conn, job.job_id, {**self.denoiser.speed_options(), **calls.as_record()}, hop)
+        report = {**self.denoiser.speed_options(), "quantize": self.quantize, **calls.as_record()}
+        if loras:
+            report["loras"] = loras
+        jobs.set_dit_report(rt.conn, job.job_id, report, hop)
         if stop_after is None:
             return {"latents": latents}
         # Resumed exactly at the boundary (this hop's earlier attempt saved it): nothing ran, the save is the state.
@@ -180,6 +187,16 @@ class TransformCompute(StageCompute):
 
             save_state(rt, job.job_id, job.attempt, state, hop)
         return {**embeds, **split_state.state_tensors(state)}
+
+    def _loras_for(self, job: StageJob) -> contextlib.AbstractContextManager[list[dict[str, object]]]:
+        if self.loras is not None:
+            return self.loras.for_job(job.rt, job.spec)
+        if job.spec.loras:
+            raise MalformedJob(
+                "this transform worker runs the DiT context-parallel (transform.context_parallel), where LoRAs are "
+                "not supported: resubmit without loras, or serve the model on a worker without context_parallel"
+            )
+        return contextlib.nullcontext([])
 
 
 def saving_boundary(job: StageJob) -> AtBoundary:
@@ -267,7 +284,7 @@ STAGE_COMPONENTS: dict[Stage, dict[ModelTask, tuple[Component, ...]]] = {
 }
 
 
-def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) -> StageCompute:
+def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings, model: str = "default") -> StageCompute:
     device, dtype = settings.worker.device, torch_dtype(settings.worker.dtype)
     check_model_dir(model_dir, [])
     task = model_task(model_dir)
@@ -285,10 +302,10 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
         from workers.stages.transform import DenoiseStage
 
         speed = settings.transform
-        if speed.context_parallel > 1 and (speed.batch_size > 1 or speed.compile):
+        if speed.context_parallel > 1 and (speed.batch_size > 1 or speed.compile or speed.quantize != "none"):
             raise ValueError(
-                "transform.context_parallel runs one job over several devices: set transform.batch_size to 1 and "
-                "transform.compile to false with it"
+                "transform.context_parallel runs one job over several devices: set transform.batch_size to 1, "
+                "transform.compile to false and transform.quantize to none with it"
             )
         denoiser = DenoiseStage(
             model_dir,
@@ -299,8 +316,18 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings) ->
             attention_backend=speed.attention_backend,
             batch_jobs=speed.batch_size > 1,
         )
+        options = settings.model_options.get(model)
+        if options is not None:
+            from workers.stages.samplers import sampler_template
+
+            denoiser.scheduler_template = sampler_template(denoiser.scheduler_template, options.sampler)
         if speed.context_parallel == 1:
-            return TransformCompute(denoiser)
+            from workers.lora_assets import WorkerLoras
+            from workers.stages.dit_quantize import quantize_dit
+
+            quantize_dit(denoiser.transformer, speed.quantize)
+            loras = WorkerLoras(denoiser.transformer, speed.lora_cache)
+            return TransformCompute(denoiser, loras=loras, quantize=speed.quantize)
         from workers.dit_group import DitRankGroup
 
         dit_group = DitRankGroup(
@@ -338,6 +365,6 @@ def load_all(stage: Stage, settings: FarmSettings) -> tuple[dict[str, StageCompu
     computes: dict[str, StageCompute] = {}
     tasks: dict[str, str] = {}
     for name, model_dir in settings.served_models().items():
-        computes[name] = load_stage_compute(stage, model_dir, settings)
+        computes[name] = load_stage_compute(stage, model_dir, settings, name)
         tasks[name] = model_task(model_dir)
     return computes, tasks

@@ -5,7 +5,8 @@
 - ``batch_commands``: batch, ls, cancel, retry, report, manifest, cron;
 - ``farm_commands``: up, down, worker, model, info, metrics, serve (the HTTP front), api-key;
 - ``tenant_commands``: usage (per API key and day), redis-acl;
-- ``deploy_commands``: settings-doc, worker-ready.
+- ``deploy_commands``: settings-doc, worker-ready;
+- ``lora_commands``: lora add, lora ls.
 
 Nothing here imports torch: submitting and watching jobs needs no GPU stack.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from scheduler.cli import batch_commands, deploy_commands, farm_commands, job_commands, tenant_commands
+from scheduler.cli import batch_commands, deploy_commands, farm_commands, job_commands, lora_commands, tenant_commands
 
 
 @click.group()
@@ -32,6 +33,7 @@ for _command in (
     farm_commands.down,
     farm_commands.worker,
     farm_commands.model,
+    lora_commands.lora,
     farm_commands.info_command,
     farm_commands.metrics_command,
     farm_commands.serve_command,

@@ -59,10 +59,12 @@ def batch_command(
     from scheduler.ops import batch
 
     text = sys.stdin.read() if source == "-" else batch.read_source(settings, source)
-    parsed = batch.parse_batch(text, settings, name=name, source=source, defaults=batch.parse_default_options(defaults))
+    conn = connect_redis(settings)
+    parsed = batch.parse_batch(
+        text, settings, name=name, source=source, defaults=batch.parse_default_options(defaults), conn=conn
+    )
     for error in parsed.errors:
         click.echo(f"{source}: {error}", err=True)
-    conn = connect_redis(settings)
     outcome = batch.submit_batch(conn, settings, parsed, resume=resume, source=source)
     for error in outcome.errors:
         click.echo(f"{source}: {error}", err=True)

@@ -78,6 +78,13 @@ def spec_options(func: Callable[..., Any]) -> Callable[..., Any]:
         metavar="METHOD[:THRESHOLD]",
         help="step caching for this job, e.g. first_block:0.05 (off by default; skips DiT calls, moves the frames)",
     )(func)
+    func = click.option(
+        "--lora",
+        "loras",
+        multiple=True,
+        metavar="NAME[:SCALE]",
+        help="a LoRA of the farm for this job (repeatable), e.g. --lora style:0.8 (`reelfarm lora ls` lists them)",
+    )(func)
     return func
 
 
@@ -94,6 +101,11 @@ def spec_from_options(prompt: str, options: dict[str, Any]) -> dict[str, Any]:
         # The spec checks both parts (unknown method, threshold out of range or not a number), in one line.
         method, has_threshold, threshold = cache.partition(":")
         raw["cache"] = {"method": method, **({"threshold": threshold} if has_threshold else {})}
+    loras = options.pop("loras", None) or ()
+    if loras:
+        # The spec checks the parts (name pattern, scale a number within bounds) and says which, in one line.
+        pairs = [lora.partition(":") for lora in loras]
+        raw["loras"] = [{"name": name, **({"scale": scale} if has_scale else {})} for name, has_scale, scale in pairs]
     return raw
 
 

@@ -49,6 +49,23 @@ def model_build(model_dir: Path, arch: str, seed: int) -> None:
     os.execv(sys.executable, command)
 
 
+@model.command("lora")
+@click.argument("lora_dir", type=click.Path(path_type=Path))
+@click.option("--rank", type=int, default=4, show_default=True, help="the LoRA's rank")
+@click.option("--seed", type=int, default=0, show_default=True, help="weight seed; the same seed gives identical files")
+@click.option(
+    "--layout", default="diffusers", show_default=True, help="diffusers (PEFT keys) or wan (the original layout)"
+)
+@click.option(
+    "--model", "for_model", default=None, help="the model dir whose DiT it adapts (default: the tiny model's)"
+)
+def model_lora(lora_dir: Path, rank: int, seed: int, layout: str, for_model: str | None) -> None:
+    """Write a tiny LoRA for a Wan DiT with random weights (tests, benchmarks; no downloads)."""
+    command = [sys.executable, "-m", "workers.models", "lora", str(lora_dir), "--rank", str(rank), "--seed", str(seed)]
+    command += ["--layout", layout, *(["--model", for_model] if for_model else [])]
+    os.execv(sys.executable, command)
+
+
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("stage", type=click.Choice(["encode", "transform", "decode"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)

@@ -135,6 +135,9 @@ def download_result(settings: FarmSettings, record: dict[str, Any], outputs: Pat
 
 def describe_status(record: dict[str, Any]) -> str:
     lines = [f"{record['job_id']}: {record['state']}"]
+    spec: dict[str, Any] = record["spec"] if isinstance(record.get("spec"), dict) else {}
+    if spec.get("loras"):
+        lines.append("  loras     " + ", ".join(f"{c['name']}@{c['scale']:g}" for c in spec["loras"]))
     route = record.get("route") or []
     if route and len(route) != 3:  # the common three-hop route goes without saying
         lines.append(f"  route: {' -> '.join(route)}")

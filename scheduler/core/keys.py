@@ -351,3 +351,8 @@ def webhook_event_key(event_id: str) -> str:
 def webhook_attempts_key() -> str:
     """Hash: delivery (``<event id>|<endpoint index>``) -> attempts made so far."""
     return f"{PREFIX}:webhooks:attempts"
+
+
+def lora_registry_key() -> str:
+    """Hash: LoRA name -> JSON {source, sha256, bytes, expert} of the adapters ``reelfarm lora add`` registered."""
+    return f"{PREFIX}:loras"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from scheduler.core.lora_catalog import LoraEntry, check_job_loras, lora_catalog
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
 
@@ -41,6 +42,22 @@ def check_job_model(settings: FarmSettings, spec: JobSpec) -> None:
         raise SpecError(f"invalid job spec: model {spec.model!r} is a {task} model and needs {need}")
 
 
+def with_model_loras(settings: FarmSettings, spec: JobSpec) -> JobSpec:
+    """``spec`` with its model's default LoRAs (settings ``model_options``) before its own; one the job names wins."""
+    options = settings.model_options.get(spec.model)
+    if options is None or not options.loras:
+        return spec
+    named = {choice.name for choice in spec.loras}
+    defaults = tuple(choice for choice in options.loras if choice.name not in named)
+    merged = (*defaults, *spec.loras)
+    if len(merged) > settings.limits.max_loras:
+        raise SpecError(
+            f"invalid job spec: loras: with model {spec.model!r}'s {len(defaults)} default LoRAs this job has "
+            f"{len(merged)}, over this farm's maximum {settings.limits.max_loras}"
+        )
+    return spec.model_copy(update={"loras": merged})
+
+
 def model_for_task(settings: FarmSettings, task: Literal["t2v", "i2v"]) -> str | None:
     """The first configured model that does ``task`` (for a job that named no model)."""
     for name, model_dir in settings.model_dirs().items():
@@ -51,13 +68,16 @@ def model_for_task(settings: FarmSettings, task: Literal["t2v", "i2v"]) -> str |
 
 class ModelChooser:
     """The model rules of submission: a job naming no model gets one that does its task, and the model must
-    be served and do the job's task. Answers are kept per model and task (they read model dirs from disk),
-    so one chooser serves a whole batch."""
+    be served and do the job's task, and its LoRAs must be the farm's (the registered ones are read from
+    ``conn``; without one, the settings' only). Answers are kept per model and task (they read model dirs
+    from disk) and the LoRA catalog is read once, so one chooser serves a whole batch."""
 
-    def __init__(self, settings: FarmSettings) -> None:
+    def __init__(self, settings: FarmSettings, conn: Any | None = None) -> None:
         self.settings = settings
+        self.conn = conn
         self._for_task: dict[str, str | None] = {}
         self._refusals: dict[tuple[str, str], str | None] = {}
+        self._loras: dict[str, LoraEntry] | None = None
 
     def resolve(self, spec: JobSpec, named: bool) -> JobSpec:
         """``spec`` with its model chosen (unless ``named``) and checked; raises ``SpecError`` if refused."""
@@ -77,4 +97,9 @@ class ModelChooser:
         refusal = self._refusals[key]
         if refusal is not None:
             raise SpecError(refusal)
+        spec = with_model_loras(self.settings, spec)
+        if spec.loras:
+            if self._loras is None:
+                self._loras = lora_catalog(self.settings, self.conn)
+            check_job_loras(spec, self._loras, self.settings.model_dirs().get(spec.model))
         return spec

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scheduler.core.errors import UserError
 from scheduler.core.keys import Stage
+from scheduler.core.loras import LoraSource, check_lora_names
+from scheduler.core.model_options import ModelOptions
 from scheduler.core.spec import SpecLimits
 
 DEFAULT_HOME = Path(".reelfarm")
@@ -153,6 +155,14 @@ class TransformSettings(BaseModel):
     # the scheduler's multistep state to the second, which may run on another worker. Frames equal the
     # unsplit job's exactly. A job with K >= its steps runs unsplit. None (the default): no split.
     split_at_step: int | None = Field(default=None, ge=1, le=1000)
+    # LoRA adapters a transform worker keeps loaded into its DiT (least recently used dropped first): a job
+    # naming a cached one switches to it at no load cost; one past this many costs a fetch and a load.
+    lora_cache: int = Field(default=8, ge=1, le=256)
+    # Quantize the DiT once at worker start with torchao (frames move within the bound bench/README.md states):
+    # int8_dynamic = int8 weights and per-token dynamic int8 activations (CPUs and GPUs); fp8_dynamic = the
+    # same in float8 (GPUs with fp8 tensor cores: Hopper, Ada); none = the model's own dtype. Recorded in each
+    # job's dit block. Not with context_parallel (its follower ranks keep full-precision copies).
+    quantize: Literal["none", "int8_dynamic", "fp8_dynamic"] = "none"
 
 
 class CheckpointSettings(BaseModel):
@@ -323,10 +333,18 @@ class FarmSettings(BaseModel):
     fetch: FetchSettings = FetchSettings()
     http: HttpSettings = HttpSettings()
     checkpoints: CheckpointSettings = CheckpointSettings()
+    # LoRA adapters jobs may name (spec ``loras``): NAME: PATH or s3://bucket/key.safetensors, or
+    # NAME: {source, sha256, expert}. `reelfarm lora add` registers more in the farm's bucket.
+    loras: dict[str, LoraSource] = Field(default_factory=dict)
+    # Per model (``default`` or a name in ``models``): its sampler (solver, shift) and LoRAs added to
+    # every job of it, e.g. a 4-step distillation: {sampler: {solver: euler, shift: 5.0}, loras: [{name: distill}]}.
+    model_options: dict[str, ModelOptions] = Field(default_factory=dict)
     # Spec fields applied when a submission leaves them out (e.g. small sizes for the tiny model).
     spec_defaults: dict[str, Any] = Field(default_factory=dict)
     # How many workers of each stage the embedded farm (`reelfarm up`) starts; a stage left out gets one.
     workers_per_stage: dict[str, int] = Field(default_factory=dict)
+
+    _lora_names = field_validator("loras")(check_lora_names)
 
     @field_validator("workers_per_stage")
     @classmethod
@@ -347,6 +365,15 @@ class FarmSettings(BaseModel):
             )
         except ValidationError as exc:
             raise SettingsError(f"--workers: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+    @model_validator(mode="after")
+    def _options_for_served_models(self) -> FarmSettings:
+        unknown = [name for name in self.model_options if name not in self.model_dirs()]
+        if unknown:
+            raise ValueError(
+                f"model_options {unknown[0]!r} is not a model of this farm (it has: {', '.join(self.model_dirs())})"
+            )
+        return self
 
     def worker_layout(self) -> dict[Stage, int]:
         """Workers per stage for the embedded farm, in pipeline order."""

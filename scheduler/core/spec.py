@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scheduler.core.errors import UserError
+from scheduler.core.loras import DEFAULT_MAX_LORAS, LoraChoice
 
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$")
 
@@ -81,6 +82,8 @@ class SpecLimits(BaseModel):
     max_image_bytes: int = Field(default=20 * 2**20, ge=1)
     # Largest conditioning image, in pixels (read from its header, checked before decoding).
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    # Most LoRAs one job may stack (each adds a low-rank update to every adapted layer of every DiT call).
+    max_loras: int = Field(default=DEFAULT_MAX_LORAS, ge=0, le=16)
 
 
 class JobSpec(BaseModel):
@@ -109,6 +112,9 @@ class JobSpec(BaseModel):
     resize: Literal["resize", "center_crop"] = "resize"
     # Step caching (diffusers' cache hooks on the DiT), e.g. {"method": "first_block", "threshold": 0.05}.
     cache: CacheOptions | None = None
+    # LoRAs of the farm (settings ``loras``, ``reelfarm lora add``) applied to the DiT for this job only,
+    # e.g. [{"name": "style", "scale": 0.8}]; names are checked against the farm's at submit.
+    loras: tuple[LoraChoice, ...] = ()
 
     @field_validator("prompt")
     @classmethod
@@ -131,6 +137,15 @@ class JobSpec(BaseModel):
         # The causal VAE maps 1 + 4k frames onto 1 + k latent frames.
         if (value - 1) % 4:
             raise ValueError(f"must be 4k+1, e.g. 17, 33, 49, 81 (got {value})")
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _each_lora_once(cls, value: tuple[LoraChoice, ...]) -> tuple[LoraChoice, ...]:
+        names = [choice.name for choice in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named more than once; give each LoRA once with its scale")
         return value
 
     @field_validator("output_prefix")
@@ -178,6 +193,8 @@ def parse_spec(raw: dict[str, Any], limits: SpecLimits, defaults: dict[str, Any]
         problems.append(f"height: {spec.height} is over this farm's maximum {limits.max_height}")
     if spec.frames > limits.max_frames:
         problems.append(f"frames: {spec.frames} is over this farm's maximum {limits.max_frames}")
+    if len(spec.loras) > limits.max_loras:
+        problems.append(f"loras: {len(spec.loras)} LoRAs is over this farm's maximum {limits.max_loras}")
     if spec.steps > limits.max_steps:
         problems.append(f"steps: {spec.steps} is over this farm's maximum {limits.max_steps}")
     for field in ("prompt", "negative_prompt"):

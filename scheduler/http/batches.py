@@ -131,7 +131,9 @@ def _submit(
     A user key's lines beyond its admission window are held back (``admission``) and enter the queues as
     its earlier jobs finish; their outcome is already their job id.
     """
-    parsed = parse_batch(specs_to_text([spec for _, _, spec in good]), front.settings, name=batch_id, source=source)
+    parsed = parse_batch(
+        specs_to_text([spec for _, _, spec in good]), front.settings, name=batch_id, source=source, conn=front.conn
+    )
     largest = max((e.spec.frames * e.spec.width * e.spec.height for e in parsed.entries), default=0)
     check_batch_quota(front, caller, largest)
     admitted = hold_back(front, caller, batch_id, parsed.entries)

@@ -14,7 +14,7 @@ How OpenAI's parameters map (see README, "HTTP API"):
   Other buckets are refused for the same reason (the farm's S3 credentials are not the caller's).
 - reelfarm's own spec fields (``seed``, ``steps``, ``guidance_scale``,
   ``negative_prompt``, ``flow_shift``, ``fps``, ``codec``, ``priority``,
-  ``resize``, ``output_prefix``) may come as extra body fields.
+  ``resize``, ``output_prefix``, ``loras``) may come as extra body fields.
 
 Every refusal is a 400 naming the parameter.
 """
@@ -75,6 +75,8 @@ class VideoCreateRequest(BaseModel):
     priority: Literal["high", "default", "low"] | None = None
     resize: Literal["resize", "center_crop"] | None = None
     output_prefix: str | None = None
+    # The farm's LoRAs for this video, e.g. [{"name": "style", "scale": 0.8}] (checked at submit, naming the field).
+    loras: list[dict[str, Any]] | None = None
 
 
 _PASSED_THROUGH = (
@@ -88,6 +90,7 @@ _PASSED_THROUGH = (
     "priority",
     "resize",
     "output_prefix",
+    "loras",
 )
 
 

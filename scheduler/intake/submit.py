@@ -41,7 +41,7 @@ def submit(
         raw_spec = raw_spec.model_dump()
     spec = parse_spec(raw_spec, settings.limits, settings.spec_defaults)
     # A job that names no model goes to one that does its task (an image job to an i2v model).
-    spec = ModelChooser(settings).resolve(spec, named="model" in raw_spec)
+    spec = ModelChooser(settings, conn).resolve(spec, named="model" in raw_spec)
     job_id = keys.check_id(job_id or new_job_id(), "job id")
     if jobs.job_exists(conn, job_id):
         return job_id

@@ -74,7 +74,10 @@ def job_id_for(batch_name: str, spec: JobSpec) -> str:
     """The job id of ``spec`` in ``batch_name``: the same spec in the same batch always gets the same id."""
     # pydantic writes fields in declaration order with defaults filled in, so equal specs give equal bytes
     # however the line spelled them (key order, defaults written out or left implicit).
-    digest = hashlib.sha256(spec.model_dump_json(exclude=_NOT_IDENTITY).encode()).hexdigest()
+    # A job without LoRAs hashes as it did before specs had them, so re-running an older batch file
+    # still finds its jobs.
+    exclude = _NOT_IDENTITY if spec.loras else _NOT_IDENTITY | {"loras"}
+    digest = hashlib.sha256(spec.model_dump_json(exclude=exclude).encode()).hexdigest()
     return keys.check_id(f"b-{keys.check_batch_name(batch_name)}-{digest[:16]}", "job id")
 
 
@@ -124,6 +127,7 @@ def parse_batch(
     source: str = "batch",
     defaults: dict[str, Any] | None = None,
     spec_overrides: dict[str, Any] | None = None,
+    conn: Any | None = None,
 ) -> ParsedBatch:
     """Parse and validate every line of a batch file; nothing is written anywhere.
 
@@ -154,7 +158,8 @@ def parse_batch(
     layered = deep_merge(deep_merge(dict(settings.spec_defaults), header), defaults or {})
 
     parsed = ParsedBatch(name=batch_name, entries=[], errors=[], lines=len(lines))
-    models = ModelChooser(settings)
+    # With ``conn``, LoRAs registered by `reelfarm lora add` are known too (without: the settings' only).
+    models = ModelChooser(settings, conn)
     first_line_of: dict[str, int] = {}
     for line_no, line in lines:
         try:

@@ -258,7 +258,13 @@ class CronRunner:
                 schedule.output_prefix, schedule.name, tick.astimezone(schedule.zone)
             )
         return batch.parse_batch(
-            text, self.settings, name=name, source=source, defaults=schedule.defaults, spec_overrides=overrides
+            text,
+            self.settings,
+            name=name,
+            source=source,
+            defaults=schedule.defaults,
+            spec_overrides=overrides,
+            conn=self.conn,
         )
 
     def check(self, now: datetime | None = None) -> list[str]:
