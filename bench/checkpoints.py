@@ -67,6 +67,8 @@ class BenchRuntime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-io")
     )
     preempt: threading.Event = field(default_factory=threading.Event)
+    # The hop a checkpoint belongs to: this bench times one unsplit transform hop.
+    stage: Stage = Stage.TRANSFORM
 
 
 @dataclass
