@@ -32,3 +32,11 @@ def tiny_i2v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "wan21-i2v-tiny", seed=TINY_MODEL_SEED, i2v=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_two_expert_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Wan2.2-A14B-layout t2v model (two experts with distinct weights, boundary 0.875), seed 0."""
+    from workers.models.presets import build_arch_model
+
+    return build_arch_model(tmp_path_factory.mktemp("models") / "wan22-t2v-tiny-2expert", "tiny-2expert")

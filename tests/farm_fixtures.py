@@ -44,7 +44,8 @@ def make_farm(
     made: list[Farm] = []
 
     def make(**overrides: Any) -> Farm:
-        settings = farm_settings(redis_url, s3_config, tiny_model_dir, tmp_path, **overrides)
+        model_dir = overrides.pop("model_dir", tiny_model_dir)
+        settings = farm_settings(redis_url, s3_config, model_dir, tmp_path, **overrides)
         farm = Farm(settings, redis.Redis.from_url(redis_url))
         made.append(farm)
         return farm

@@ -15,9 +15,9 @@ from typing import Any
 import redis
 
 from scheduler.core import jobs
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.settings import FarmSettings, S3Settings, TransferSettings, WorkerSettings
-from scheduler.local.embedded import start_worker, wait_for_workers
+from scheduler.local.embedded import WorkerSlot, start_worker, wait_for_workers
 
 # A test's workers get this long, all together, to stop after SIGTERM; then they are killed. An idle worker
 # stops in 1-3 s; one still holding a hand-off nobody will pull (its consumer already stopped) would wait
@@ -97,7 +97,8 @@ class WorkerFleet:
     def __init__(self, settings: FarmSettings, extra_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.extra_env = extra_env or {}
-        self.procs: list[tuple[Stage, subprocess.Popen[bytes]]] = []
+        # Keyed by hop: a transform worker holding one Wan2.2 expert is ``transform@high`` / ``transform@low``.
+        self.procs: list[tuple[Hop, subprocess.Popen[bytes]]] = []
 
     def start(self, *stages: Stage) -> list[subprocess.Popen[bytes]]:
         log_dir = self.settings.home / "logs"
@@ -106,8 +107,17 @@ class WorkerFleet:
         wait_for_workers(self.settings, list(stages), started, log_dir)
         return started
 
-    def live(self, stage: Stage) -> list[subprocess.Popen[bytes]]:
-        return [p for s, p in self.procs if s is stage and p.poll() is None]
+    def start_expert(self, expert: str) -> subprocess.Popen[bytes]:
+        """A transform worker loading only ``expert``'s DiT (``--expert``), serving ``transform@EXPERT``."""
+        log_dir = self.settings.home / "logs"
+        slot = WorkerSlot(Stage.TRANSFORM, 0, expert=expert)
+        proc = start_worker(Stage.TRANSFORM, self.settings, log_dir, self.extra_env, slot=slot)
+        self.procs.append((Hop(f"transform@{expert}"), proc))
+        wait_for_workers(self.settings, [Stage.TRANSFORM], [proc], log_dir)
+        return proc
+
+    def live(self, stage: Hop) -> list[subprocess.Popen[bytes]]:
+        return [p for s, p in self.procs if s == stage and p.poll() is None]
 
     def all_alive(self) -> bool:
         return all(p.poll() is None for _, p in self.procs)
@@ -117,20 +127,20 @@ class WorkerFleet:
         and start a new one. True if it started one."""
         if self.live(stage):
             return False
-        self.procs = [(s, p) for s, p in self.procs if s is not stage]
+        self.procs = [(s, p) for s, p in self.procs if s != stage]
         self.start(stage)
         return True
 
-    def worker(self, stage: Stage) -> subprocess.Popen[bytes]:
+    def worker(self, stage: Hop) -> subprocess.Popen[bytes]:
         """The stage's one live worker process."""
         live = self.live(stage)
         assert len(live) == 1, f"expected one live {stage} worker, found {len(live)}"
         return live[0]
 
-    def worker_pid(self, stage: Stage) -> int:
+    def worker_pid(self, stage: Hop) -> int:
         return self.worker(stage).pid
 
-    def sigkill(self, stage: Stage) -> None:
+    def sigkill(self, stage: Hop) -> None:
         """Kill the stage's live worker as an OOM kill would (no cleanup), and forget it."""
         victim = self.worker(stage)
         victim.send_signal(signal.SIGKILL)

@@ -25,7 +25,9 @@ def reference_frames(
         pipe.load_lora_weights(str(path), adapter_name=name)
     if loras:
         pipe.set_adapters(list(loras), [scale for _, scale in loras.values()])
-    extra = {} if image is None else {"image": image}
+    extra: dict[str, Any] = {} if image is None else {"image": image}
+    if spec.get("guidance_scale_2") is not None:
+        extra["guidance_scale_2"] = spec["guidance_scale_2"]
     out = pipe(
         prompt=spec["prompt"],
         negative_prompt=spec["negative_prompt"],

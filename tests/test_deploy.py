@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from scheduler.cli import main
 from scheduler.core import keys, worker_registry
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.settings import ENV_VARS, FarmSettings, load_settings
 from scheduler.ops.cron import load_cron_config
 
@@ -130,6 +130,26 @@ def test_config_map_is_valid_farm_settings_and_cron_schedules(tmp_path: Path) ->
     cron = kube("Deployment", "reelfarm-cron")
     (container,) = containers(cron)
     assert container["command"][:2] == ["reelfarm", "cron"] and "/etc/reelfarm/cron.yaml" in container["command"]
+
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_each_wan22_expert_has_its_own_workers_scaled_on_its_hops_demand(expert: str) -> None:
+    deployment = kube("Deployment", f"reelfarm-transform-{expert}")
+    pod = deployment["spec"]["template"]
+    (worker,) = containers(deployment)
+    assert worker["command"] == ["reelfarm", "worker", "transform", "--expert", expert]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # Its pods are not the plain transform Deployment's (overlapping selectors would let one adopt the other's).
+    plain = kube("Deployment", "reelfarm-transform")["spec"]["selector"]["matchLabels"]
+    assert not plain.items() <= pod["metadata"]["labels"].items()
+    pdb = kube("PodDisruptionBudget", f"reelfarm-transform-{expert}")
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    scaled = kube("ScaledObject", f"reelfarm-transform-{expert}")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["listName"] == keys.demand_key(Hop(f"transform@{expert}"))
+    policy = kube("NetworkPolicy", "reelfarm-transfer-only-between-workers")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
 @pytest.mark.parametrize("stage", [s.value for s in Stage])

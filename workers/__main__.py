@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--models", default=None, help="comma-separated model names to serve (default: all configured)")
+    parser.add_argument(
+        "--expert",
+        choices=["high", "low"],
+        default=None,
+        help="transform, Wan2.2 two-expert models: load only this expert's DiT and serve its hop (transform@EXPERT)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--decode-ranks", type=int, default=None, help="decode: spread the VAE over N processes (grid: squarest)"
@@ -54,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.models:
             chosen = [m.strip() for m in args.models.split(",") if m.strip()]
             settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"models": chosen})})
+        if args.expert is not None:
+            if stage is not Stage.TRANSFORM:
+                raise ValueError("--expert picks a transform worker's Wan2.2 expert; drop it for other stages")
+            settings = settings.model_copy(
+                update={"worker": settings.worker.model_copy(update={"expert": args.expert})}
+            )
         if args.decode_ranks is not None or args.decode_grid is not None:
             from workers.stages.sharded_decode import ShardGrid
 
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_worker() -> StageWorker:
         worker = StageWorker(
-            worker_queues(runtime.conn, stage, list(runtime.computes)),
+            worker_queues(runtime.conn, stage, list(runtime.computes), settings.worker.expert),
             connection=runtime.conn,
             serializer=JSONSerializer,
             name=runtime.worker_id,

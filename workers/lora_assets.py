@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 class WorkerLoras:
     """The adapters of one transform worker's DiT and the checksums of the bytes each was loaded from."""
 
-    def __init__(self, transformer: torch.nn.Module, capacity: int) -> None:
+    def __init__(self, transformer: torch.nn.Module, capacity: int, expert: str | None = None) -> None:
         self.adapters = LoraAdapters(transformer, capacity)
+        # A Wan2.2 expert's DiT ("high"/"low"): adapters made for the other expert are not applied to it.
+        self.expert = expert
         # adapter name -> SHA-256 of the bytes loaded (for entries whose catalog gives none: computed here).
         self.digests: dict[str, str] = {}
 
@@ -47,7 +49,13 @@ class WorkerLoras:
             choices = self._load_all(rt, spec) if spec.loras else []
             with self.adapters.activated(choices):
                 yield [
-                    {"name": c.name, "scale": c.scale, "sha256": self.digests.get(c.adapter_name, "")} for c in choices
+                    {
+                        "name": c.name,
+                        "scale": c.scale,
+                        "sha256": self.digests.get(c.adapter_name, ""),
+                        **({"expert": self.expert} if self.expert is not None else {}),
+                    }
+                    for c in choices
                 ]
         except LoraLoadError as exc:
             raise MalformedJob(str(exc)) from None
@@ -62,6 +70,8 @@ class WorkerLoras:
                     f"LoRA {choice.name!r} is no longer offered by this farm (removed since submit); "
                     "register it again with `reelfarm lora add` and retry the job"
                 )
+            if self.expert is not None and entry.expert in ("high", "low") and entry.expert != self.expert:
+                continue  # trained for the other expert's DiT
             adapter = AdapterChoice(choice.name, _identity(entry), choice.scale)
             if not self.adapters.has(adapter):
                 data = self._fetch_verified(rt, entry)

@@ -10,7 +10,7 @@ the bucket, progress and cancellation through the job record, the upload.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,6 +76,8 @@ class TransformCompute(StageCompute):
     denoiser: DenoiseStage
     group: DitRankGroup | None = None  # with transform.context_parallel above 1: the ranks sharing each DiT call
     loras: WorkerLoras | None = None  # the LoRAs loaded into the DiT (None: this worker runs no LoRA jobs)
+    # A two-expert worker's second DiT's LoRAs (the low-noise expert's, when it holds both).
+    loras_2: WorkerLoras | None = None
     quantize: str = "none"  # transform.quantize, applied once at start (workers.stages.dit_quantize)
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
@@ -107,15 +109,22 @@ class TransformCompute(StageCompute):
 
     def _denoise(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         rt, spec, hop = job.rt, job.spec, job.this_hop
+        if spec.guidance_scale_2 is not None and self.denoiser.boundary_ratio is None:
+            raise MalformedJob(
+                f"guidance_scale_2 is for a Wan2.2 two-expert model and model {spec.model!r} has one DiT; "
+                "resubmit without it"
+            )
         # A split route's transform hop covers steps [k0, k1): one after the first starts from the state the
-        # previous hop handed on; one before the last stops at k1 and hands its state on.
-        first, last = job.steps if job.steps is not None else (0, spec.steps)
+        # previous hop handed on; one before the last stops at k1 and hands its state on. An expert's hop
+        # covers the steps of its timesteps, found here from the scheduler (both experts' workers agree).
+        first, last = self._step_range(job)
         try:
             handed = split_state.state_of(inputs) if first > 0 else None
         except split_state.SplitStateError as exc:
             raise MalformedJob(str(exc)) from None
         embeds = split_state.conditioning_of(inputs)
-        stop_after = last if last < spec.steps else None
+        # The high-noise hop hands its state on even when its expert ran every step (the low hop then has none).
+        stop_after = last if last < spec.steps or job.expert == "high" else None
 
         # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries,
         #    resuming from the job's last saved state, saving every K steps, handing back when preempted.
@@ -155,7 +164,8 @@ class TransformCompute(StageCompute):
                 boundary(done, total, capture)
 
         # The job's step cache and LoRAs (if any) are on for this job only: the DiT stays resident for the next one.
-        with dit_speed.step_cache(self.denoiser.transformer, spec.cache) as calls, self._loras_for(job) as loras:
+        dits = list(self.denoiser.experts.values())
+        with dit_speed.step_cache(dits, spec.cache) as calls, self._loras_for(job) as loras:
             latents = self.denoiser.denoise(
                 embeds,
                 height=spec.height,
@@ -163,6 +173,7 @@ class TransformCompute(StageCompute):
                 num_frames=spec.frames,
                 num_inference_steps=spec.steps,
                 guidance_scale=spec.guidance_scale,
+                guidance_scale_2=spec.guidance_scale_2,
                 seed=spec.seed,
                 flow_shift=spec.flow_shift,
                 on_step=on_step,
@@ -172,6 +183,10 @@ class TransformCompute(StageCompute):
                 stop_after=stop_after,
             )
         report = {**self.denoiser.speed_options(), "quantize": self.quantize, **calls.as_record()}
+        if self.denoiser.boundary_ratio is not None:
+            # Which expert(s) ran here and the steps this hop covered: the record says how the job was split.
+            report["experts"] = ",".join(self.denoiser.experts)
+            report["steps"] = f"{first},{last}"
         if loras:
             report["loras"] = loras
         jobs.set_dit_report(rt.conn, job.job_id, report, hop)
@@ -188,7 +203,21 @@ class TransformCompute(StageCompute):
             save_state(rt, job.job_id, job.attempt, state, hop)
         return {**embeds, **split_state.state_tensors(state)}
 
+    def _step_range(self, job: StageJob) -> tuple[int, int]:
+        steps = job.spec.steps
+        if job.expert is None:
+            return job.steps if job.steps is not None else (0, steps)
+        if self.denoiser.boundary_ratio is None:
+            raise MalformedJob(
+                f"{job.this_hop} runs a Wan2.2 expert's steps but model {job.spec.model!r} on this worker has one DiT; "
+                "the model dir changed since the job was submitted: resubmit it"
+            )
+        boundary = self.denoiser.expert_steps(steps, job.spec.flow_shift)
+        return (0, boundary) if job.expert == "high" else (boundary, steps)
+
     def _loras_for(self, job: StageJob) -> contextlib.AbstractContextManager[list[dict[str, object]]]:
+        if self.loras is not None and self.loras_2 is not None:
+            return _both_experts(self.loras.for_job(job.rt, job.spec), self.loras_2.for_job(job.rt, job.spec))
         if self.loras is not None:
             return self.loras.for_job(job.rt, job.spec)
         if job.spec.loras:
@@ -197,6 +226,15 @@ class TransformCompute(StageCompute):
                 "not supported: resubmit without loras, or serve the model on a worker without context_parallel"
             )
         return contextlib.nullcontext([])
+
+
+@contextlib.contextmanager
+def _both_experts(
+    first: contextlib.AbstractContextManager[list[dict[str, object]]],
+    second: contextlib.AbstractContextManager[list[dict[str, object]]],
+) -> Iterator[list[dict[str, object]]]:
+    with first as high, second as low:
+        yield [*high, *low]
 
 
 def saving_boundary(job: StageJob) -> AtBoundary:
@@ -315,7 +353,13 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings, mo
             compile_blocks=speed.compile,
             attention_backend=speed.attention_backend,
             batch_jobs=speed.batch_size > 1,
+            experts=None if settings.worker.expert is None else (settings.worker.expert,),
         )
+        if len(denoiser.experts) > 1 and speed.context_parallel > 1:
+            raise ValueError(
+                f"model {model!r} has two experts and transform.context_parallel runs one DiT over a rank group: "
+                "start this worker with --expert high or --expert low (one DiT each), or set context_parallel to 1"
+            )
         options = settings.model_options.get(model)
         if options is not None:
             from workers.stages.samplers import sampler_template
@@ -325,9 +369,15 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings, mo
             from workers.lora_assets import WorkerLoras
             from workers.stages.dit_quantize import quantize_dit
 
-            quantize_dit(denoiser.transformer, speed.quantize)
-            loras = WorkerLoras(denoiser.transformer, speed.lora_cache)
-            return TransformCompute(denoiser, loras=loras, quantize=speed.quantize)
+            two = denoiser.boundary_ratio is not None
+            for dit in denoiser.experts.values():
+                quantize_dit(dit, speed.quantize)
+            loras = [
+                WorkerLoras(dit, speed.lora_cache, expert if two else None) for expert, dit in denoiser.experts.items()
+            ]
+            return TransformCompute(
+                denoiser, loras=loras[0], loras_2=loras[1] if len(loras) > 1 else None, quantize=speed.quantize
+            )
         from workers.dit_group import DitRankGroup
 
         dit_group = DitRankGroup(

@@ -97,7 +97,9 @@ def _run_stage(job_id: str, stage: str, attempt: int, upstream_attempt: int | No
             pulled = (sum(t.nbytes for t in inputs.values()), time.monotonic() - pull_started)
         pause_if_injected(rt.stage.value, spec.prompt)
         compute_started = time.monotonic()
-        job = StageJob(rt, job_id, spec, attempt, this_stage, route.steps_of(this_stage))
+        job = StageJob(
+            rt, job_id, spec, attempt, this_stage, route.steps_of(this_stage), route.expert_of(this_stage)
+        )
         outputs = _compute(rt, job, inputs)
         timing = StageTiming(started, time.monotonic() - compute_started, pulled)
         if not _finish(rt, job, route, outputs, timing):

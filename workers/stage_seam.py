@@ -64,6 +64,7 @@ class StageJob:
     attempt: int = 1
     hop: Hop | None = None  # None: the worker's stage, unsplit
     steps: tuple[int, int] | None = None
+    expert: str | None = None  # a Wan2.2 expert's hop: "high" or "low" (its steps follow from the boundary)
 
     @property
     def this_hop(self) -> Hop:

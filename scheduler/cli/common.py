@@ -29,6 +29,7 @@ SPEC_OPTIONS: list[tuple[str, Any, str]] = [
     ("frames", int, "4k+1, e.g. 17, 33, 81"),
     ("steps", int, "denoising steps"),
     ("guidance_scale", float, "classifier-free guidance (<= 1 turns CFG off)"),
+    ("guidance_scale_2", float, "Wan2.2 two-expert models: the low-noise expert's guidance (default: guidance-scale)"),
     ("seed", int, "noise seed (same seed, same video)"),
     ("flow_shift", float, "override the scheduler's flow shift"),
     ("fps", int, "frames per second of the MP4"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -28,7 +28,7 @@ from scheduler.core.job_record import (
     stage_fields,
 )
 from scheduler.core.keys import Hop, Stage
-from scheduler.core.route import ROUTE_FIELD, THREE_HOPS, Route, route_for, route_of
+from scheduler.core.route import ROUTE_FIELD, THREE_HOPS, Route, route_of
 from scheduler.core.spec import JobSpec
 from scheduler.core.stage_calls import StageCall
 
@@ -54,11 +54,11 @@ def create_jobs(
     new_jobs: Sequence[tuple[str, JobSpec]],
     *,
     secret: bytes,
-    split_at_step: int | None = None,
+    routes: Callable[[JobSpec], Route] | None = None,
 ) -> None:
     """New jobs enter the pipeline, in the caller's MULTI ``pipe``: each record written whole -- spec, state,
-    route (``route_for``, from the farm's ``transform.split_at_step``) and its first hop already queued, in
-    one HSET -- indexed, and its signed encode call enqueued.
+    route (``routes(spec)``, `scheduler.core.model_catalog.ModelChooser.route`; three hops without one) and
+    its first hop already queued, in one HSET -- indexed, and its signed encode call enqueued.
 
     One write per record rather than ``queue_stage``'s second one: a 10,000-line batch pays for every command.
     """
@@ -66,7 +66,7 @@ def create_jobs(
     calls = []
     for job_id, spec in new_jobs:
         key = keys.job_key(job_id)
-        route = route_for(spec.steps, split_at_step, step_cached=spec.cache is not None)
+        route = THREE_HOPS if routes is None else routes(spec)
         record = {
             "spec": spec.to_json(),
             "state": JobState.QUEUED.value,

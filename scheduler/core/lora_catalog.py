@@ -22,6 +22,7 @@ from typing import Any
 
 from scheduler.core import keys
 from scheduler.core.loras import LORA_NAME_PATTERN, LoraExpert, LoraSource, NotSafetensors, safetensors_header
+from scheduler.core.model_dirs import model_has_two_experts
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
 
@@ -66,16 +67,6 @@ def lora_catalog(settings: FarmSettings, conn: Any | None = None) -> dict[str, L
         except (ValueError, KeyError, TypeError):
             continue  # not written by the farm: never offered
     return catalog
-
-
-def model_has_two_experts(model_dir: Path) -> bool:
-    """Whether a model dir is a Wan2.2 two-expert one (its model_index names a ``transformer_2``)."""
-    try:
-        index = json.loads((Path(model_dir) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
-    second = index.get("transformer_2") if isinstance(index, dict) else None
-    return isinstance(second, list) and any(second)
 
 
 def check_job_loras(spec: JobSpec, catalog: dict[str, LoraEntry], model_dir: Path | None) -> None:

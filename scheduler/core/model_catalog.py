@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from scheduler.core.lora_catalog import LoraEntry, check_job_loras, lora_catalog
+from scheduler.core.model_dirs import model_has_two_experts
+from scheduler.core.route import Route, route_for
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
 
@@ -78,6 +80,23 @@ class ModelChooser:
         self._for_task: dict[str, str | None] = {}
         self._refusals: dict[tuple[str, str], str | None] = {}
         self._loras: dict[str, LoraEntry] | None = None
+        self._two_experts: dict[str, bool] = {}
+
+    def has_two_experts(self, model: str) -> bool:
+        """Whether ``model`` is a Wan2.2 two-expert one (False when its dir is not readable here)."""
+        if model not in self._two_experts:
+            model_dir = self.settings.model_dirs().get(model)
+            self._two_experts[model] = model_dir is not None and model_has_two_experts(model_dir)
+        return self._two_experts[model]
+
+    def route(self, spec: JobSpec) -> Route:
+        """The route a new job of ``spec`` takes: one hop per expert for a two-expert model placed ``split``
+        (the default), else three hops or the farm's ``transform.split_at_step`` split."""
+        options = self.settings.model_options.get(spec.model)
+        split = self.has_two_experts(spec.model) and (options is None or options.experts in (None, "split"))
+        return route_for(
+            spec.steps, self.settings.transform.split_at_step, step_cached=spec.cache is not None, experts_split=split
+        )
 
     def resolve(self, spec: JobSpec, named: bool) -> JobSpec:
         """``spec`` with its model chosen (unless ``named``) and checked; raises ``SpecError`` if refused."""
@@ -97,6 +116,11 @@ class ModelChooser:
         refusal = self._refusals[key]
         if refusal is not None:
             raise SpecError(refusal)
+        if spec.guidance_scale_2 is not None and not self.has_two_experts(spec.model):
+            raise SpecError(
+                f"invalid job spec: guidance_scale_2: model {spec.model!r} has one DiT, and guidance_scale_2 sets the "
+                "low-noise expert's guidance of a Wan2.2 two-expert model; drop it or pick such a model"
+            )
         spec = with_model_loras(self.settings, spec)
         if spec.loras:
             if self._loras is None:

@@ -32,10 +32,19 @@ class SamplerSettings(BaseModel):
     shift: float | None = Field(default=None, gt=0.0, le=30.0)
 
 
+# Where a Wan2.2 model's two experts run: "split" -- each on its own transform workers, the route
+# encode -> transform@high -> transform@low -> decode (half the DiT memory per worker, each expert scaled on
+# its own); "together" -- one transform worker holds both and switches at the boundary, as peers do.
+ExpertPlacement = Literal["split", "together"]
+
+
 class ModelOptions(BaseModel):
     """What a farm does for every job of one model beyond the model dir itself."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Two-expert (Wan2.2-A14B) models only; None: "split". Ignored for a one-expert model.
+    experts: ExpertPlacement | None = None
 
     # The sampler of this model's DiT; None: the model dir's scheduler as it is.
     sampler: SamplerSettings | None = None

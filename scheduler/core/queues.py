@@ -69,11 +69,15 @@ def stage_queues_by_priority(
 
 
 def worker_queues(
-    conn: redis.Redis, kind: Stage, models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,)
+    conn: redis.Redis,
+    kind: Stage,
+    models: list[str] | tuple[str, ...] = (keys.DEFAULT_MODEL,),
+    expert: str | None = None,
 ) -> list[Queue]:
     """Every queue a ``kind`` worker serving ``models`` listens on: each hop of its kind (a transform worker
-    takes ``transform`` and both parts of a split loop), highest priority first, then in route order."""
-    hops = keys.hops_of_kind(kind)
+    takes ``transform`` and both parts of a split loop), highest priority first, then in route order. A
+    transform worker holding one Wan2.2 ``expert`` takes only that expert's hop (``transform@high``)."""
+    hops = keys.hops_of_kind(kind) if expert is None else (keys.Hop(f"{kind.value}@{expert}"),)
     return [stage_queue(conn, hop, priority, model) for priority in keys.PRIORITIES for hop in hops for model in models]
 
 

@@ -5,6 +5,12 @@ the denoising steps: with ``transform.split_at_step: K`` a job of n > K steps ru
 ``encode -> transform@high [0, K) -> transform@low [K, n) -> decode``, the first transform hop handing the
 latents *and* the scheduler's multistep state to the second (the mechanism Wan2.2's two experts use).
 
+A Wan2.2-A14B model's two experts make the same shape of route with the experts placed apart
+(``model_options.MODEL.experts: split``, the default): ``transform@high`` runs the high-noise expert's steps
+and ``transform@low`` the low-noise expert's. Their step ranges come from the model's ``boundary_ratio`` and
+the scheduler's timesteps, which only a worker holding diffusers computes, so such a hop names its
+``expert`` instead of fixed steps; each worker finds the same boundary from the same model dir.
+
 Everything that asks "what comes next / what came before" -- the finish transaction, lineage recovery,
 retries, cancel, status and reports -- asks the job's ``Route``, never a stage. A record written before
 routes existed has no ``route`` field and reads as the three-hop route.
@@ -22,18 +28,33 @@ from scheduler.core.keys import Hop, Stage
 ROUTE_FIELD = "route"
 
 
+# A Wan2.2 expert: "high" runs the timesteps at or above the model's boundary, "low" the rest.
+EXPERTS = ("high", "low")
+
+
 @dataclass(frozen=True)
 class RouteHop:
-    """One hop of a route and, for a transform hop that covers only part of the loop, its steps ``[k0, k1)``."""
+    """One hop of a route and, for a transform hop that covers only part of the loop, its steps ``[k0, k1)``
+    or the Wan2.2 ``expert`` whose timesteps it runs."""
 
     hop: Hop
     steps: tuple[int, int] | None = None
+    expert: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"hop": self.hop.value}
         if self.steps is not None:
             entry["steps"] = list(self.steps)
+        if self.expert is not None:
+            entry["expert"] = self.expert
         return entry
+
+    def describe(self) -> str:
+        if self.steps is not None:
+            return f"{self.hop.value} [{self.steps[0]},{self.steps[1]})"
+        if self.expert is not None:
+            return f"{self.hop.value} ({self.expert}-noise expert)"
+        return self.hop.value
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,10 @@ class Route:
         """The denoising steps ``[k0, k1)`` ``hop`` covers, or None for a hop that runs them all (or none)."""
         return self.hops[self._index(hop)].steps
 
+    def expert_of(self, hop: Hop) -> str | None:
+        """The Wan2.2 expert ``hop`` runs (``high``/``low``), or None for a hop that is not one expert's part."""
+        return self.hops[self._index(hop)].expert
+
     def of_kind(self, kind: Stage) -> tuple[Hop, ...]:
         return tuple(hop for hop in self.names if hop.kind is kind)
 
@@ -81,9 +106,7 @@ class Route:
 
     def describe(self) -> str:
         """``encode -> transform@high [0,3) -> transform@low [3,6) -> decode`` (logs, ``reelfarm status``)."""
-        return " -> ".join(
-            e.hop.value + (f" [{e.steps[0]},{e.steps[1]})" if e.steps is not None else "") for e in self.hops
-        )
+        return " -> ".join(e.describe() for e in self.hops)
 
 
 THREE_HOPS = Route((RouteHop(Stage.ENCODE), RouteHop(Stage.TRANSFORM), RouteHop(Stage.DECODE)))
@@ -101,7 +124,7 @@ def parse_route(raw: str) -> Route:
             raise ValueError("not a list of hops")
         hops = []
         for entry in entries:
-            if not isinstance(entry, dict) or set(entry) - {"hop", "steps"}:
+            if not isinstance(entry, dict) or set(entry) - {"hop", "steps", "expert"}:
                 raise ValueError(f"hop entry {str(entry)[:80]!r}")
             steps = entry.get("steps")
             if steps is not None:
@@ -113,7 +136,10 @@ def parse_route(raw: str) -> Route:
                 ):
                     raise ValueError(f"steps {str(steps)[:40]!r}")
                 steps = (steps[0], steps[1])
-            hops.append(RouteHop(Hop(str(entry["hop"])), steps))
+            expert = entry.get("expert")
+            if expert is not None and (expert not in EXPERTS or steps is not None):
+                raise ValueError(f"expert {str(expert)[:20]!r} (one of {', '.join(EXPERTS)}, never with steps)")
+            hops.append(RouteHop(Hop(str(entry["hop"])), steps, expert))
     except (ValueError, KeyError, TypeError) as exc:
         raise RouteUnreadable(f"unreadable route {raw[:120]!r}: {exc}") from None
     route = Route(tuple(hops))
@@ -139,12 +165,28 @@ def route_of(fields: Mapping[str, Any]) -> Route:
     return THREE_HOPS if not raw else parse_route(str(raw))
 
 
-def route_for(steps: int, split_at_step: int | None, *, step_cached: bool = False) -> Route:
-    """The route a new job of ``steps`` denoising steps takes under the farm's ``transform.split_at_step``.
+EXPERT_HOPS = Route(
+    (
+        RouteHop(Stage.ENCODE),
+        RouteHop(Hop("transform@high"), expert="high"),
+        RouteHop(Hop("transform@low"), expert="low"),
+        RouteHop(Stage.DECODE),
+    )
+)
+
+
+def route_for(
+    steps: int, split_at_step: int | None, *, step_cached: bool = False, experts_split: bool = False
+) -> Route:
+    """The route a new job of ``steps`` denoising steps takes under the farm's ``transform.split_at_step``,
+    or, for a two-expert model with its experts placed apart (``experts_split``), one hop per expert.
 
     Split only where both parts have steps: a job with ``K >= steps`` runs unsplit. A step-cached job runs
-    unsplit too: its cache's state lives inside the DiT and cannot be handed on.
+    unsplit too: its cache's state lives inside the DiT and cannot be handed on. Two experts are two DiTs
+    with a cache each (as in diffusers' pipelines), so their split stands for a step-cached job too.
     """
+    if experts_split:
+        return EXPERT_HOPS
     if split_at_step is None or step_cached or not 0 < split_at_step < steps:
         return THREE_HOPS
     return Route(

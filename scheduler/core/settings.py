@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scheduler.core.errors import UserError
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.loras import LoraSource, check_lora_names
+from scheduler.core.model_dirs import model_has_two_experts
 from scheduler.core.model_options import ModelOptions
 from scheduler.core.spec import SpecLimits
 
@@ -107,6 +108,10 @@ class WorkerSettings(BaseModel):
     dtype: str = "float32"
     # Models (by name) this worker loads and serves; empty = every model in the farm's settings.
     models: list[str] = Field(default_factory=list)
+    # Transform workers of Wan2.2 two-expert models placed apart (model_options experts: split): the one
+    # expert this worker loads and serves (its queue transform@high or transform@low); None loads both and
+    # serves every transform hop. One-DiT models ignore it. ``reelfarm worker transform --expert``.
+    expert: Literal["high", "low"] | None = None
     # Decode workers: the VAE decode spread over a ROWSxCOLS grid of processes, each decoding its spatial
     # shard of every frame (per-process memory falls with the shard's area). Rank 0 is the worker itself,
     # the others start with it and stay up across jobs. "1x1": one process, no group.
@@ -349,7 +354,8 @@ class FarmSettings(BaseModel):
     @field_validator("workers_per_stage")
     @classmethod
     def _known_stages(cls, value: dict[str, int]) -> dict[str, int]:
-        stages = [stage.value for stage in Stage]
+        # A stage, or a Wan2.2 expert's hop (transform@high / transform@low: workers holding that expert).
+        stages = [*(stage.value for stage in Stage), "transform@high", "transform@low"]
         for stage, count in value.items():
             if stage not in stages:
                 raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")
@@ -375,9 +381,31 @@ class FarmSettings(BaseModel):
             )
         return self
 
-    def worker_layout(self) -> dict[Stage, int]:
-        """Workers per stage for the embedded farm, in pipeline order."""
-        return {stage: self.workers_per_stage.get(stage.value, 1) for stage in Stage}
+    def worker_layout(self) -> dict[Hop, int]:
+        """Workers per hop for the embedded farm, in route order.
+
+        A served two-expert model placed ``split`` gets one worker per expert hop (``transform@high``,
+        ``transform@low``, each loading only its expert) instead of the plain transform worker, which stays
+        only where a one-DiT model needs it (or ``transform`` is counted explicitly).
+        """
+        counts = self.workers_per_stage
+        served = self.served_models()
+        split = [
+            name
+            for name, model_dir in served.items()
+            if model_has_two_experts(model_dir)
+            and (self.model_options.get(name) is None or self.model_options[name].experts in (None, "split"))
+        ]
+        layout: dict[Hop, int] = {}
+        for stage in Stage:
+            if stage is not Stage.TRANSFORM or not split:
+                layout[stage] = counts.get(stage.value, 1)
+                continue
+            if len(split) < len(served) or "transform" in counts:
+                layout[stage] = counts.get(stage.value, 1)
+            for hop in ("transform@high", "transform@low"):
+                layout[Hop(hop)] = counts.get(hop, 1)
+        return layout
 
     def model_dirs(self) -> dict[str, Path]:
         return {"default": self.model_dir, **self.models}

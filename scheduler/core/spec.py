@@ -98,6 +98,9 @@ class JobSpec(BaseModel):
     frames: int = Field(default=81, ge=1)
     steps: int = Field(default=50, ge=1)
     guidance_scale: float = Field(default=5.0, ge=0.0, le=30.0)
+    # Wan2.2 two-expert models: the guidance of the low-noise expert's steps (None: guidance_scale, as in
+    # diffusers). Whether guidance runs at all follows guidance_scale alone, as in WanPipeline.
+    guidance_scale_2: float | None = Field(default=None, ge=0.0, le=30.0)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     flow_shift: float | None = Field(default=None, gt=0.0, le=30.0)
     fps: int = Field(default=16, ge=1, le=120)

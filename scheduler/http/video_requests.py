@@ -69,6 +69,8 @@ class VideoCreateRequest(BaseModel):
     seed: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    # Wan2.2 two-expert models: the low-noise expert's guidance (refused with one line on a one-DiT model).
+    guidance_scale_2: float | None = None
     flow_shift: float | None = None
     fps: int | None = None
     codec: CodecOptions | None = None
@@ -85,6 +87,7 @@ _PASSED_THROUGH = (
     "seed",
     "steps",
     "guidance_scale",
+    "guidance_scale_2",
     "flow_shift",
     "fps",
     "priority",

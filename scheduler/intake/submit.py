@@ -41,7 +41,8 @@ def submit(
         raw_spec = raw_spec.model_dump()
     spec = parse_spec(raw_spec, settings.limits, settings.spec_defaults)
     # A job that names no model goes to one that does its task (an image job to an i2v model).
-    spec = ModelChooser(settings, conn).resolve(spec, named="model" in raw_spec)
+    chooser = ModelChooser(settings, conn)
+    spec = chooser.resolve(spec, named="model" in raw_spec)
     job_id = keys.check_id(job_id or new_job_id(), "job id")
     if jobs.job_exists(conn, job_id):
         return job_id
@@ -55,9 +56,7 @@ def submit(
         if pipe.exists(keys.job_key(job_id)):
             return job_id
         pipe.multi()
-        jobs.create_jobs(
-            pipe, conn, [(job_id, spec)], secret=settings.require_secret(), split_at_step=settings.transform.split_at_step
-        )
+        jobs.create_jobs(pipe, conn, [(job_id, spec)], secret=settings.require_secret(), routes=chooser.route)
         if owner is not None:
             tag_owned_jobs(pipe, owner, [job_id], time.time(), request_digest)
         try:

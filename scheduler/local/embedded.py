@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 from scheduler.core import worker_registry
 from scheduler.core.connection import connect_redis
 from scheduler.core.errors import UserError
-from scheduler.core.keys import Stage
+from scheduler.core.keys import Hop, Stage
 from scheduler.core.settings import STATE_FILE_NAME, FarmSettings, api_key_hash
 from scheduler.local.processes import free_port, stop_pid, write_private
 from scheduler.local.seaweedfs import S3_STOP_TIMEOUT, start_s3_server
@@ -72,13 +72,20 @@ class WorkerSlot:
     index: int
     threads: int = 1
     cpus: frozenset[int] | None = None
+    # A transform worker holding one Wan2.2 expert (``--expert``), serving that expert's hop.
+    expert: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.stage.value}-{self.index}"
+        part = f"-{self.expert}" if self.expert else ""
+        return f"{self.stage.value}{part}-{self.index}"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--expert", self.expert) if self.expert else ()
 
 
-def plan_workers(layout: dict[Stage, int], cpus: list[int]) -> list[WorkerSlot]:
+def plan_workers(layout: Mapping[Hop, int] | Mapping[Stage, int], cpus: list[int]) -> list[WorkerSlot]:
     """Give each worker its share of this host's CPUs.
 
     With no more workers than CPUs, each worker is pinned to CPUs of its own and
@@ -91,16 +98,17 @@ def plan_workers(layout: dict[Stage, int], cpus: list[int]) -> list[WorkerSlot]:
     speed of a 1-thread one (bench.pipeline, layouts 1:1:1 vs 1:1:1x1), and two
     1-thread transform workers (``--workers transform=2``) were fastest of all.
     """
-    order = [(stage, i) for stage, count in layout.items() for i in range(count)]
+    # A hop with a part (transform@high) is a worker of its kind holding that expert.
+    order = [(hop, i) for hop, count in layout.items() for i in range(count)]
     if len(order) > len(cpus):
-        return [WorkerSlot(stage, i) for stage, i in order]
+        return [WorkerSlot(hop.kind, i, expert=hop.part) for hop, i in order]
     shares = [len(cpus) // len(order)] * len(order)
-    transform = [n for n, (stage, _) in enumerate(order) if stage is Stage.TRANSFORM] or list(range(len(order)))
+    transform = [n for n, (hop, _) in enumerate(order) if hop.kind is Stage.TRANSFORM] or list(range(len(order)))
     for extra in range(len(cpus) - sum(shares)):
         shares[transform[extra % len(transform)]] += 1
     slots, start = [], 0
-    for (stage, i), share in zip(order, shares, strict=True):
-        slots.append(WorkerSlot(stage, i, share, frozenset(cpus[start : start + share])))
+    for (hop, i), share in zip(order, shares, strict=True):
+        slots.append(WorkerSlot(hop.kind, i, share, frozenset(cpus[start : start + share]), hop.part))
         start += share
     return slots
 
@@ -139,10 +147,10 @@ def start_worker(
     ``log_name`` names its log (``worker-<log_name>.log``) when several workers of a stage share ``log_dir``.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
-    name = log_name or (stage.value if slot is None or slot.index == 0 else slot.name)
+    name = log_name or (stage.value if slot is None or (slot.index == 0 and not slot.expert) else slot.name)
     log = (log_dir / f"worker-{name}.log").open("ab")
     proc = subprocess.Popen(
-        [*launcher, sys.executable, "-m", "workers", stage.value],
+        [*launcher, sys.executable, "-m", "workers", stage.value, *(slot.args if slot else ())],
         env={**worker_env(settings, slot.threads if slot else None), **(extra_env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -24,6 +24,7 @@ Lifecycle of ``reelfarm batch FILE``:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,8 @@ import redis
 from scheduler.core import durability, jobs, keys
 from scheduler.core.errors import UserError
 from scheduler.core.job_record import StageField, count_states, stage_fields
-from scheduler.core.route import ROUTE_FIELD
+from scheduler.core.model_catalog import ModelChooser
+from scheduler.core.route import ROUTE_FIELD, Route
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import JobSpec, SpecError
 from scheduler.intake.tenancy import tag_owned_jobs
@@ -151,6 +153,8 @@ def submit_batch(
     _write_batch_record(conn, parsed, source)
     images = _ImageStager(settings)
     secret = settings.require_secret()
+    # Each job's route follows its model (a two-expert model's experts split over two hops).
+    routes = ModelChooser(settings, conn)
     for offset in range(0, len(parsed.entries), chunk_size):
         _submit_chunk(
             conn,
@@ -160,7 +164,7 @@ def submit_batch(
             outcome,
             images,
             secret,
-            settings.transform.split_at_step,
+            routes.route,
             owner,
         )
     # One wait covers every chunk before the batch is acknowledged (see scheduler.core.durability).
@@ -207,7 +211,7 @@ def _submit_chunk(
     outcome: SubmitOutcome,
     images: _ImageStager,
     secret: bytes,
-    split_at_step: int | None = None,
+    routes: Callable[[JobSpec], Route] | None = None,
     owner: str | None = None,
 ) -> None:
     job_keys = [keys.job_key(e.job_id) for e in chunk]
@@ -240,7 +244,7 @@ def _submit_chunk(
                         retried.append(entry.job_id)
                     else:
                         existing.append(entry.job_id)
-                jobs.create_jobs(pipe, conn, new_jobs, secret=secret, split_at_step=split_at_step)
+                jobs.create_jobs(pipe, conn, new_jobs, secret=secret, routes=routes)
                 if owner is not None:
                     tag_owned_jobs(pipe, owner, [job_id for job_id, _ in new_jobs], time.time())
                 batch_jobs = keys.batch_jobs_key(name)

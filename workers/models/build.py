@@ -86,6 +86,15 @@ class ModelArch:
     tune: Tune | None = None
     # The job shape the preset is made for: spec defaults a farm serving it should use.
     job: Mapping[str, int] = field(default_factory=dict)
+    # Wan2.2-A14B's layout: a second DiT (the low-noise expert, ``transformer_2``, the same shape with its
+    # own weights) and the fraction of the timesteps from which it takes over. None: one DiT (Wan2.1).
+    boundary_ratio: float | None = None
+    # The scheduler's flow shift (UniPC on flow sigmas, as Wan ships).
+    flow_shift: float = 3.0
+
+    @property
+    def two_experts(self) -> bool:
+        return self.boundary_ratio is not None
 
     def marker(self, seed: int) -> dict[str, Any]:
         marker: dict[str, Any] = {"format": MARKER_FORMAT, "kind": self.kind, "seed": seed}
@@ -122,7 +131,7 @@ def holds_model(model_dir: Path, arch: ModelArch, *, seed: int | None = None) ->
     if marker is None or marker.get("kind") != arch.kind or (seed is not None and marker.get("seed") != seed):
         return False
     try:
-        check_model_dir(Path(model_dir), TASK_COMPONENTS[arch.task])
+        check_model_dir(Path(model_dir), (*TASK_COMPONENTS[arch.task], *(("transformer_2",) if arch.two_experts else ())))
     except ModelDirError:
         return False
     return True
@@ -168,8 +177,17 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
     text_encoder = text_encoder.to(arch.text_encoder_dtype)  # type: ignore[call-arg,arg-type]
     vae = _seeded(seed, 2, lambda: AutoencoderKLWan(**arch.vae).eval())
     transformer = _seeded(seed, 1, lambda: WanTransformer3DModel(**arch.transformer).eval())
+    # The low-noise expert: the same architecture with its own draw (index 4), so the experts differ.
+    transformer_2 = (
+        _seeded(seed, 4, lambda: WanTransformer3DModel(**arch.transformer).eval()) if arch.two_experts else None
+    )
     if arch.tune is not None:
         arch.tune(transformer, vae)
+        if transformer_2 is not None:
+            arch.tune(transformer_2, vae)
+    experts: dict[str, Any] = (
+        {"transformer_2": transformer_2, "boundary_ratio": arch.boundary_ratio} if arch.two_experts else {}
+    )
     pipeline: DiffusionPipeline
     if arch.task == "t2v":
         pipeline = WanPipeline(
@@ -177,7 +195,8 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
             text_encoder=text_encoder,
             transformer=transformer,
             vae=vae,
-            scheduler=wan21_scheduler(),  # type: ignore[arg-type]
+            scheduler=wan21_scheduler(arch.flow_shift),  # type: ignore[arg-type]
+            **experts,
         )
     else:
         if arch.image_encoder is None or arch.image_size is None:
@@ -191,7 +210,7 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
             tokenizer=tokenizer,  # type: ignore[arg-type]
             text_encoder=text_encoder,
             vae=vae,
-            scheduler=wan21_scheduler(),  # type: ignore[arg-type]
+            scheduler=wan21_scheduler(arch.flow_shift),  # type: ignore[arg-type]
             image_processor=clip_image_processor(arch.image_size),  # type: ignore[arg-type]
             image_encoder=_seeded(seed, 3, lambda: CLIPVisionModel(image_config).eval()),
             transformer=transformer,
@@ -276,11 +295,12 @@ def clip_image_processor(size: int) -> BaseImageProcessor:
     return processor
 
 
-def wan21_scheduler() -> UniPCMultistepScheduler:
-    """The scheduler Wan2.1-T2V ships with: UniPC on flow-matching sigmas, shift 3.0 (480p)."""
+def wan21_scheduler(flow_shift: float = 3.0) -> UniPCMultistepScheduler:
+    """The scheduler Wan2.1-T2V (and Wan2.2-A14B-Diffusers) ships with: UniPC on flow-matching sigmas,
+    shift 3.0 (480p)."""
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
-        flow_shift=3.0,
+        flow_shift=flow_shift,
     )

@@ -30,8 +30,14 @@ from transformers.utils import logging as transformers_logging
 
 from scheduler.core.model_catalog import PIPELINE_TASKS
 
-Component = Literal["tokenizer", "text_encoder", "transformer", "vae", "scheduler", "image_encoder", "image_processor"]
+Component = Literal[
+    "tokenizer", "text_encoder", "transformer", "transformer_2", "vae", "scheduler", "image_encoder", "image_processor"
+]
 ModelTask = Literal["t2v", "i2v"]
+# A Wan2.2-A14B expert and the folder its DiT is in: "high" runs the timesteps at or above
+# boundary_ratio * num_train_timesteps, "low" the rest (diffusers' transformer / transformer_2).
+Expert = Literal["high", "low"]
+EXPERT_FOLDERS: dict[Expert, Component] = {"high": "transformer", "low": "transformer_2"}
 
 # What each task's directory holds (diffusers' save_pretrained layout).
 TASK_COMPONENTS: dict[ModelTask, tuple[Component, ...]] = {
@@ -50,6 +56,7 @@ _CONFIG_FILE: dict[Component, str] = {
     "tokenizer": "tokenizer_config.json",
     "text_encoder": "config.json",
     "transformer": "config.json",
+    "transformer_2": "config.json",
     "vae": "config.json",
     "scheduler": "scheduler_config.json",
     "image_encoder": "config.json",
@@ -59,6 +66,7 @@ _WEIGHT_PATTERNS: dict[Component, tuple[str, ...]] = {
     "tokenizer": ("tokenizer.json", "spiece.model"),
     "text_encoder": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
     "transformer": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
+    "transformer_2": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
     "vae": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
     "scheduler": (),
     "image_encoder": ("*.safetensors", "*.safetensors.index.json", "*.bin"),
@@ -112,8 +120,8 @@ def model_task(model_dir: Path) -> ModelTask:
     """Which task a model directory serves, from the pipeline class its ``model_index.json`` names.
 
     `ModelDirError` when the index is missing or unreadable, names another
-    pipeline, or turns on Wan2.2 settings (a second expert, expanded timesteps)
-    that the stages do not implement.
+    pipeline, or turns on Wan2.2 settings the stages do not implement (expanded
+    timesteps; a second expert without a boundary, or the reverse).
     """
     model_dir = Path(model_dir)
     index_path = model_dir / MODEL_INDEX_FILE
@@ -133,15 +141,43 @@ def model_task(model_dir: Path) -> ModelTask:
     if task is None:
         known = " or ".join(PIPELINE_TASKS)
         raise ModelDirError(f"{index_path} names pipeline {name!r}, not {known}; {TINY_MODEL_HINT}")
-    # save_pretrained writes an absent optional component as [null, null].
-    unsupported = [key for key in ("boundary_ratio", "expand_timesteps") if index.get(key)]
-    if index.get("transformer_2") not in (None, [None, None]):
-        unsupported.append("transformer_2")
-    if unsupported:
+    if index.get("expand_timesteps"):
         raise ModelDirError(
-            f"{index_path} sets {', '.join(unsupported)} (a Wan2.2 model); reelfarm's stages run Wan2.1 models only"
+            f"{index_path} sets expand_timesteps (Wan2.2-TI2V); reelfarm's stages run Wan2.1 and Wan2.2-A14B models"
+        )
+    _check_experts(index, index_path)
+    if task == "i2v" and index.get("boundary_ratio") is not None:
+        # WanImageToVideoPipeline with a boundary conditions on the VAE latents of the image only (no CLIP
+        # features), which the encode and transform stages do not implement yet.
+        raise ModelDirError(
+            f"{index_path} is a two-expert image-to-video model (Wan2.2-I2V-A14B), which reelfarm does not serve "
+            "yet; serve Wan2.2-T2V-A14B, or a Wan2.1 I2V model for image-to-video"
         )
     return task
+
+
+def _check_experts(index: Mapping[str, Any], index_path: Path) -> None:
+    # save_pretrained writes an absent optional component as [null, null].
+    second = index.get("transformer_2") not in (None, [None, None])
+    first = index.get("transformer") not in (None, [None, None])
+    boundary = index.get("boundary_ratio")
+    if second != (boundary is not None):
+        have, lacks = ("transformer_2", "boundary_ratio") if second else ("boundary_ratio", "transformer_2")
+        raise ModelDirError(
+            f"{index_path} sets {have} but no {lacks}; a Wan2.2 two-expert model needs both (diffusers' layout)"
+        )
+    if boundary is not None and not (isinstance(boundary, int | float) and 0.0 < float(boundary) < 1.0):
+        raise ModelDirError(f"{index_path} sets boundary_ratio {boundary!r}; it must be a number between 0 and 1")
+    if second and not first:
+        raise ModelDirError(f"{index_path} has a low-noise expert (transformer_2) but no high-noise one (transformer)")
+
+
+def model_boundary_ratio(model_dir: Path) -> float | None:
+    """A two-expert (Wan2.2-A14B) directory's ``boundary_ratio``; None for a one-DiT model."""
+    model_task(model_dir)  # refuses malformed expert settings
+    index = json.loads((Path(model_dir) / MODEL_INDEX_FILE).read_text())
+    boundary = index.get("boundary_ratio")
+    return None if boundary is None else float(boundary)
 
 
 def load_text_encoder(
@@ -174,15 +210,18 @@ def load_image_encoder(
     return image_processor, image_encoder.to(device).eval()  # type: ignore[call-arg,arg-type]
 
 
-def load_transformer(model_dir: Path, device: str | torch.device, dtype: torch.dtype) -> WanTransformer3DModel:
-    """The DiT, in eval mode on ``device``."""
+def load_transformer(
+    model_dir: Path, device: str | torch.device, dtype: torch.dtype, *, expert: Expert = "high"
+) -> WanTransformer3DModel:
+    """The DiT (a two-expert model's ``expert``; a one-DiT model has only "high"), in eval mode on ``device``."""
     model_dir = Path(model_dir)
-    check_model_dir(model_dir, ("transformer",))
+    folder = EXPERT_FOLDERS[expert]
+    check_model_dir(model_dir, (folder,))
     if not is_accelerate_available():
         # diffusers keeps some Wan DiT layers in float32 and can only do that through accelerate.
         raise ImportError("loading the Wan transformer needs the accelerate package: pip install accelerate")
     transformer = WanTransformer3DModel.from_pretrained(
-        model_dir, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        model_dir, subfolder=folder, torch_dtype=dtype, local_files_only=True
     )
     return transformer.to(device).eval()
 

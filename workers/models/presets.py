@@ -17,6 +17,8 @@
   machine (the DiT at least 20x the decode stage per job, encode cheapest) at
   the job shape in ``BENCH.job``, for the pipeline benchmarks in ``bench/``.
   Measured in ``bench/README.md``; a random-weight model, like the others.
+- ``tiny-2expert``, ``bench-2expert``, ``wan2.2-t2v-a14b``: Wan2.2-A14B's two experts
+  (`workers.models.wan22`, with sources and the stated reduction).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from workers.models.build import ModelArch, build_model
 from workers.models.loading import ModelDirError
 from workers.models.tiny import TINY_I2V, TINY_T2V, TINY_VAE
+from workers.models.wan22 import TINY_T2V_TWO_EXPERTS, bench_two_experts, wan22_t2v_a14b
 
 # Wan2.1-T2V-1.3B as published. Sources: Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json and
 # vae/config.json; the same values in Wan's own wan/configs/wan_t2v_1_3B.py (dim 1536, ffn_dim 8960,
@@ -137,7 +140,18 @@ BENCH = ModelArch(
     job={"width": 64, "height": 64, "frames": 17, "steps": 20},
 )
 
-ARCHS: dict[str, ModelArch] = {arch.name: arch for arch in (TINY_T2V, TINY_I2V, BENCH, WAN21_T2V_1_3B)}
+ARCHS: dict[str, ModelArch] = {
+    arch.name: arch
+    for arch in (
+        TINY_T2V,
+        TINY_I2V,
+        BENCH,
+        WAN21_T2V_1_3B,
+        TINY_T2V_TWO_EXPERTS,
+        bench_two_experts(BENCH),
+        wan22_t2v_a14b(WAN21_T2V_1_3B),
+    )
+}
 
 
 def arch_named(name: str) -> ModelArch:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
@@ -68,8 +69,15 @@ class DitCalls:
 
     calls: int = 0
     full: int = 0
-    # Whether the call that just ended ran every block (a cache may have skipped the rest).
-    ran_every_block: Callable[[], bool] = field(default=lambda: True, repr=False)
+    # Per cached DiT (by id): whether the call that just ended on it ran every block (a cache may have
+    # skipped the rest). Empty without a cache: every call runs every block.
+    checks: dict[int, Callable[[], bool]] = field(default_factory=dict, repr=False)
+
+    def ran_every_block(self, dit: torch.nn.Module | None) -> bool:
+        if not self.checks:
+            return True
+        check = self.checks.get(id(dit)) if dit is not None else None
+        return (check or next(iter(self.checks.values())))()
 
     @property
     def skipped(self) -> int:
@@ -87,12 +95,20 @@ def cache_config(options: CacheOptions) -> Any:
 
 
 @contextlib.contextmanager
-def step_cache(transformer: WanTransformer3DModel, options: CacheOptions | None) -> Iterator[DitCalls]:
-    """Count the DiT calls of the block inside, with ``options``' cache hooks on for it (none when None)."""
+def step_cache(
+    transformer: WanTransformer3DModel | Sequence[WanTransformer3DModel], options: CacheOptions | None
+) -> Iterator[DitCalls]:
+    """Count the DiT calls of the block inside, with ``options``' cache hooks on for it (none when None).
+
+    A two-expert worker passes both DiTs: each gets its own hooks and so its own cache state, as diffusers'
+    pipelines keep one per expert; a call counts as full when the DiT it ran on ran every block.
+    """
+    dits = [transformer] if isinstance(transformer, torch.nn.Module) else list(transformer)
     counted = DitCalls()
     if options is not None:
-        transformer.enable_cache(cache_config(options))
-        counted.ran_every_block = _computed_every_block(transformer)
+        for dit in dits:
+            dit.enable_cache(cache_config(options))
+            counted.checks[id(dit)] = _computed_every_block(dit)
     # The denoising loop reports its calls (count_dit_calls) in this thread: a forward hook would
     # count a batch-mate's calls too, and compiled blocks run no Python hooks.
     token = _COUNTED.set(counted)
@@ -101,21 +117,23 @@ def step_cache(transformer: WanTransformer3DModel, options: CacheOptions | None)
     finally:
         _COUNTED.reset(token)
         if options is not None:
-            transformer.disable_cache()
+            for dit in dits:
+                dit.disable_cache()
 
 
 _COUNTED: contextvars.ContextVar[DitCalls | None] = contextvars.ContextVar("reelfarm_dit_calls", default=None)
 
 
-def count_dit_calls(calls: int) -> None:
+def count_dit_calls(calls: int, dit: torch.nn.Module | None = None) -> None:
     """The job in this thread's ``step_cache`` block took part in ``calls`` more DiT calls (no-op outside one).
 
-    Called right after the call, inside its cache context, so a step cache's state says whether it ran in full.
+    Called right after the call, inside its cache context, so a step cache's state says whether it ran in
+    full (``dit``: the DiT that ran it, on a worker holding two experts).
     """
     counted = _COUNTED.get()
     if counted is not None:
         counted.calls += calls
-        counted.full += calls * int(counted.ran_every_block())
+        counted.full += calls * int(counted.ran_every_block(dit))
 
 
 def _computed_every_block(transformer: WanTransformer3DModel) -> Callable[[], bool]:

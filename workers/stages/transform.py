@@ -15,6 +15,13 @@ also cross-attends to ``image_embeds`` -- reporting each step and stopping at
 a step boundary when asked 3. return float32 latents *before* the VAE's
 latents_mean/latents_std denormalisation, which the decode stage applies.
 
+Wan2.2-A14B (two experts): the high-noise DiT (``transformer``) denoises the
+timesteps at or above ``boundary_ratio * num_train_timesteps`` and the
+low-noise one (``transformer_2``) the rest, with ``guidance_scale_2`` there,
+as in the pipelines. A worker loads both (``experts: together``) or one
+(``experts: split``: its hop covers only that expert's steps,
+``expert_steps``); the loop picks the DiT per step either way.
+
 Resumable: at every step boundary ``at_boundary`` may take a `DenoiseState`
 (the latents and the scheduler's multistep memory after step n); ``denoise``
 given one (``resume=``) skips the steps it covers and continues bit-exactly.
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from workers.models.loading import fresh_scheduler, load_scheduler, load_transformer
+from workers.models.loading import Expert, fresh_scheduler, load_scheduler, load_transformer, model_boundary_ratio
 from workers.stages import StageCancelled, dit_speed
 from workers.stages.denoise_state import DenoiseState
 from workers.stages.payloads import (
@@ -129,10 +136,18 @@ class DenoiseStage:
         compile_blocks: bool = False,
         attention_backend: str | None = None,
         batch_jobs: bool = False,
+        experts: Sequence[Expert] | None = None,
     ) -> None:
         model_dir = Path(model_dir)
         self.device = torch.device(device)
-        self.transformer = load_transformer(model_dir, self.device, dtype)
+        # A two-expert model's boundary; None for a one-DiT model, whose only DiT is "high" here.
+        self.boundary_ratio = model_boundary_ratio(model_dir)
+        wanted: Sequence[Expert] = ("high",) if self.boundary_ratio is None else (experts or ("high", "low"))
+        self.experts: dict[Expert, Any] = {
+            expert: load_transformer(model_dir, self.device, dtype, expert=expert) for expert in wanted
+        }
+        # The first loaded DiT: what one-DiT code paths (LoRA loading, quantization, rank groups) act on.
+        self.transformer = next(iter(self.experts.values()))
         # A template only: schedulers keep per-job state, so each job gets its own copy.
         self.scheduler_template = load_scheduler(model_dir, flow_shift=None)
         # Off by default here so the class alone reproduces WanPipeline bit for bit; the farm's
@@ -140,9 +155,8 @@ class DenoiseStage:
         self.one_pass_guidance = one_pass_guidance
         self.compile_blocks = compile_blocks
         self.attention_backend = attention_backend
-        dit_speed.prepare_transformer(
-            self.transformer, compile_blocks=compile_blocks, attention_backend=attention_backend
-        )
+        for dit in self.experts.values():
+            dit_speed.prepare_transformer(dit, compile_blocks=compile_blocks, attention_backend=attention_backend)
         # With batch_jobs, denoise() may run in several threads at once (a batch of jobs, one thread
         # each) and their steps share DiT calls (`workers.stages.step_batcher`).
         self.batcher = StepBatcher(self._batched_forward, one_pass=one_pass_guidance) if batch_jobs else None
@@ -157,6 +171,39 @@ class DenoiseStage:
             "compiled": self.compile_blocks,
             "attention_backend": self.attention_backend or "default",
         }
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        """The timestep from which down the low-noise expert takes over (diffusers' comparison: ``t >= b``)."""
+        if self.boundary_ratio is None:
+            return None
+        return self.boundary_ratio * float(self.scheduler_template.config["num_train_timesteps"])
+
+    def expert_at(self, t: torch.Tensor | float) -> Expert:
+        """Which expert denoises at timestep ``t`` ("high" for a one-DiT model)."""
+        boundary = self.boundary_timestep
+        return "high" if boundary is None or t >= boundary else "low"
+
+    def expert_steps(self, num_inference_steps: int, flow_shift: float | None) -> int:
+        """How many leading steps of a job the high-noise expert runs (all of them for a one-DiT model).
+
+        Read from a fresh scheduler's timesteps, as the loop sees them, so a split job's two hops (each on
+        a worker holding one expert) meet at the step where the pipelines switch DiTs.
+        """
+        scheduler = fresh_scheduler(self.scheduler_template, flow_shift)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return sum(1 for t in scheduler.timesteps if self.expert_at(t) == "high")
+
+    def dit_for(self, expert: Expert) -> Any:
+        """The loaded DiT of ``expert``; a one-line error when this worker did not load it."""
+        dit = self.experts.get(expert)
+        if dit is None:
+            held = ", ".join(self.experts)
+            raise ValueError(
+                f"this step needs the {expert}-noise expert but this worker holds only the {held}-noise one; "
+                "run the job's expert hops on workers started with the matching --expert"
+            )
+        return dit
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,6 +238,7 @@ class DenoiseStage:
         guidance_scale: float,
         seed: int,
         flow_shift: float | None,
+        guidance_scale_2: float | None = None,
         on_step: OnStep | None = None,
         should_stop: ShouldStop | None = None,
         resume: DenoiseState | None = None,
@@ -206,10 +254,14 @@ class DenoiseStage:
         `StageCancelled` when it says True. ``resume`` continues a loop saved
         after its step ``resume.step``; ``at_boundary`` runs after ``on_step``.
         ``stop_after`` ends the loop after that step (a split route's first part): the latents returned
-        are mid-denoise, and the state to continue from is what ``at_boundary`` captures at that step.
+        are mid-denoise, and the state to continue from is what ``at_boundary`` captures at that step (also
+        when the loop ends there without running a step: a hop whose expert has no steps in this job).
+        ``guidance_scale_2`` guides the low-noise expert's steps (None: ``guidance_scale``).
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1 (got {num_inference_steps})")
+        if guidance_scale_2 is not None and self.boundary_ratio is None:
+            raise ValueError("guidance_scale_2 is for a two-expert (Wan2.2-A14B) model; this DiT is a one-expert one")
         cfg = uses_cfg(guidance_scale)
         conditioning = self._conditioning(embeds, cfg)
 
@@ -230,6 +282,9 @@ class DenoiseStage:
         # A step-cached job runs alone (the worker never batches one): the cache decides per DiT call,
         # so sharing calls would make its frames depend on its batch-mates.
         batcher = self.batcher if self.batcher is not None and not self.transformer.is_cache_enabled else None
+        if stop_after is not None and stop_after == done and at_boundary is not None:
+            # Nothing to run in this range (resumed at its end, or an expert with no steps in this job).
+            at_boundary(done, total, functools.partial(DenoiseState.capture, done, total, latents, scheduler))
         joined = batcher.member(f"seed {seed}") if batcher is not None else contextlib.nullcontext(None)
         with joined as member:
             for step_index, t in enumerate(timesteps):
@@ -239,7 +294,9 @@ class DenoiseStage:
                     continue
                 if should_stop is not None and should_stop():
                     raise StageCancelled(f"stopped before denoising step {step_index + 1} of {total}")
-                noise_pred = self._predict_noise(latents, t, conditioning, guidance_scale, member)
+                expert = self.expert_at(t)
+                scale = guidance_scale_2 if expert == "low" and guidance_scale_2 is not None else guidance_scale
+                noise_pred = self._predict_noise(latents, t, conditioning, scale, member, self.dit_for(expert))
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if on_step is not None:
                     on_step(step_index + 1, total)
@@ -256,7 +313,8 @@ class DenoiseStage:
         saved = state.tensors.get("latents")
         if saved is None or tuple(saved.shape) != tuple(latents.shape) or saved.dtype != latents.dtype:
             raise ValueError("saved denoising state does not match this job's latents; it belongs to another job")
-        if state.total != total or not 0 < state.step < total:
+        # Step 0 (a high-noise hop that had no steps) and step total (one that ran them all) are states too.
+        if state.total != total or not 0 <= state.step <= total:
             raise ValueError(f"saved denoising state is at step {state.step} of {state.total}; this job has {total}")
         state.restore_into(scheduler, self.device)
         return state.step
@@ -345,7 +403,9 @@ class DenoiseStage:
         conditioning: Conditioning,
         guidance_scale: float,
         member: Member | None = None,
+        dit: Any = None,
     ) -> torch.Tensor:
+        dit = self.transformer if dit is None else dit
         if conditioning.condition is None:
             model_input = latents.to(self.dtype)
         else:
@@ -354,7 +414,9 @@ class DenoiseStage:
         if member is not None and self.batcher is not None:
             return self._predict_in_batch(self.batcher, member, model_input, timestep, conditioning, guidance_scale)
         if conditioning.negative_embeds is None:
-            return self._forward(model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds, "cond")
+            return self._forward(
+                model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds, "cond", dit=dit
+            )
         if self.one_pass_guidance:
             # One DiT call on a batch of 2 (cond, uncond): the same maths with fewer, larger kernels,
             # but batched kernels round differently from WanPipeline's two calls (see the tests' tolerance).
@@ -366,13 +428,16 @@ class DenoiseStage:
                 text,
                 None if image is None else torch.cat([image, image]),
                 "cond_uncond",
+                dit=dit,
             )
             cond, uncond = both.chunk(2)
         else:
             # WanPipeline's way: two calls. Both passes see the same image inputs.
-            cond = self._forward(model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds, "cond")
+            cond = self._forward(
+                model_input, timestep, conditioning.prompt_embeds, conditioning.image_embeds, "cond", dit=dit
+            )
             uncond = self._forward(
-                model_input, timestep, conditioning.negative_embeds, conditioning.image_embeds, "uncond"
+                model_input, timestep, conditioning.negative_embeds, conditioning.image_embeds, "uncond", dit=dit
             )
         return uncond + guidance_scale * (cond - uncond)
 
@@ -400,7 +465,27 @@ class DenoiseStage:
     def _batched_forward(
         self, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
     ) -> torch.Tensor:
-        return self._forward(model_input, timestep, text, image, "batch", counted=False)
+        experts = [self.expert_at(t) for t in timestep]
+        if len(set(experts)) == 1:
+            return self._forward(model_input, timestep, text, image, "batch", counted=False, dit=self.dit_for(experts[0]))
+        # Batch-mates on both sides of the boundary (experts together): each expert's rows in one call.
+        output = torch.empty(
+            (model_input.shape[0], self.latent_channels, *model_input.shape[2:]),
+            dtype=self.dtype,
+            device=model_input.device,
+        )
+        for expert in dict.fromkeys(experts):
+            rows = torch.tensor([i for i, e in enumerate(experts) if e == expert], device=model_input.device)
+            output[rows] = self._forward(
+                model_input[rows],
+                timestep[rows],
+                text[rows],
+                None if image is None else image[rows],
+                "batch",
+                counted=False,
+                dit=self.dit_for(expert),
+            )
+        return output
 
     def _forward(
         self,
@@ -411,14 +496,16 @@ class DenoiseStage:
         context: str,
         *,
         counted: bool = True,
+        dit: Any = None,
     ) -> torch.Tensor:
+        dit = self.transformer if dit is None else dit
         # A step cache keeps one state per named call (cond and uncond must not share one), as the pipelines name them.
-        with dit_speed.cache_context(self.transformer, context):
+        with dit_speed.cache_context(dit, context):
             if self.rank_sender is not None:
                 # The follower ranks make the same call with what is sent (timesteps as float32).
                 timestep = self.rank_sender.send_call(model_input, timestep, text, image)
-            output = call_dit(self.transformer, model_input, timestep, text, image)
+            output = call_dit(dit, model_input, timestep, text, image)
             if counted:
                 # Inside the cache context: whether this call ran every block is read from its state.
-                dit_speed.count_dit_calls(1)
+                dit_speed.count_dit_calls(1, dit)
         return output
