@@ -130,3 +130,37 @@ def test_the_cli_refuses_to_build_one_preset_over_another(tmp_path: Path, tiny_m
         result.stderr
         == f"error: {tiny_model_dir} holds a tiny t2v model, not bench; choose a new directory for the bench model\n"
     )
+
+
+def test_the_a14b_preset_is_wan22_t2v_a14b_with_the_stated_depth_reduction() -> None:
+    from workers.models.wan22 import A14B_REHEARSAL_LAYERS
+
+    a14b = arch_named("wan2.2-t2v-a14b")
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers transformer/config.json (= transformer_2/config.json): Wan2.1-14B's DiT.
+    published_a14b = {
+        **PUBLISHED_DIT,
+        "num_layers": 40,
+        "num_attention_heads": 40,
+        "attention_head_dim": 128,
+        "ffn_dim": 13824,
+    }
+    dit = _config_of(WanTransformer3DModel, dict(a14b.transformer))
+    assert {key: dit[key] for key in published_a14b if key != "num_layers"} == {
+        key: value for key, value in published_a14b.items() if key != "num_layers"
+    }
+    assert dit["num_layers"] == A14B_REHEARSAL_LAYERS < 40, "the one stated reduction"
+    # model_index.json's boundary_ratio and scheduler_config.json's flow_shift; the VAE is Wan2.1's.
+    assert (a14b.boundary_ratio, a14b.flow_shift) == (0.875, 3.0)
+    vae = _config_of(AutoencoderKLWan, dict(a14b.vae))
+    assert {key: vae[key] for key in PUBLISHED_VAE} == PUBLISHED_VAE
+    with init_empty_weights():
+        block = WanTransformer3DModel(**{**a14b.transformer, "num_layers": 1})
+    per_block = sum(p.numel() for p in block.blocks[0].parameters())
+    # 40 blocks of this width are the published ~14B parameters per expert.
+    assert 13e9 <= 40 * per_block <= 15e9, per_block
+
+
+def test_the_two_expert_presets_have_a_second_dit_and_the_published_boundary() -> None:
+    for name in ("tiny-2expert", "bench-2expert", "wan2.2-t2v-a14b"):
+        arch = arch_named(name)
+        assert arch.two_experts and arch.boundary_ratio == 0.875, name
