@@ -31,7 +31,7 @@ from typing import Any
 
 from bench.local_farm import arch_job_shape, build_model, connect, farm_servers, wait_all_finished
 from scheduler.core.keys import Hop, Stage
-from scheduler.core.model_options import ModelOptions
+from scheduler.core.model_options import ExpertPlacement, ModelOptions
 from scheduler.core.settings import FarmSettings
 from scheduler.local.embedded import plan_workers, start_worker, wait_for_workers
 from scheduler.local.processes import stop_child
@@ -70,7 +70,7 @@ def peak_resident_mib(pid: int) -> float:
 
 
 def run_side(base: FarmSettings, name: str, specs: list[dict[str, Any]], timeout: float, round_index: int) -> Side:
-    placement = "together" if name == "together" else "split"
+    placement: ExpertPlacement = "together" if name == "together" else "split"
     settings = base.model_copy(update={"model_options": {"default": ModelOptions(experts=placement)}})
     slots = plan_workers(SIDES[name], sorted(os.sched_getaffinity(0)))
     log_dir = settings.home / "logs"

@@ -31,7 +31,7 @@ lines of glue are mirrored here, step for step, rather than imported):
   ``set_dit_report`` at the end and records the latents checkpoint
   (``jobs.record_checkpoint``) after the hand-off; decode reads the status for
   the metadata JSON; then ``_finish``'s WATCH/MULTI (``mark_stage_finished``,
-  ``Rooms.publish`` + ``jobs.queue_stage``, or ``mark_succeeded``;
+  ``Rooms.publish`` + ``job_retry.queue_stage``, or ``mark_succeeded``;
   ``worker_registry.increment``) and the idle status.
 
 Not exercised: the model compute; the Mooncake engine (no buffers registered,
@@ -61,7 +61,7 @@ from typing import Any
 import redis
 from rq.job import Job  # bench only: the job class below resolves the stage entrypoint to this module
 
-from scheduler.core import jobs, keys, worker_metrics, worker_registry
+from scheduler.core import job_retry, jobs, keys, worker_metrics, worker_registry
 from scheduler.core.connection import connect_redis, redis_client
 from scheduler.core.descriptors import (
     Descriptor,
@@ -404,7 +404,7 @@ def _finish(
                 if next_stage is not None and desc is not None:
                     next_call = StageCall(job_id, next_stage, attempt_of(fields, next_stage) + 1, attempt)
                     rt.rooms.publish(desc, signature, pipeline=pipe)
-                    jobs.queue_stage(pipe, rt.conn, next_call, Routing(spec.priority, spec.model), secret=rt.secret)
+                    job_retry.queue_stage(pipe, rt.conn, next_call, Routing(spec.priority, spec.model), secret=rt.secret)
                 else:
                     jobs.mark_succeeded(pipe, job_id, outputs)
                 worker_registry.increment(pipe, rt.worker_id, "jobs_done")

@@ -14,7 +14,7 @@ import redis
 from click.testing import CliRunner
 
 from scheduler.cli import main
-from scheduler.core import jobs, keys, queues, recovery, worker_registry
+from scheduler.core import job_retry, jobs, keys, queues, recovery, worker_registry
 from scheduler.core.job_record import Routing
 from scheduler.core.keys import Stage
 from scheduler.core.rooms import Rooms, RoomState
@@ -146,14 +146,14 @@ def test_retry_failed_job_uses_a_higher_attempt(conn: redis.Redis, settings: Far
     assert status["stages"]["encode"] == {"state": "queued", "attempt": "3"}
     # Old timings are gone; the attempt counter stays so the next transform is attempt 3 too.
     assert status["stages"]["transform"] == {"attempt": "2"}
-    assert jobs.next_stage_attempt(conn, job_id, Stage.TRANSFORM) == 3
+    assert job_retry.next_stage_attempt(conn, job_id, Stage.TRANSFORM) == 3
     fields = jobs.job_fields(conn, job_id)
     assert fields["retries"] == "1" and fields["attempt_base"] == "2"
     assert queues.stage_queue(conn, Stage.ENCODE).job_ids == [keys.stage_job_id(job_id, Stage.ENCODE, 3)]
 
     # A queued job is not retried twice.
     with pytest.raises(JobAdminError, match="only failed or cancelled"):
-        jobs.resubmit(conn, job_id, secret=settings.require_secret())
+        job_retry.resubmit(conn, job_id, secret=settings.require_secret())
     again = cli(settings, tmp_path, "retry", job_id)
     assert again.exit_code == 2 and again.output.count("\n") == 1 and "only failed or cancelled" in again.output
 

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import torch
 
-from scheduler.core import durability, jobs, keys, recovery, worker_metrics, worker_registry
+from scheduler.core import durability, job_retry, jobs, keys, recovery, worker_metrics, worker_registry
 from scheduler.core.job_record import Routing, StageField, attempt_of, is_finished
 from scheduler.core.keys import Hop, Stage
 from scheduler.core.logging_setup import log_context
@@ -250,7 +250,7 @@ def _finish(rt: StageRuntime, job: StageJob, route: Route, outputs: StageOutputs
                 if next_stage is not None:
                     next_call = StageCall(job_id, next_stage, attempt_of(fields, next_stage) + 1, attempt)
                     rt.rooms.publish(desc, signature, pipeline=pipe)
-                    jobs.queue_stage(pipe, rt.conn, next_call, Routing(spec.priority, spec.model), secret=rt.secret)
+                    job_retry.queue_stage(pipe, rt.conn, next_call, Routing(spec.priority, spec.model), secret=rt.secret)
                 else:
                     jobs.mark_succeeded(pipe, job_id, outputs)
                 worker_registry.increment(pipe, rt.worker_id, "jobs_done")

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from scheduler.cli.common import DEFAULT_OUTPUTS, age, fail, farm_command, plural, stop_on_signals, table
+from scheduler.core import job_retry
 from scheduler.core.connection import connect_redis
 from scheduler.core.settings import FarmSettings
 
@@ -228,14 +229,13 @@ def _drop_checkpoints(conn: Any, settings: FarmSettings, job_id: str) -> None:
 @farm_command
 def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, batch_name: str | None) -> None:
     """Re-submit failed (or cancelled) jobs from encode with a fresh attempt."""
-    from scheduler.core import jobs
     from scheduler.ops import job_admin
 
     if bool(job_id) == bool(all_failed or batch_name):
         fail("give a JOB id, or --failed and/or --batch NAME")
     conn = connect_redis(settings)
     if job_id:
-        attempt = jobs.resubmit(conn, job_id, secret=settings.require_secret())
+        attempt = job_retry.resubmit(conn, job_id, secret=settings.require_secret())
         click.echo(f"{job_id} re-queued from encode (attempt {attempt})")
         return
     # A named batch retries its cancelled jobs too (that is how a cancelled batch is resumed).
@@ -244,7 +244,7 @@ def retry_command(settings: FarmSettings, job_id: str | None, all_failed: bool, 
     retried = 0
     for row in rows:
         try:
-            jobs.resubmit(conn, row.job_id, secret=settings.require_secret())
+            job_retry.resubmit(conn, row.job_id, secret=settings.require_secret())
             retried += 1
         except job_admin.JobAdminError:
             continue  # changed state since listed (retried elsewhere, or finished): nothing to do

@@ -110,7 +110,7 @@ def enqueue_stage(
 ) -> str:
     """Put one attempt of one stage of a job on its queue, signed with ``secret``; joins the caller's pipeline.
 
-    Only the rq side: the farm's own code goes through ``jobs.queue_stage``, which records it in the job too.
+    Only the rq side: the farm's own code goes through ``job_retry.queue_stage``, which records it in the job too.
     """
     call = StageCall(job_id, stage, attempt, upstream_attempt)
     enqueue_stages(conn, [(call, Routing(priority, model))], pipeline=pipeline, secret=secret)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import redis
 
-from scheduler.core import jobs, keys, queues, worker_metrics, worker_registry
+from scheduler.core import job_retry, jobs, keys, queues, worker_metrics, worker_registry
 from scheduler.core.job_record import (
     Routing,
     StageField,
@@ -265,7 +265,7 @@ def enqueue_later(
     removes one member instead of decoding the whole set.
     """
     if delay_seconds <= 0:
-        jobs.queue_stage(pipe, conn, call, routing, secret=secret)
+        job_retry.queue_stage(pipe, conn, call, routing, secret=secret)
         return
     jobs.mark_stage_queued(pipe, call.job_id, call.stage, call.attempt)
     parked = {**call.kwargs(), "priority": routing.priority, "model": routing.model}

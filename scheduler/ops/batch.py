@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from scheduler.core import durability, jobs, keys
+from scheduler.core import durability, job_retry, jobs, keys
 from scheduler.core.errors import UserError
 from scheduler.core.job_record import StageField, count_states, stage_fields
 from scheduler.core.model_catalog import ModelChooser
@@ -239,8 +239,8 @@ def _submit_chunk(
                             continue  # its image was refused: reported in outcome.errors
                         new_jobs.append((entry.job_id, spec))
                         created.append(entry.job_id)
-                    elif resume and fields["state"] in jobs.RETRYABLE_STATES:
-                        jobs.queue_retry(pipe, conn, entry.job_id, fields, secret=secret)
+                    elif resume and fields["state"] in job_retry.RETRYABLE_STATES:
+                        job_retry.queue_retry(pipe, conn, entry.job_id, fields, secret=secret)
                         retried.append(entry.job_id)
                     else:
                         existing.append(entry.job_id)
@@ -302,7 +302,7 @@ def _text(value: bytes | None) -> str | None:
 
 def _read_retry_fields(conn: redis.Redis, job_keys: list[str], current: list[dict[str, str | None]]) -> None:
     """Fill in spec and attempts of the jobs ``resume`` will retry (few, so read only those)."""
-    wanted = [i for i, fields in enumerate(current) if fields["state"] in jobs.RETRYABLE_STATES]
+    wanted = [i for i, fields in enumerate(current) if fields["state"] in job_retry.RETRYABLE_STATES]
     reader = conn.pipeline(transaction=False)
     for i in wanted:
         reader.hmget(job_keys[i], _STATE_FIELDS)

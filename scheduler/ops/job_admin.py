@@ -44,7 +44,8 @@ from scheduler.core.job_record import (
     routing_of,
     stage_fields,
 )
-from scheduler.core.jobs import JobAdminError, JobNotFound, JobState
+from scheduler.core.job_retry import JobAdminError
+from scheduler.core.jobs import JobNotFound, JobState
 from scheduler.core.keys import Hop, Stage
 from scheduler.core.output_keys import checkpoint_prefix
 from scheduler.core.rooms import Rooms

@@ -17,9 +17,10 @@ from typing import Any, NamedTuple
 import redis
 from pydantic import ValidationError
 
-from scheduler.core import jobs, keys, recovery
+from scheduler.core import job_retry, jobs, keys, recovery
 from scheduler.core.job_record import StageField, StageState, attempt_of, checkpoint_ref, routing_of, stage_field
-from scheduler.core.jobs import JobAdminError, JobNotFound, JobState
+from scheduler.core.job_retry import JobAdminError
+from scheduler.core.jobs import JobNotFound, JobState
 from scheduler.core.keys import Hop, Stage
 from scheduler.core.spec import CodecOptions, JobSpec
 from scheduler.core.stage_calls import StageCall
@@ -69,7 +70,7 @@ def decode_from(
         if missing:
             spec_json = _rerender_spec(job_id, fields, codec)
             pipe.multi()
-            attempt = jobs.queue_retry(pipe, conn, job_id, {**fields, "spec": spec_json}, secret=secret)
+            attempt = job_retry.queue_retry(pipe, conn, job_id, {**fields, "spec": spec_json}, secret=secret)
             pipe.hset(key, "spec", spec_json)
             recovery.note_recomputed_dit(pipe, job_id, fields)
             return Rerender(Stage.ENCODE, attempt)
@@ -85,7 +86,7 @@ def decode_from(
                 "decode_only": "1",
             },
         )
-        jobs.queue_stage(pipe, conn, call, routing_of(spec_json), secret=secret)
+        job_retry.queue_stage(pipe, conn, call, routing_of(spec_json), secret=secret)
         return Rerender(Stage.DECODE, call.attempt)
 
     # redis-py's transaction() re-runs the read-decide-write under WATCH until nobody changed the job meanwhile.
