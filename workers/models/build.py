@@ -50,6 +50,7 @@ from transformers.utils import logging as transformers_logging
 from workers.models.loading import (
     MODEL_INDEX_FILE,
     TASK_COMPONENTS,
+    Component,
     ModelDirError,
     ModelTask,
     check_model_dir,
@@ -86,6 +87,15 @@ class ModelArch:
     tune: Tune | None = None
     # The job shape the preset is made for: spec defaults a farm serving it should use.
     job: Mapping[str, int] = field(default_factory=dict)
+    # Wan2.2-TI2V (`workers.models.ti2v`): per-token timesteps in model_index.json; for i2v, no image encoder.
+    expand_timesteps: bool = False
+    # The scheduler's flow_shift as shipped (Wan2.1-T2V 480p: 3.0; Wan2.2-TI2V: 5.0).
+    flow_shift: float = 3.0
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The folders a complete directory of this architecture holds (TI2V i2v has no image encoder)."""
+        return TASK_COMPONENTS["i2v" if self.image_encoder is not None else "t2v"]
 
     def marker(self, seed: int) -> dict[str, Any]:
         marker: dict[str, Any] = {"format": MARKER_FORMAT, "kind": self.kind, "seed": seed}
@@ -122,7 +132,7 @@ def holds_model(model_dir: Path, arch: ModelArch, *, seed: int | None = None) ->
     if marker is None or marker.get("kind") != arch.kind or (seed is not None and marker.get("seed") != seed):
         return False
     try:
-        check_model_dir(Path(model_dir), TASK_COMPONENTS[arch.task])
+        check_model_dir(Path(model_dir), arch.components)
     except ModelDirError:
         return False
     return True
@@ -171,14 +181,18 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
     if arch.tune is not None:
         arch.tune(transformer, vae)
     pipeline: DiffusionPipeline
+    scheduler = wan21_scheduler(arch.flow_shift)
     if arch.task == "t2v":
         pipeline = WanPipeline(
             tokenizer=tokenizer,  # type: ignore[arg-type]
             text_encoder=text_encoder,
             transformer=transformer,
             vae=vae,
-            scheduler=wan21_scheduler(),  # type: ignore[arg-type]
+            scheduler=scheduler,  # type: ignore[arg-type]
+            expand_timesteps=arch.expand_timesteps,
         )
+    elif arch.image_encoder is None and arch.expand_timesteps:
+        pipeline = _first_frame_i2v_pipeline(tokenizer, text_encoder, transformer, vae, scheduler)
     else:
         if arch.image_encoder is None or arch.image_size is None:
             raise ValueError(f"architecture {arch.name} is i2v but names no image encoder or image size")
@@ -191,16 +205,38 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
             tokenizer=tokenizer,  # type: ignore[arg-type]
             text_encoder=text_encoder,
             vae=vae,
-            scheduler=wan21_scheduler(),  # type: ignore[arg-type]
+            scheduler=scheduler,  # type: ignore[arg-type]
             image_processor=clip_image_processor(arch.image_size),  # type: ignore[arg-type]
             image_encoder=_seeded(seed, 3, lambda: CLIPVisionModel(image_config).eval()),
             transformer=transformer,
         )
     with quiet_transformers_progress():  # the CLI's output is one line
         pipeline.save_pretrained(model_dir, safe_serialization=True)
-    if arch.task == "i2v":
+    if arch.task == "i2v" and arch.image_encoder is not None:
         _name_image_processor_as_wan21(model_dir)
     (model_dir / MARKER_FILE).write_text(json.dumps(arch.marker(seed), indent=2) + "\n")
+
+
+def _first_frame_i2v_pipeline(
+    tokenizer: T5Tokenizer,
+    text_encoder: UMT5EncoderModel,
+    transformer: WanTransformer3DModel,
+    vae: AutoencoderKLWan,
+    scheduler: UniPCMultistepScheduler,
+) -> DiffusionPipeline:
+    # Wan2.2-TI2V as image-to-video: WanImageToVideoPipeline with expand_timesteps and no CLIP tower
+    # (its DiT has no image_dim); save_pretrained records the absent image components as [null, null].
+    with _quiet_transformers_warnings():  # as for the Wan2.1 i2v build: importing it warns about CLIP's backend
+        from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
+
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer,  # type: ignore[arg-type]
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,  # type: ignore[arg-type]
+        transformer=transformer,
+        expand_timesteps=True,
+    )
 
 
 def _name_image_processor_as_wan21(model_dir: Path) -> None:
@@ -276,11 +312,11 @@ def clip_image_processor(size: int) -> BaseImageProcessor:
     return processor
 
 
-def wan21_scheduler() -> UniPCMultistepScheduler:
-    """The scheduler Wan2.1-T2V ships with: UniPC on flow-matching sigmas, shift 3.0 (480p)."""
+def wan21_scheduler(flow_shift: float = 3.0) -> UniPCMultistepScheduler:
+    """The scheduler Wan ships with: UniPC on flow-matching sigmas, shift 3.0 (Wan2.1-T2V 480p; TI2V-5B: 5.0)."""
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
-        flow_shift=3.0,
+        flow_shift=flow_shift,
     )

@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, BaseImageProcessor, CLIPVisionModel, Pre
 from transformers.utils import logging as transformers_logging
 
 from scheduler.core.model_catalog import PIPELINE_TASKS
+from workers.models.ti2v import check_expand_timesteps
 
 Component = Literal["tokenizer", "text_encoder", "transformer", "vae", "scheduler", "image_encoder", "image_processor"]
 ModelTask = Literal["t2v", "i2v"]
@@ -112,8 +113,8 @@ def model_task(model_dir: Path) -> ModelTask:
     """Which task a model directory serves, from the pipeline class its ``model_index.json`` names.
 
     `ModelDirError` when the index is missing or unreadable, names another
-    pipeline, or turns on Wan2.2 settings (a second expert, expanded timesteps)
-    that the stages do not implement.
+    pipeline, or turns on Wan2.2 settings the stages do not implement (a second
+    expert; expanded timesteps are run for one DiT, see `workers.models.ti2v`).
     """
     model_dir = Path(model_dir)
     index_path = model_dir / MODEL_INDEX_FILE
@@ -127,20 +128,23 @@ def model_task(model_dir: Path) -> ModelTask:
         raise ModelDirError(f"cannot read {index_path} ({exc}); {TINY_MODEL_HINT}") from None
     name = index.get("_class_name") if isinstance(index, dict) else None
     # The scheduler's table, so submit and workers agree on a dir's task. Wan2.2's two-expert and
-    # expand_timesteps variants use the same class names with settings the stages do not implement:
-    # refused below.
+    # expand_timesteps variants use the same class names: what the stages do not implement is refused below.
     task = PIPELINE_TASKS.get(name) if isinstance(name, str) else None
     if task is None:
         known = " or ".join(PIPELINE_TASKS)
         raise ModelDirError(f"{index_path} names pipeline {name!r}, not {known}; {TINY_MODEL_HINT}")
     # save_pretrained writes an absent optional component as [null, null].
-    unsupported = [key for key in ("boundary_ratio", "expand_timesteps") if index.get(key)]
+    unsupported = [key for key in ("boundary_ratio",) if index.get(key)]
     if index.get("transformer_2") not in (None, [None, None]):
         unsupported.append("transformer_2")
     if unsupported:
         raise ModelDirError(
             f"{index_path} sets {', '.join(unsupported)} (a Wan2.2 model); reelfarm's stages run Wan2.1 models only"
         )
+    try:  # Wan2.2-TI2V (expand_timesteps): `workers.models.ti2v` says which variants the stages run.
+        check_expand_timesteps(index, index_path)
+    except ValueError as exc:
+        raise ModelDirError(str(exc)) from None
     return task
 
 

@@ -17,6 +17,7 @@
   machine (the DiT at least 20x the decode stage per job, encode cheapest) at
   the job shape in ``BENCH.job``, for the pipeline benchmarks in ``bench/``.
   Measured in ``bench/README.md``; a random-weight model, like the others.
+- ``tiny-ti2v`` / ``tiny-ti2v-i2v`` / ``wan2.2-ti2v-5b``: Wan2.2-TI2V (`workers.models.ti2v_presets`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from workers.models.build import ModelArch, build_model
 from workers.models.loading import ModelDirError
+from workers.models.ti2v_presets import TI2V_ARCHS
 from workers.models.tiny import TINY_I2V, TINY_T2V, TINY_VAE
 
 # Wan2.1-T2V-1.3B as published. Sources: Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json and
@@ -138,6 +140,8 @@ BENCH = ModelArch(
 )
 
 ARCHS: dict[str, ModelArch] = {arch.name: arch for arch in (TINY_T2V, TINY_I2V, BENCH, WAN21_T2V_1_3B)}
+# Wan2.2-TI2V (tiny-ti2v, tiny-ti2v-i2v, wan2.2-ti2v-5b): defined and sourced in `workers.models.ti2v_presets`.
+ARCHS.update({arch.name: arch for arch in TI2V_ARCHS})
 
 
 def arch_named(name: str) -> ModelArch:
