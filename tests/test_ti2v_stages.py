@@ -185,3 +185,49 @@ def test_unimplemented_ti2v_variants_are_refused_in_one_line(
     with pytest.raises(ModelDirError, match=message) as refused:
         model_task(_with_index(tiny_ti2v_i2v_model_dir, tmp_path, **changes))
     assert "\n" not in str(refused.value)
+
+
+# --- sharded decode ----------------------------------------------------------------------------------------
+
+
+def test_the_wan22_decoders_halo_comes_from_its_layers() -> None:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+
+    from workers.models.presets import arch_named
+    from workers.stages.sharded_decode import crop_points, decoder_halo
+
+    with torch.device("meta"):  # the architecture only: no weights allocated
+        real = AutoencoderKLWan(**arch_named("wan2.2-ti2v-5b").vae)
+        tiny = AutoencoderKLWan(**arch_named("tiny-ti2v").vae)
+    # Its 8x decoder (then 2x2 patches) has Wan2.1's conv stack per level, so the same reach: 15 latent pixels
+    # with 2 residual blocks per level, 11 with the tiny one's 1.
+    assert (decoder_halo(real.decoder), decoder_halo(tiny.decoder)) == (15, 11)
+    # Whole residual up blocks are the crop points (their DupUp3D shortcut reads the block's input).
+    assert crop_points(real.decoder)[-4:] == list(real.decoder.up_blocks)
+
+
+@pytest.mark.integration
+def test_sharded_decode_of_the_wan22_vae_equals_one_process(tiny_ti2v_model_dir: Path) -> None:
+    """2x1 ranks over [1, 48, 2, 24, 8] latents: each 12-row core keeps an 11-row halo on its cut side only."""
+    from workers.decode_group import DecodeRankGroup
+    from workers.stages.sharded_decode import ShardGrid
+
+    latents = torch.randn(1, 48, 2, 24, 8, generator=torch.Generator().manual_seed(0))
+    single = StreamingVaeDecoder(tiny_ti2v_model_dir)
+    expected = list(single.decoder_steps(single.vae.post_quant_conv(single.denormalize(latents))))
+    group = DecodeRankGroup(tiny_ti2v_model_dir, ShardGrid.parse("2x1"), timeout_seconds=120)
+    sharded = group.start(StreamingVaeDecoder(tiny_ti2v_model_dir))
+    try:
+        floats = list(sharded.decode_chunks(latents))
+        frames = list(sharded.iter_frames(latents))
+    finally:
+        group.close()
+
+    assert sharded.halo == 11
+    # Decoder output: 12 channels (3 x 2 x 2 patches) at 8x; frames: unpatchified to 16x.
+    assert [c.shape for c in floats] == [c.shape for c in expected] == [(1, 12, n, 192, 64) for n in (1, 4)]
+    # Float reassociation only (see tests/test_sharded_decode.py for the tolerance's derivation).
+    assert max(float((got - want).abs().max()) for got, want in zip(floats, expected, strict=True)) < 1e-4
+    for got, want in zip(frames, expected, strict=True):
+        assert got.shape == (want.shape[2], 384, 128, 3)
+        assert int(np.abs(got.astype(np.int16) - single.to_frames(want).astype(np.int16)).max()) <= 1

@@ -148,7 +148,8 @@ class ShardedVaeDecoder:
             raise ValueError(f"a {grid} grid needs {grid.size} ranks, the group has {comm.size}")
         self.base, self.grid, self.comm = base, grid, comm
         decoder = base.vae.decoder
-        self.spatial_factor = int(base.vae.config["scale_factor_spatial"])
+        # The decoder's own factor (8): a Wan2.2 VAE's 2x2 patches are unpatchified after assembly (`to_frames`).
+        self.spatial_factor = base.decoder_spatial_factor
         self.halo = decoder_halo(decoder, self.spatial_factor) if halo is None else halo
         # This rank owns its VAE copy, so swapping the attention in leaves diffusers' forward as it is.
         current = decoder.mid_block.attentions[0]
