@@ -1,4 +1,8 @@
-"""Sharded streaming decode: the Wan2.1 VAE's causal decoder spread over a grid of ranks.
+"""Sharded streaming decode: the Wan VAE's causal decoder (Wan2.1's, or Wan2.2's) spread over a grid of ranks.
+
+For the Wan2.2 VAE everything below holds at its decoder's own 8x (its 2x2 output patches are
+unpatchified after assembly, in ``StreamingVaeDecoder.to_frames``), with whole residual up blocks as the
+crop points (`workers.stages.shard_geometry.crop_points`); its halo is 15 latent pixels too.
 
 Each latent frame is split over a rows x cols grid of ranks. A rank decodes
 its shard (its *core*) plus a halo of latent pixels on every side that is not
