@@ -128,7 +128,8 @@ def model_task(model_dir: Path) -> ModelTask:
         raise ModelDirError(f"cannot read {index_path} ({exc}); {TINY_MODEL_HINT}") from None
     name = index.get("_class_name") if isinstance(index, dict) else None
     # The scheduler's table, so submit and workers agree on a dir's task. Wan2.2's two-expert and
-    # expand_timesteps variants use the same class names: what the stages do not implement is refused below.
+    # expand_timesteps variants use the same class names with settings the stages do not implement:
+    # refused below.
     task = PIPELINE_TASKS.get(name) if isinstance(name, str) else None
     if task is None:
         known = " or ".join(PIPELINE_TASKS)

@@ -14,6 +14,9 @@ latents with the image ``condition`` concatenated on the channels, and the DiT
 also cross-attends to ``image_embeds`` -- reporting each step and stopping at
 a step boundary when asked 3. return float32 latents *before* the VAE's
 latents_mean/latents_std denormalisation, which the decode stage applies.
+A Wan2.2-TI2V DiT (``expand_timesteps``) takes one timestep per token and, for
+i2v, keeps latent frame 0 fixed to the image's latents: `workers.stages.ti2v`,
+called at three hook points (DiT input, timestep, final latents).
 
 Resumable: at every step boundary ``at_boundary`` may take a `DenoiseState`
 (the latents and the scheduler's multistep memory after step n); ``denoise``
@@ -213,7 +216,7 @@ class DenoiseStage:
         at_boundary: AtBoundary | None = None,
         stop_after: int | None = None,
     ) -> torch.Tensor:
-        """Final latents [1, 16, 1 + (num_frames - 1) / 4, height / 8, width / 8], float32.
+        """Final latents [1, 16, 1 + (num_frames - 1) / 4, height / 8, width / 8], float32 (TI2V: [1, 48, ..., / 16]).
 
         ``embeds`` holds the encode stage's tensors (`workers.stages.payloads`):
         the text embeddings, and for an i2v DiT ``image_embeds`` and
