@@ -156,6 +156,28 @@ def test_a_ti2v_dit_refuses_clip_features(tiny_ti2v_i2v_model_dir: Path) -> None
         denoiser.denoise(embeds, seed=0, flow_shift=None, **{**JOB, "guidance_scale": 1.0})
 
 
+def test_a_ti2v_i2v_loop_resumes_bit_exactly_and_runs_alone_in_a_batching_worker(
+    tiny_ti2v_i2v_model_dir: Path,
+) -> None:
+    """A split route / preemption resumes from a mid-loop state; a batching DiT runs a TI2V job on its own."""
+    from workers.stages.denoise_state import DenoiseState
+
+    embeds = TextEncodeStage(tiny_ti2v_i2v_model_dir).encode(PROMPT, NEGATIVE_PROMPT, JOB["guidance_scale"])
+    embeds.update(FirstFrameLatentStage(tiny_ti2v_i2v_model_dir).encode(IMAGE, height=64, width=96, num_frames=17))
+    denoiser = DenoiseStage(tiny_ti2v_i2v_model_dir)
+    saved: list[DenoiseState] = []
+
+    def keep_step_2(done: int, total: int, capture: Any) -> None:
+        if done == 2:
+            saved.append(capture())
+
+    whole = denoiser.denoise(embeds, seed=SEED, flow_shift=None, at_boundary=keep_step_2, **JOB)
+    resumed = denoiser.denoise(embeds, seed=SEED, flow_shift=None, resume=saved[0], **JOB)
+    assert torch.equal(whole, resumed)
+    batching = DenoiseStage(tiny_ti2v_i2v_model_dir, batch_jobs=True)
+    assert torch.equal(batching.denoise(embeds, seed=SEED, flow_shift=None, **JOB), whole)
+
+
 # --- model directories -------------------------------------------------------------------------------------
 
 
