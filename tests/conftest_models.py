@@ -40,3 +40,20 @@ def tiny_two_expert_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.models.presets import build_arch_model
 
     return build_arch_model(tmp_path_factory.mktemp("models") / "wan22-t2v-tiny-2expert", "tiny-2expert")
+
+
+@pytest.fixture(scope="session")
+def tiny_ti2v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Wan2.2-TI2V model directory indexed as text-to-video (WanPipeline, expand_timesteps), seed 0."""
+    from workers.models.presets import build_arch_model
+
+    return build_arch_model(tmp_path_factory.mktemp("models") / "wan22-ti2v-tiny", "tiny-ti2v", seed=TINY_MODEL_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_ti2v_i2v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny TI2V weights indexed as image-to-video (WanImageToVideoPipeline, no image encoder), seed 0."""
+    from workers.models.presets import build_arch_model
+
+    directory = tmp_path_factory.mktemp("models") / "wan22-ti2v-i2v-tiny"
+    return build_arch_model(directory, "tiny-ti2v-i2v", seed=TINY_MODEL_SEED)

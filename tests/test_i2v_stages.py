@@ -335,7 +335,8 @@ def copy_index(model_dir: Path, tmp_path: Path, **changes: Any) -> Path:
             {"boundary_ratio": 0.9, "transformer_2": ["diffusers", "WanTransformer3DModel"]},
             "a two-expert image-to-video model .*does not serve yet",
         ),
-        ({"expand_timesteps": True}, "sets expand_timesteps"),
+        # A Wan2.1-I2V dir with per-token timesteps: TI2V conditions on the first latent frame, not on CLIP.
+        ({"expand_timesteps": True}, "sets expand_timesteps with an image_encoder"),
     ],
 )
 def test_model_task_refuses_other_pipelines(

@@ -41,8 +41,8 @@ from scheduler.core.keys import Hop, Stage
 from scheduler.core.object_store import ObjectStoreError, delete_objects_under, get_bytes, put_bytes
 from scheduler.core.output_keys import checkpoint_prefix, denoise_state_key, latents_checkpoint_key
 from scheduler.core.spec import JobSpec
+from workers.models.ti2v import WAN21_COMPRESSION, VaeCompression, vae_compression
 from workers.stages.denoise_state import DenoiseState
-from workers.stages.transform import VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL
 from workers.transfer.packing import ChecksumMismatch, bytes_checksum, verify_bytes
 
 if TYPE_CHECKING:
@@ -142,10 +142,14 @@ def state_metadata(state: DenoiseState) -> dict[str, str]:
 
 
 def state_from_parsed(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], spec: JobSpec, key: str = "checkpoint"
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    spec: JobSpec,
+    key: str = "checkpoint",
+    compression: VaeCompression = WAN21_COMPRESSION,
 ) -> DenoiseState:
     """The `DenoiseState` a parsed checkpoint holds, checked against ``spec``; ``CheckpointUnusable`` if it does not fit."""
-    _check_latents(tensors.get(LATENTS), spec, key)
+    _check_latents(tensors.get(LATENTS), spec, key, compression)
     try:
         scheduler = json.loads(metadata.get("scheduler", "{}"))
         step, total = int(metadata["step"]), int(metadata["total"])
@@ -179,7 +183,7 @@ def latents_from_checkpoint(
     latents = tensors.get(LATENTS)
     if set(tensors) != {LATENTS} or latents is None:
         raise CheckpointUnusable(f"{ref.key} holds {sorted(tensors)}, not just {LATENTS}")
-    _check_latents(latents, spec, ref.key)
+    _check_latents(latents, spec, ref.key, _job_compression(rt, spec))
     return {LATENTS: latents.to(rt.settings.worker.device)}, ref.attempt
 
 
@@ -192,7 +196,7 @@ def state_from_checkpoint(
     if ref is None:
         return None
     try:
-        state = state_from_parsed(*_read(rt, ref), spec, ref.key)
+        state = state_from_parsed(*_read(rt, ref), spec, ref.key, _job_compression(rt, spec))
         if state.step != ref.step:
             raise CheckpointUnusable(f"{ref.key} is at step {state.step}; the record says {ref.step}")
     except CheckpointUnusable as exc:
@@ -223,10 +227,19 @@ def _metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
-def _check_latents(latents: torch.Tensor | None, spec: JobSpec, key: str) -> None:
-    """The latents' shape must be the job's: [1, C, 1 + (frames - 1) / 4, height / 8, width / 8], float32."""
-    frames = (spec.frames - 1) // VAE_SCALE_TEMPORAL + 1
-    expected = (frames, spec.height // VAE_SCALE_SPATIAL, spec.width // VAE_SCALE_SPATIAL)
+def _job_compression(rt: ComputeContext, spec: JobSpec) -> VaeCompression:
+    # The job's model's VAE sets the latent size (16x for Wan2.2-TI2V); Wan2.1's where the dir is not known here.
+    model_dir = rt.settings.model_dirs().get(spec.model)
+    return WAN21_COMPRESSION if model_dir is None else vae_compression(model_dir)
+
+
+def _check_latents(
+    latents: torch.Tensor | None, spec: JobSpec, key: str, compression: VaeCompression = WAN21_COMPRESSION
+) -> None:
+    """The latents' shape must be the job's: [1, C, 1 + (frames - 1) / 4, height / 8, width / 8] (Wan2.1's VAE;
+    ``compression`` gives another's), float32."""
+    frames = (spec.frames - 1) // compression.temporal + 1
+    expected = (frames, spec.height // compression.spatial, spec.width // compression.spatial)
     if (
         latents is None
         or latents.dtype != torch.float32

@@ -30,9 +30,11 @@ def _int(config: dict[str, object], key: str, default: int) -> int:
 
 
 def latent_bytes(model_dir: Path, limits: SpecLimits, channels: int | None = None) -> int:
-    z_dim = _int(_config(model_dir, "vae"), "z_dim", 16)
-    frames = (limits.max_frames - 1) // 4 + 1
-    return (channels or z_dim) * frames * (limits.max_height // 8) * (limits.max_width // 8) * FLOAT32
+    vae = _config(model_dir, "vae")
+    z_dim = _int(vae, "z_dim", 16)
+    frames = (limits.max_frames - 1) // _int(vae, "scale_factor_temporal", 4) + 1
+    spatial = _int(vae, "scale_factor_spatial", 8)  # 16 for the Wan2.2 VAE (48 channels)
+    return (channels or z_dim) * frames * (limits.max_height // spatial) * (limits.max_width // spatial) * FLOAT32
 
 
 def encode_output_bytes(model_dir: Path, limits: SpecLimits) -> int:
@@ -44,6 +46,9 @@ def encode_output_bytes(model_dir: Path, limits: SpecLimits) -> int:
         total += tokens * _int(image, "hidden_size", 1280) * FLOAT32 + SLACK_PER_TENSOR
         z_dim = _int(_config(model_dir, "vae"), "z_dim", 16)
         total += latent_bytes(model_dir, limits, channels=4 + z_dim) + SLACK_PER_TENSOR
+    elif _config(model_dir, "vae").get("patch_size"):
+        # Wan2.2-TI2V image-to-video: the image's latents as one frame (bounded here by a whole latent video).
+        total += latent_bytes(model_dir, limits) + SLACK_PER_TENSOR
     return total
 
 

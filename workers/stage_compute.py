@@ -22,6 +22,7 @@ from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings
 from workers.fault_injection import TRANSFORM_STEP_POINT, pause_if_injected
 from workers.models.loading import Component, ModelTask, check_model_dir, model_task
+from workers.models.ti2v import expands_timesteps
 from workers.stage_seam import ComputeContext, MalformedJob, StageCompute, StageJob, StageOutputs
 from workers.stages import StageCancelled, StagePreempted, split_state
 from workers.stages.denoise_state import DenoiseState
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from workers.lora_assets import WorkerLoras
     from workers.stages.decode import StreamingVaeDecoder
     from workers.stages.encode import TextEncodeStage
+    from workers.stages.first_frame_encode import FirstFrameLatentStage
     from workers.stages.image_encode import ImageConditionStage
     from workers.stages.transform import AtBoundary, DenoiseStage
 
@@ -47,10 +49,11 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class EncodeCompute(StageCompute):
-    """The encode stage of one model: the text encoder, plus the image encoders for an i2v model."""
+    """The encode stage of one model: the text encoder, plus the image encoders for an i2v model (for
+    Wan2.2-TI2V i2v, the VAE alone: the image becomes the first latent frame)."""
 
     text: TextEncodeStage
-    image: ImageConditionStage | None
+    image: ImageConditionStage | FirstFrameLatentStage | None
 
     def outputs_for(self, job: StageJob, inputs: Mapping[str, torch.Tensor]) -> StageOutputs:
         spec = job.spec
@@ -320,18 +323,31 @@ STAGE_COMPONENTS: dict[Stage, dict[ModelTask, tuple[Component, ...]]] = {
     Stage.TRANSFORM: {"t2v": ("transformer", "scheduler"), "i2v": ("transformer", "scheduler")},
     Stage.DECODE: {"t2v": ("vae",), "i2v": ("vae",)},
 }
+# Wan2.2-TI2V image-to-video encodes the image with the VAE only (no CLIP tower in the directory).
+TI2V_I2V_ENCODE_COMPONENTS: tuple[Component, ...] = ("text_encoder", "tokenizer", "vae")
+
+
+def stage_components(stage: Stage, model_dir: Path, task: ModelTask) -> tuple[Component, ...]:
+    """What ``stage`` loads of ``model_dir`` for ``task`` (`STAGE_COMPONENTS`, TI2V's i2v encode aside)."""
+    if stage is Stage.ENCODE and task == "i2v" and expands_timesteps(model_dir):
+        return TI2V_I2V_ENCODE_COMPONENTS
+    return STAGE_COMPONENTS[stage][task]
 
 
 def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings, model: str = "default") -> StageCompute:
     device, dtype = settings.worker.device, torch_dtype(settings.worker.dtype)
     check_model_dir(model_dir, [])
     task = model_task(model_dir)
-    check_model_dir(model_dir, STAGE_COMPONENTS[stage][task])
+    check_model_dir(model_dir, stage_components(stage, model_dir, task))
     if stage is Stage.ENCODE:
         from workers.stages.encode import TextEncodeStage
 
-        image = None
-        if task == "i2v":
+        image: ImageConditionStage | FirstFrameLatentStage | None = None
+        if task == "i2v" and expands_timesteps(model_dir):
+            from workers.stages.first_frame_encode import FirstFrameLatentStage
+
+            image = FirstFrameLatentStage(model_dir, device=device, dtype=dtype)
+        elif task == "i2v":
             from workers.stages.image_encode import ImageConditionStage
 
             image = ImageConditionStage(model_dir, device=device, dtype=dtype)

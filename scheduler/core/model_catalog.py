@@ -32,6 +32,43 @@ def read_model_task(model_dir: Path) -> Literal["t2v", "i2v"] | None:
     return PIPELINE_TASKS.get(index.get("_class_name", ""))
 
 
+# Wan2.1's grid: 8x VAE x (1, 2, 2) DiT patches. Every job spec is already held to it.
+WAN21_SIZE_MULTIPLE = 16
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_size_multiple(model_dir: Path) -> int:
+    """The pixel grid a model's videos must lie on: its VAE's spatial compression x its DiT's spatial patch.
+
+    16 for Wan2.1 (8 x 2); 32 for Wan2.2-TI2V (its VAE compresses 16x). Read from the dir's configs
+    (diffusers' defaults where a key is absent); Wan2.1's 16 when the scheduler cannot see the dir.
+    """
+    vae = _json(model_dir / "vae" / "config.json")
+    transformer = _json(model_dir / "transformer" / "config.json")
+    spatial = vae.get("scale_factor_spatial") or 8
+    patch = transformer.get("patch_size") or (1, 2, 2)
+    try:
+        multiple = int(spatial) * int(patch[1])
+    except (TypeError, ValueError, IndexError):
+        return WAN21_SIZE_MULTIPLE
+    return max(WAN21_SIZE_MULTIPLE, multiple)
+
+
+def size_off_grid(width: int, height: int, multiple: int) -> str | None:
+    """Why ``width`` x ``height`` is off a ``multiple``-pixel grid, with the nearest size below it; None if on it."""
+    if not width % multiple and not height % multiple:
+        return None
+    fitted = f"{max(multiple, width // multiple * multiple)}x{max(multiple, height // multiple * multiple)}"
+    return f"needs width and height in multiples of {multiple} (got {width}x{height}; e.g. {fitted})"
+
+
 def check_job_model(settings: FarmSettings, spec: JobSpec) -> None:
     models = settings.model_dirs()
     if spec.model not in models:
@@ -42,6 +79,12 @@ def check_job_model(settings: FarmSettings, spec: JobSpec) -> None:
     if task is not None and task != spec.task:
         need = "an image (--image)" if task == "i2v" else "no image"
         raise SpecError(f"invalid job spec: model {spec.model!r} is a {task} model and needs {need}")
+    # Wan2.2-TI2V's 16x VAE puts its videos on a 32-pixel grid, coarser than the spec's own 16.
+    multiple = read_size_multiple(models[spec.model])
+    off_grid = size_off_grid(spec.width, spec.height, multiple)
+    if off_grid is not None:
+        field = "width" if spec.width % multiple else "height"
+        raise SpecError(f"invalid job spec: {field}: model {spec.model!r} {off_grid}")
 
 
 def with_model_loras(settings: FarmSettings, spec: JobSpec) -> JobSpec:

@@ -2,8 +2,9 @@
 
 How OpenAI's parameters map (see README, "HTTP API"):
 
-- ``size`` "WxH" -> ``width`` x ``height``, each a multiple of 16 and within the
-  farm's ``limits.max_width``/``max_height``; left out: the farm's default size.
+- ``size`` "WxH" -> ``width`` x ``height``, each a multiple of 16 (of 32 for a
+  Wan2.2-TI2V model: 16x VAE x 2x2 patches) and within the farm's
+  ``limits.max_width``/``max_height``; left out: the farm's default size.
 - ``seconds`` -> ``frames = 4 * round(seconds * fps / 4) + 1`` (Wan's causal VAE
   makes 4k+1 frames), at most ``limits.max_frames``; left out: the farm's default frames.
 - ``model`` -> one of the farm's models by name; left out: one that does the task.
@@ -30,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scheduler.core.image_checks import ImageInputError, parse_image_source
+from scheduler.core.model_catalog import model_for_task, read_size_multiple, size_off_grid
 from scheduler.core.settings import FarmSettings
 from scheduler.core.spec import CodecOptions, JobSpec
 from scheduler.http.errors import ApiError
@@ -138,7 +140,8 @@ def form_to_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_size(size: str, settings: FarmSettings) -> tuple[int, int]:
+def parse_size(size: str, settings: FarmSettings, model: str | None = None) -> tuple[int, int]:
+    """``size`` as (width, height) on the grid of ``model`` (16 pixels for Wan2.1, 32 for Wan2.2-TI2V)."""
     match = _SIZE.match(size)
     if not match:
         raise ApiError(
@@ -153,6 +156,10 @@ def parse_size(size: str, settings: FarmSettings) -> tuple[int, int]:
             param="size",
             code="invalid_value",
         )
+    model_dir = settings.model_dirs().get(model) if model is not None else None
+    off_grid = None if model_dir is None else size_off_grid(width, height, read_size_multiple(model_dir))
+    if off_grid is not None:
+        raise ApiError(400, f"size {size!r}: model {model!r} {off_grid}", param="size", code="invalid_value")
     if width > limits.max_width or height > limits.max_height:
         raise ApiError(
             400,
@@ -240,7 +247,10 @@ def to_spec(request: VideoCreateRequest, settings: FarmSettings) -> dict[str, An
             )
         raw["model"] = request.model
     if request.size is not None:
-        raw["width"], raw["height"] = parse_size(request.size, settings)
+        # The model that will render it (the one named, else the one submit picks for the task) sets the grid.
+        task: Literal["t2v", "i2v"] = "t2v" if request.input_reference is None else "i2v"
+        model = request.model if request.model is not None else model_for_task(settings, task)
+        raw["width"], raw["height"] = parse_size(request.size, settings, model)
     if request.seconds is not None:
         fps = request.fps or int(settings.spec_defaults.get("fps", JobSpec.model_fields["fps"].default))
         raw["frames"] = frames_for(request.seconds, fps, settings)

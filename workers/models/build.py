@@ -50,6 +50,7 @@ from transformers.utils import logging as transformers_logging
 from workers.models.loading import (
     MODEL_INDEX_FILE,
     TASK_COMPONENTS,
+    Component,
     ModelDirError,
     ModelTask,
     check_model_dir,
@@ -89,12 +90,20 @@ class ModelArch:
     # Wan2.2-A14B's layout: a second DiT (the low-noise expert, ``transformer_2``, the same shape with its
     # own weights) and the fraction of the timesteps from which it takes over. None: one DiT (Wan2.1).
     boundary_ratio: float | None = None
-    # The scheduler's flow shift (UniPC on flow sigmas, as Wan ships).
+    # Wan2.2-TI2V (`workers.models.ti2v`): per-token timesteps in model_index.json; for i2v, no image encoder.
+    expand_timesteps: bool = False
+    # The scheduler's flow_shift as shipped (Wan2.1-T2V 480p and Wan2.2-A14B-Diffusers: 3.0; Wan2.2-TI2V: 5.0).
     flow_shift: float = 3.0
 
     @property
     def two_experts(self) -> bool:
         return self.boundary_ratio is not None
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The folders a complete directory of this architecture holds (TI2V i2v has no image encoder)."""
+        task = TASK_COMPONENTS["i2v" if self.image_encoder is not None else "t2v"]
+        return (*task, "transformer_2") if self.two_experts else task
 
     def marker(self, seed: int) -> dict[str, Any]:
         marker: dict[str, Any] = {"format": MARKER_FORMAT, "kind": self.kind, "seed": seed}
@@ -131,7 +140,7 @@ def holds_model(model_dir: Path, arch: ModelArch, *, seed: int | None = None) ->
     if marker is None or marker.get("kind") != arch.kind or (seed is not None and marker.get("seed") != seed):
         return False
     try:
-        check_model_dir(Path(model_dir), (*TASK_COMPONENTS[arch.task], *(("transformer_2",) if arch.two_experts else ())))
+        check_model_dir(Path(model_dir), arch.components)
     except ModelDirError:
         return False
     return True
@@ -189,15 +198,19 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
         {"transformer_2": transformer_2, "boundary_ratio": arch.boundary_ratio} if arch.two_experts else {}
     )
     pipeline: DiffusionPipeline
+    scheduler = wan21_scheduler(arch.flow_shift)
     if arch.task == "t2v":
         pipeline = WanPipeline(
             tokenizer=tokenizer,  # type: ignore[arg-type]
             text_encoder=text_encoder,
             transformer=transformer,
             vae=vae,
-            scheduler=wan21_scheduler(arch.flow_shift),  # type: ignore[arg-type]
+            scheduler=scheduler,  # type: ignore[arg-type]
+            expand_timesteps=arch.expand_timesteps,
             **experts,
         )
+    elif arch.image_encoder is None and arch.expand_timesteps:
+        pipeline = _first_frame_i2v_pipeline(tokenizer, text_encoder, transformer, vae, scheduler)
     else:
         if arch.image_encoder is None or arch.image_size is None:
             raise ValueError(f"architecture {arch.name} is i2v but names no image encoder or image size")
@@ -210,16 +223,38 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
             tokenizer=tokenizer,  # type: ignore[arg-type]
             text_encoder=text_encoder,
             vae=vae,
-            scheduler=wan21_scheduler(arch.flow_shift),  # type: ignore[arg-type]
+            scheduler=scheduler,  # type: ignore[arg-type]
             image_processor=clip_image_processor(arch.image_size),  # type: ignore[arg-type]
             image_encoder=_seeded(seed, 3, lambda: CLIPVisionModel(image_config).eval()),
             transformer=transformer,
         )
     with quiet_transformers_progress():  # the CLI's output is one line
         pipeline.save_pretrained(model_dir, safe_serialization=True)
-    if arch.task == "i2v":
+    if arch.task == "i2v" and arch.image_encoder is not None:
         _name_image_processor_as_wan21(model_dir)
     (model_dir / MARKER_FILE).write_text(json.dumps(arch.marker(seed), indent=2) + "\n")
+
+
+def _first_frame_i2v_pipeline(
+    tokenizer: T5Tokenizer,
+    text_encoder: UMT5EncoderModel,
+    transformer: WanTransformer3DModel,
+    vae: AutoencoderKLWan,
+    scheduler: UniPCMultistepScheduler,
+) -> DiffusionPipeline:
+    # Wan2.2-TI2V as image-to-video: WanImageToVideoPipeline with expand_timesteps and no CLIP tower
+    # (its DiT has no image_dim); save_pretrained records the absent image components as [null, null].
+    with _quiet_transformers_warnings():  # as for the Wan2.1 i2v build: importing it warns about CLIP's backend
+        from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
+
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer,  # type: ignore[arg-type]
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,  # type: ignore[arg-type]
+        transformer=transformer,
+        expand_timesteps=True,
+    )
 
 
 def _name_image_processor_as_wan21(model_dir: Path) -> None:
@@ -296,8 +331,7 @@ def clip_image_processor(size: int) -> BaseImageProcessor:
 
 
 def wan21_scheduler(flow_shift: float = 3.0) -> UniPCMultistepScheduler:
-    """The scheduler Wan2.1-T2V (and Wan2.2-A14B-Diffusers) ships with: UniPC on flow-matching sigmas,
-    shift 3.0 (480p)."""
+    """The scheduler Wan ships with: UniPC on flow-matching sigmas, shift 3.0 (Wan2.1-T2V 480p; TI2V-5B: 5.0)."""
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",

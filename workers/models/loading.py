@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, BaseImageProcessor, CLIPVisionModel, Pre
 from transformers.utils import logging as transformers_logging
 
 from scheduler.core.model_catalog import PIPELINE_TASKS
+from workers.models.ti2v import check_expand_timesteps
 
 Component = Literal[
     "tokenizer", "text_encoder", "transformer", "transformer_2", "vae", "scheduler", "image_encoder", "image_processor"
@@ -120,8 +121,9 @@ def model_task(model_dir: Path) -> ModelTask:
     """Which task a model directory serves, from the pipeline class its ``model_index.json`` names.
 
     `ModelDirError` when the index is missing or unreadable, names another
-    pipeline, or turns on Wan2.2 settings the stages do not implement (expanded
-    timesteps; a second expert without a boundary, or the reverse).
+    pipeline, or turns on Wan2.2 settings the stages do not implement (a second
+    expert without a boundary or the reverse, Wan2.2-I2V-A14B; expanded timesteps
+    are run for one DiT, see `workers.models.ti2v`).
     """
     model_dir = Path(model_dir)
     index_path = model_dir / MODEL_INDEX_FILE
@@ -141,10 +143,6 @@ def model_task(model_dir: Path) -> ModelTask:
     if task is None:
         known = " or ".join(PIPELINE_TASKS)
         raise ModelDirError(f"{index_path} names pipeline {name!r}, not {known}; {TINY_MODEL_HINT}")
-    if index.get("expand_timesteps"):
-        raise ModelDirError(
-            f"{index_path} sets expand_timesteps (Wan2.2-TI2V); reelfarm's stages run Wan2.1 and Wan2.2-A14B models"
-        )
     _check_experts(index, index_path)
     if task == "i2v" and index.get("boundary_ratio") is not None:
         # WanImageToVideoPipeline with a boundary conditions on the VAE latents of the image only (no CLIP
@@ -153,6 +151,10 @@ def model_task(model_dir: Path) -> ModelTask:
             f"{index_path} is a two-expert image-to-video model (Wan2.2-I2V-A14B), which reelfarm does not serve "
             "yet; serve Wan2.2-T2V-A14B, or a Wan2.1 I2V model for image-to-video"
         )
+    try:  # Wan2.2-TI2V (expand_timesteps): `workers.models.ti2v` says which variants the stages run.
+        check_expand_timesteps(index, index_path)
+    except ValueError as exc:
+        raise ModelDirError(str(exc)) from None
     return task
 
 

@@ -19,6 +19,8 @@
   Measured in ``bench/README.md``; a random-weight model, like the others.
 - ``tiny-2expert``, ``bench-2expert``, ``wan2.2-t2v-a14b``: Wan2.2-A14B's two experts
   (`workers.models.wan22`, with sources and the stated reduction).
+
+- ``tiny-ti2v`` / ``tiny-ti2v-i2v`` / ``wan2.2-ti2v-5b``: Wan2.2-TI2V (`workers.models.ti2v_presets`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from workers.models.build import ModelArch, build_model
 from workers.models.loading import ModelDirError
+from workers.models.ti2v_presets import TI2V_ARCHS
 from workers.models.tiny import TINY_I2V, TINY_T2V, TINY_VAE
 from workers.models.wan22 import TINY_T2V_TWO_EXPERTS, bench_two_experts, wan22_t2v_a14b
 
@@ -152,6 +155,8 @@ ARCHS: dict[str, ModelArch] = {
         wan22_t2v_a14b(WAN21_T2V_1_3B),
     )
 }
+# Wan2.2-TI2V (tiny-ti2v, tiny-ti2v-i2v, wan2.2-ti2v-5b): defined and sourced in `workers.models.ti2v_presets`.
+ARCHS.update({arch.name: arch for arch in TI2V_ARCHS})
 
 
 def arch_named(name: str) -> ModelArch:

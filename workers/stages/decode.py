@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 from diffusers.video_processor import VideoProcessor
 
 from workers.models.loading import load_vae, vae_latent_stats
@@ -39,14 +39,20 @@ class StreamingVaeDecoder:
         self.device = torch.device(device)
         self.vae = load_vae(Path(model_dir), self.device, dtype)
         config = self.vae.config
-        if config["patch_size"] is not None:
-            raise ValueError("patchified VAEs (Wan2.2) are not supported by the streaming decoder; use a Wan2.1 VAE")
+        # The Wan2.2 VAE's decoder outputs 2x2 pixel patches as channels (12 = 3 x 2 x 2): `to_frames`
+        # unpatchifies each chunk, as AutoencoderKLWan._decode does the whole video (a per-frame reshape).
+        self.patch_size: int | None = config["patch_size"]
         self.z_dim = int(config["z_dim"])
         self.frames_per_latent_frame = int(config["scale_factor_temporal"])
         self.latents_mean, self.latents_inv_std = vae_latent_stats(self.vae, self.device, self.vae.dtype)
         # One cache slot per causal convolution in the decoder, as AutoencoderKLWan.clear_cache sizes it.
         self.cache_slots = sum(isinstance(module, WanCausalConv3d) for module in self.vae.decoder.modules())
         self.video_processor = VideoProcessor(vae_scale_factor=int(config["scale_factor_spatial"]))
+
+    @property
+    def decoder_spatial_factor(self) -> int:
+        """Decoder-output pixels per latent pixel: 8 for both VAEs (Wan2.2's 16x is 8x, then 2x2 patches)."""
+        return int(self.vae.config["scale_factor_spatial"]) // (self.patch_size or 1)
 
     def frame_count(self, latents: torch.Tensor) -> int:
         """How many RGB frames ``latents`` [1, C, T, H, W] decode to: 1 + 4 * (T - 1)."""
@@ -63,8 +69,8 @@ class StreamingVaeDecoder:
     def decoder_steps(self, decoder_input: torch.Tensor) -> Iterator[torch.Tensor]:
         """The causal decoder over ``decoder_input`` (post_quant_conv's output), one latent frame per call.
 
-        Yields the decoder's float output per latent frame [1, 3, n, 8H, 8W]; the sharded decoder runs the
-        same loop on its spatial shard.
+        Yields the decoder's float output per latent frame [1, 3, n, 8H, 8W] (Wan2.2: [1, 12, n, 8H, 8W], 2x2
+        patches that `to_frames` unpatchifies); the sharded decoder runs the same loop on its spatial shard.
         """
         # The decoder's causal state lives here, per call, so an abandoned
         # iterator leaves nothing behind on the shared VAE.
@@ -84,6 +90,8 @@ class StreamingVaeDecoder:
         return latents / self.latents_inv_std + self.latents_mean
 
     def to_frames(self, chunk: torch.Tensor) -> np.ndarray:
+        if self.patch_size is not None:
+            chunk = unpatchify(chunk, patch_size=self.patch_size)
         video = torch.clamp(chunk, min=-1.0, max=1.0)
         frames = self.video_processor.postprocess_video(video, output_type="np")[0]
         return frames_to_uint8(frames)

@@ -20,6 +20,11 @@ name                         task   when        shape (real Wan2.1 / tiny)      
 VAE latent channels of the conditioning video (the image, then zero frames);
 WanImageToVideoPipeline builds it in float32 whatever the model dtypes, and so
 does the image stage. CFG is on when guidance_scale > 1.
+
+Wan2.2-TI2V image-to-video (``expand_timesteps``, no image encoder) sends no
+``image_embeds``, and its ``condition`` is the image's normalised VAE latents
+alone, [1, 48, 1, height / 16, width / 16] float32: the latent frame the DiT
+keeps fixed (`workers.stages.first_frame_encode`, `workers.stages.ti2v`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanDecoder3d, WanUpBlock, WanUpsample
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanDecoder3d, WanResidualUpBlock, WanUpBlock, WanUpsample
 from torch import nn
 
 
@@ -91,7 +91,9 @@ def _spatial_ops(module: nn.Module) -> list[tuple[str, int]]:
     """``module``'s spatial operations in run order: ("conv", radius at its resolution) or ("up", factor).
 
     In the Wan2.1 decoder the layers are registered in the order they run and the only parallel branches
-    (1x1 shortcuts, (3,1,1) time convolutions) have radius 0, so registration order is run order here.
+    (1x1 shortcuts, (3,1,1) time convolutions) have radius 0, so registration order is run order here. The
+    Wan2.2 decoder's residual up blocks add one more parallel branch, their DupUp3D shortcut: no convolution,
+    a 2x channel-to-space upsampling of the block's input, whose reach lies inside the main branch's.
     """
     ops: list[tuple[str, int]] = []
     for layer in module.modules():
@@ -121,23 +123,31 @@ def _needed(ops: Sequence[tuple[str, int]], lo: int, hi: int, size: int) -> tupl
     return lo, hi, size
 
 
-def _check_wan21(decoder: WanDecoder3d) -> None:
+def _check_wan_decoder(decoder: WanDecoder3d) -> None:
     attentions = decoder.mid_block.attentions
-    if len(attentions) != 1 or not all(isinstance(block, WanUpBlock) for block in decoder.up_blocks):
+    plain = all(isinstance(block, WanUpBlock) for block in decoder.up_blocks)
+    residual = all(isinstance(block, WanResidualUpBlock) for block in decoder.up_blocks)
+    if len(attentions) != 1 or not (plain or residual):
         raise ValueError(
-            "the sharded decoder handles the Wan2.1 VAE decoder (one mid-block attention, plain up blocks)"
+            "the sharded decoder handles the Wan2.1 and Wan2.2 VAE decoders (one mid-block attention, "
+            "plain or residual up blocks)"
         )
 
 
 def crop_points(decoder: WanDecoder3d) -> list[nn.Module]:
     """The blocks after the mid-block attention, in run order, at whose input a shard is cropped.
 
-    Residual blocks and upsamplers: each takes its causal cache from its own input, so cropping that
-    input keeps input and cache the same region (a crop inside a block would not).
+    Wan2.1: residual blocks and upsamplers. Each takes its causal cache from its own input, so cropping
+    that input keeps input and cache the same region (a crop inside a block would not). Wan2.2: whole
+    residual up blocks, because each adds its own input (through the DupUp3D shortcut) to its output: a
+    crop at one of its residual blocks would leave that shortcut's input uncropped.
     """
-    _check_wan21(decoder)
+    _check_wan_decoder(decoder)
     points: list[nn.Module] = [*decoder.mid_block.resnets[1:]]
     for block in decoder.up_blocks:
+        if isinstance(block, WanResidualUpBlock):
+            points.append(block)
+            continue
         points += [*cast(nn.ModuleList, block.resnets)]
         if block.upsamplers is not None:
             points += [*cast(nn.ModuleList, block.upsamplers)]
@@ -187,7 +197,8 @@ def axis_plan(
 def decoder_halo(decoder: WanDecoder3d, spatial_factor: int = 8) -> int:
     """Latent pixels of halo a shard needs: the receptive radius of everything after the mid-block attention.
 
-    15 for the Wan2.1 VAE: 2 convs in the mid block's second residual block (16 output pixels), 6 + the
+    Walked from the decoder's own layers, so it follows the VAE's config (``spatial_factor`` is the
+    decoder's own upsampling, 8 for both Wan VAEs: Wan2.2's 16x is 8x then 2x2 patches). 15 for the Wan2.1 VAE: 2 convs in the mid block's second residual block (16 output pixels), 6 + the
     upsampler's conv per up block at 1x, 2x, 4x (48 + 4, 24 + 2, 12 + 1), 6 at 8x, conv_out 1 = 114
     output pixels; walked back exactly through the nearest upsamplings (`axis_plan`), a core [c0, c1)
     needs latent pixels [c0 - 15, c1 + 15).

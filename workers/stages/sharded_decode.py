@@ -1,4 +1,8 @@
-"""Sharded streaming decode: the Wan2.1 VAE's causal decoder spread over a grid of ranks.
+"""Sharded streaming decode: the Wan VAE's causal decoder (Wan2.1's, or Wan2.2's) spread over a grid of ranks.
+
+For the Wan2.2 VAE everything below holds at its decoder's own 8x (its 2x2 output patches are
+unpatchified after assembly, in ``StreamingVaeDecoder.to_frames``), with whole residual up blocks as the
+crop points (`workers.stages.shard_geometry.crop_points`); its halo is 15 latent pixels too.
 
 Each latent frame is split over a rows x cols grid of ranks. A rank decodes
 its shard (its *core*) plus a halo of latent pixels on every side that is not
@@ -148,7 +152,8 @@ class ShardedVaeDecoder:
             raise ValueError(f"a {grid} grid needs {grid.size} ranks, the group has {comm.size}")
         self.base, self.grid, self.comm = base, grid, comm
         decoder = base.vae.decoder
-        self.spatial_factor = int(base.vae.config["scale_factor_spatial"])
+        # The decoder's own factor (8): a Wan2.2 VAE's 2x2 patches are unpatchified after assembly (`to_frames`).
+        self.spatial_factor = base.decoder_spatial_factor
         self.halo = decoder_halo(decoder, self.spatial_factor) if halo is None else halo
         # This rank owns its VAE copy, so swapping the attention in leaves diffusers' forward as it is.
         current = decoder.mid_block.attentions[0]

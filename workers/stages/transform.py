@@ -14,6 +14,9 @@ latents with the image ``condition`` concatenated on the channels, and the DiT
 also cross-attends to ``image_embeds`` -- reporting each step and stopping at
 a step boundary when asked 3. return float32 latents *before* the VAE's
 latents_mean/latents_std denormalisation, which the decode stage applies.
+A Wan2.2-TI2V DiT (``expand_timesteps``) takes one timestep per token and, for
+i2v, keeps latent frame 0 fixed to the image's latents: `workers.stages.ti2v`,
+called at three hook points (DiT input, timestep, final latents).
 
 Wan2.2-A14B (two experts): the high-noise DiT (``transformer``) denoises the
 timesteps at or above ``boundary_ratio * num_train_timesteps`` and the
@@ -41,6 +44,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from workers.models.loading import Expert, fresh_scheduler, load_scheduler, load_transformer, model_boundary_ratio
+from workers.models.ti2v import expands_timesteps, vae_compression
 from workers.stages import StageCancelled, dit_speed
 from workers.stages.denoise_state import DenoiseState
 from workers.stages.payloads import (
@@ -53,6 +57,7 @@ from workers.stages.payloads import (
     uses_cfg,
 )
 from workers.stages.step_batcher import Member, StepBatcher, StepRequest
+from workers.stages.ti2v import ExpandedTimesteps
 
 
 class RankSender(Protocol):
@@ -96,19 +101,29 @@ def call_dit(
 
 
 def latent_shape(
-    *, channels: int, height: int, width: int, num_frames: int, patch_size: tuple[int, int, int]
+    *,
+    channels: int,
+    height: int,
+    width: int,
+    num_frames: int,
+    patch_size: tuple[int, int, int],
+    spatial: int = VAE_SCALE_SPATIAL,
+    temporal: int = VAE_SCALE_TEMPORAL,
 ) -> tuple[int, int, int, int, int]:
-    """The [1, C, T, H, W] latent shape of a video, refusing sizes WanPipeline would silently round."""
-    multiple_h = VAE_SCALE_SPATIAL * patch_size[1]
-    multiple_w = VAE_SCALE_SPATIAL * patch_size[2]
+    """The [1, C, T, H, W] latent shape of a video, refusing sizes WanPipeline would silently round.
+
+    ``spatial`` / ``temporal``: the VAE's compression (Wan2.1's 8 / 4 by default; Wan2.2-TI2V's VAE is 16 / 4).
+    """
+    multiple_h = spatial * patch_size[1]
+    multiple_w = spatial * patch_size[2]
     if height <= 0 or width <= 0 or height % multiple_h or width % multiple_w:
         raise ValueError(
             f"height and width must be positive multiples of {multiple_h}x{multiple_w} (got {height}x{width})"
         )
-    if num_frames < 1 or (num_frames - 1) % VAE_SCALE_TEMPORAL:
-        raise ValueError(f"num_frames must be 1 + {VAE_SCALE_TEMPORAL}k, e.g. 17, 33, 81 (got {num_frames})")
-    latent_frames = (num_frames - 1) // VAE_SCALE_TEMPORAL + 1
-    return (1, channels, latent_frames, height // VAE_SCALE_SPATIAL, width // VAE_SCALE_SPATIAL)
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise ValueError(f"num_frames must be 1 + {temporal}k, e.g. 17, 33, 81 (got {num_frames})")
+    latent_frames = (num_frames - 1) // temporal + 1
+    return (1, channels, latent_frames, height // spatial, width // spatial)
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,10 @@ class DenoiseStage:
         self.transformer = next(iter(self.experts.values()))
         # A template only: schedulers keep per-job state, so each job gets its own copy.
         self.scheduler_template = load_scheduler(model_dir, flow_shift=None)
+        # Latent sizes come from the VAE's config (8x for Wan2.1, 16x for Wan2.2-TI2V), read without loading it.
+        self.compression = vae_compression(model_dir)
+        # Wan2.2-TI2V: one timestep per token, the i2v condition as latent frame 0 (`workers.stages.ti2v`).
+        self.expand_timesteps = expands_timesteps(model_dir)
         # Off by default here so the class alone reproduces WanPipeline bit for bit; the farm's
         # setting (TransformSettings.one_pass_guidance) turns it on.
         self.one_pass_guidance = one_pass_guidance
@@ -245,7 +264,7 @@ class DenoiseStage:
         at_boundary: AtBoundary | None = None,
         stop_after: int | None = None,
     ) -> torch.Tensor:
-        """Final latents [1, 16, 1 + (num_frames - 1) / 4, height / 8, width / 8], float32.
+        """Final latents [1, 16, 1 + (num_frames - 1) / 4, height / 8, width / 8], float32 (TI2V: [1, 48, ..., / 16]).
 
         ``embeds`` holds the encode stage's tensors (`workers.stages.payloads`):
         the text embeddings, and for an i2v DiT ``image_embeds`` and
@@ -272,7 +291,9 @@ class DenoiseStage:
         scheduler.set_begin_index(0)
 
         latents = self.initial_latents(height=height, width=width, num_frames=num_frames, seed=seed)
-        self._check_condition_shape(conditioning, latents)
+        ti2v = self._expanded_timesteps(conditioning, latents)
+        if ti2v is None:
+            self._check_condition_shape(conditioning, latents)
         self._check_splits_over_ranks(latents)
         total = len(timesteps)
         done = 0
@@ -281,7 +302,9 @@ class DenoiseStage:
             latents = resume.latents.to(self.device)
         # A step-cached job runs alone (the worker never batches one): the cache decides per DiT call,
         # so sharing calls would make its frames depend on its batch-mates.
+        # A TI2V job runs alone too: the batcher shares one timestep per row, not one per token.
         batcher = self.batcher if self.batcher is not None and not self.transformer.is_cache_enabled else None
+        batcher = None if ti2v is not None else batcher
         if stop_after is not None and stop_after == done and at_boundary is not None:
             # Nothing to run in this range (resumed at its end, or an expert with no steps in this job).
             at_boundary(done, total, functools.partial(DenoiseState.capture, done, total, latents, scheduler))
@@ -296,7 +319,8 @@ class DenoiseStage:
                     raise StageCancelled(f"stopped before denoising step {step_index + 1} of {total}")
                 expert = self.expert_at(t)
                 scale = guidance_scale_2 if expert == "low" and guidance_scale_2 is not None else guidance_scale
-                noise_pred = self._predict_noise(latents, t, conditioning, scale, member, self.dit_for(expert))
+                dit = self.dit_for(expert)
+                noise_pred = self._predict_noise(latents, t, conditioning, scale, member, dit, ti2v)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if on_step is not None:
                     on_step(step_index + 1, total)
@@ -306,6 +330,8 @@ class DenoiseStage:
                         total,
                         functools.partial(DenoiseState.capture, step_index + 1, total, latents, scheduler),
                     )
+        if ti2v is not None:
+            latents = ti2v.finish(latents)
         return latents.float()
 
     def _resumed(self, state: DenoiseState, scheduler: Any, latents: torch.Tensor, total: int) -> int:
@@ -332,6 +358,8 @@ class DenoiseStage:
             width=width,
             num_frames=num_frames,
             patch_size=tuple(self.transformer.config["patch_size"]),
+            spatial=self.compression.spatial,
+            temporal=self.compression.temporal,
         )
         generator = torch.Generator("cpu").manual_seed(seed)
         latents: torch.Tensor = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
@@ -345,6 +373,8 @@ class DenoiseStage:
         prompt_embeds = embeds[PROMPT_EMBEDS].to(self.device, self.dtype)
         negative_embeds = embeds[NEGATIVE_PROMPT_EMBEDS].to(self.device, self.dtype) if cfg else None
         given_image_inputs = [name for name in IMAGE_INPUT_NAMES if name in embeds]
+        if self.expand_timesteps:
+            return self._ti2v_conditioning(embeds, prompt_embeds, negative_embeds)
         if not self.takes_image:
             if given_image_inputs:
                 raise ValueError(
@@ -372,6 +402,32 @@ class DenoiseStage:
             condition=embeds[CONDITION].to(self.device, torch.float32),
             image_embeds=embeds[IMAGE_EMBEDS].to(self.device, self.dtype),
         )
+
+    def _ti2v_conditioning(
+        self, embeds: Mapping[str, torch.Tensor], prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None
+    ) -> Conditioning:
+        """A TI2V DiT's inputs: the text, and for i2v ``condition`` (the image's first latent frame), no CLIP."""
+        if IMAGE_EMBEDS in embeds:
+            raise ValueError(
+                "this transformer is a Wan2.2-TI2V model, which takes no image_embeds (CLIP features); "
+                "encode the job with the same TI2V model directory"
+            )
+        condition = embeds.get(CONDITION)
+        # float32, as WanImageToVideoPipeline keeps the condition; the DiT input is cast after the blend.
+        return Conditioning(
+            prompt_embeds, negative_embeds, None if condition is None else condition.to(self.device, torch.float32)
+        )
+
+    def _expanded_timesteps(self, conditioning: Conditioning, latents: torch.Tensor) -> ExpandedTimesteps | None:
+        if not self.expand_timesteps:
+            return None
+        if self.rank_sender is not None:
+            raise ValueError(
+                "this worker runs the DiT context-parallel, which sends one timestep per row; a Wan2.2-TI2V model "
+                "needs one per token: serve it on a worker without transform.context_parallel"
+            )
+        patch_size = tuple(int(v) for v in self.transformer.config["patch_size"])
+        return ExpandedTimesteps.for_job(latents, conditioning.condition, (patch_size[0], patch_size[1], patch_size[2]))
 
     def _check_splits_over_ranks(self, latents: torch.Tensor) -> None:
         """Context parallelism splits the DiT's token sequence into equal parts, one per rank."""
@@ -404,13 +460,16 @@ class DenoiseStage:
         guidance_scale: float,
         member: Member | None = None,
         dit: Any = None,
+        ti2v: ExpandedTimesteps | None = None,
     ) -> torch.Tensor:
         dit = self.transformer if dit is None else dit
-        if conditioning.condition is None:
-            model_input = latents.to(self.dtype)
+        if ti2v is not None:
+            model_input, timestep = ti2v.model_input(latents, self.dtype), ti2v.timestep(t, latents.shape[0])
+        elif conditioning.condition is None:
+            model_input, timestep = latents.to(self.dtype), t.expand(latents.shape[0])
         else:
             model_input = torch.cat([latents, conditioning.condition], dim=1).to(self.dtype)
-        timestep = t.expand(latents.shape[0])
+            timestep = t.expand(latents.shape[0])
         if member is not None and self.batcher is not None:
             return self._predict_in_batch(self.batcher, member, model_input, timestep, conditioning, guidance_scale)
         if conditioning.negative_embeds is None:
