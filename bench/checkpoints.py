@@ -7,7 +7,7 @@ model at its own job shape, 20 steps) runs the farm's denoising loop, interleave
 
 1. **baseline** -- ``DenoiseStage.denoise``, no hook;
 2. **checkpointed** -- the same loop with the farm's step-boundary hook
-   (``workers.stage_compute.saving_boundary``) saving the denoising state every
+   (``workers.transform_compute.saving_boundary``) saving the denoising state every
    ``--saves-every-percent`` of the steps, then the finished latents checkpoint,
    through ``workers.checkpoints`` into a real SeaweedFS S3 server and a real
    Valkey job record (both started by the bench, stopped on the way out).
@@ -154,10 +154,10 @@ def run(rt: BenchRuntime, model_dir: Path, arch: str, job: dict[str, int], repea
     import torch
 
     from workers import checkpoints
-    from workers.stage_compute import saving_boundary
     from workers.stage_seam import StageJob
     from workers.stages.encode import TextEncodeStage
     from workers.stages.transform import DenoiseStage
+    from workers.transform_compute import saving_boundary
 
     embeds = TextEncodeStage(model_dir).encode(PROMPT, "blurry", 5.0)
     denoiser = DenoiseStage(model_dir)
