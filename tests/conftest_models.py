@@ -57,3 +57,11 @@ def tiny_ti2v_i2v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     directory = tmp_path_factory.mktemp("models") / "wan22-ti2v-i2v-tiny"
     return build_arch_model(directory, "tiny-ti2v-i2v", seed=TINY_MODEL_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_two_expert_i2v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Wan2.2-I2V-A14B-layout model (two experts, the VAE condition without CLIP, boundary 0.9), seed 0."""
+    from workers.models.presets import build_arch_model
+
+    return build_arch_model(tmp_path_factory.mktemp("models") / "wan22-i2v-tiny-2expert", "tiny-2expert-i2v")

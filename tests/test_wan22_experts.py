@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,64 @@ def test_guidance_scale_2_on_a_one_expert_model_is_refused(denoiser: DenoiseStag
 
 
 STAGE_TASK = "t2v"
+
+
+# --- Wan2.2-I2V-A14B: the image as the VAE condition only (no CLIP), two experts --------------------------
+
+
+def test_two_expert_i2v_split_over_two_workers_equals_wan_image_to_video_pipeline(
+    tiny_two_expert_i2v_model_dir: Path,
+) -> None:
+    from diffusers import WanImageToVideoPipeline
+
+    from tests.test_i2v_stages import noise_image
+    from workers.models.loading import dit_takes_clip_features, model_task
+    from workers.stages.decode import StreamingVaeDecoder, frames_to_uint8
+    from workers.stages.image_encode import ImageConditionStage
+    from workers.stages.payloads import CONDITION, IMAGE_EMBEDS
+
+    model_dir = tiny_two_expert_i2v_model_dir
+    assert model_task(model_dir) == "i2v" and not dit_takes_clip_features(model_dir)
+    assert not (model_dir / "image_encoder").exists(), "Wan2.2-I2V-A14B ships no CLIP tower"
+    image = noise_image(3)
+    job = {**JOB, "guidance_scale": 4.0}
+    embeds = dict(TextEncodeStage(model_dir).encode(PROMPT, NEGATIVE, job["guidance_scale"]))
+    image_inputs = ImageConditionStage(model_dir, clip=False).encode(
+        image, height=job["height"], width=job["width"], num_frames=job["num_frames"]
+    )
+    assert set(image_inputs) == {CONDITION} and IMAGE_EMBEDS not in image_inputs
+    embeds.update(image_inputs)
+
+    high = DenoiseStage(model_dir, experts=("high",))
+    low = DenoiseStage(model_dir, experts=("low",))
+    assert high.takes_condition_only
+    boundary = high.expert_steps(job["num_inference_steps"], None)
+    assert 0 < boundary < job["num_inference_steps"], "the boundary (0.9) falls inside the job's steps"
+    captured: list[DenoiseState] = []
+
+    def keep(done: int, total: int, capture: Any) -> None:
+        if done == boundary:
+            captured.append(capture())
+
+    high.denoise(embeds, seed=SEED, flow_shift=None, guidance_scale_2=2.5, at_boundary=keep, stop_after=boundary, **job)
+    latents = low.denoise(embeds, seed=SEED, flow_shift=None, guidance_scale_2=2.5, resume=captured[0], **job)
+
+    pipe = WanImageToVideoPipeline.from_pretrained(str(model_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    common = {
+        "image": image,
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE,
+        "height": job["height"],
+        "width": job["width"],
+        "num_frames": job["num_frames"],
+        "num_inference_steps": job["num_inference_steps"],
+        "guidance_scale": job["guidance_scale"],
+        "guidance_scale_2": 2.5,
+    }
+    reference = pipe(generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", **common).frames
+    assert torch.equal(latents, reference.float())
+    frames = pipe(generator=torch.Generator("cpu").manual_seed(SEED), output_type="np", **common).frames[0]
+    decoder = StreamingVaeDecoder(model_dir)
+    ours = np.concatenate(list(decoder.iter_frames(latents)))
+    assert np.array_equal(ours, frames_to_uint8(np.asarray(frames)))

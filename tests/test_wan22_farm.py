@@ -152,3 +152,31 @@ def test_cancel_during_the_high_noise_hop_stops_both_hops(
     assert steps_computed(record, "transform@high") == 1
     assert record["stages"].get("transform@low", {}).get("state") in (None, "pending"), record["stages"]
     assert "result" not in record or not record["result"]
+
+
+def test_two_expert_image_to_video_split_renders_wan_image_to_video_pipelines_frames(
+    make_farm: Callable[..., Farm], tiny_two_expert_i2v_model_dir: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from scheduler.core.image_checks import load_and_check_image
+    from tests.test_i2v_stages import noise_image
+
+    image_path = tmp_path / "first-frame.png"
+    noise_image(5).save(image_path)
+    farm = expert_farm(make_farm, tiny_two_expert_i2v_model_dir)
+    fleet = farm.fleet()
+    fleet.start(Stage.ENCODE, Stage.DECODE)
+    fleet.start_expert("high")
+    fleet.start_expert("low")
+    spec = {**JOB, "image": str(image_path), "guidance_scale_2": 3.0}
+    record = wait_finished(farm.conn, submit(farm.conn, farm.settings, spec), timeout=240)
+    assert record["state"] == "succeeded", worker_logs(farm.settings)
+    assert record["route"] == EXPERT_ROUTE
+    assert record["stages"]["transform@high"]["worker"] != record["stages"]["transform@low"]["worker"]
+    image = load_and_check_image(image_path.read_bytes(), max_bytes=1 << 24, max_pixels=1 << 24)
+    full = {**FULL_JOB, "guidance_scale_2": 3.0}
+    expected = reference_frames(tiny_two_expert_i2v_model_dir, full, image)
+    assert np.array_equal(video_frames(farm, record), expected), "lossless: WanImageToVideoPipeline's frames"
+    flipped = reference_frames(tiny_two_expert_i2v_model_dir, full, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert not np.array_equal(flipped, expected), "the image conditions the video"

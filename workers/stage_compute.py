@@ -18,7 +18,7 @@ import torch
 
 from scheduler.core.keys import Stage
 from scheduler.core.settings import FarmSettings
-from workers.models.loading import Component, ModelTask, check_model_dir, model_task
+from workers.models.loading import Component, ModelTask, check_model_dir, dit_takes_clip_features, model_task
 from workers.models.ti2v import expands_timesteps
 from workers.stage_seam import ComputeContext, MalformedJob, StageCompute, StageJob, StageOutputs
 from workers.transform_compute import TransformCompute
@@ -125,14 +125,15 @@ STAGE_COMPONENTS: dict[Stage, dict[ModelTask, tuple[Component, ...]]] = {
     Stage.TRANSFORM: {"t2v": ("transformer", "scheduler"), "i2v": ("transformer", "scheduler")},
     Stage.DECODE: {"t2v": ("vae",), "i2v": ("vae",)},
 }
-# Wan2.2-TI2V image-to-video encodes the image with the VAE only (no CLIP tower in the directory).
-TI2V_I2V_ENCODE_COMPONENTS: tuple[Component, ...] = ("text_encoder", "tokenizer", "vae")
+# Wan2.2-TI2V and Wan2.2-I2V-A14B image-to-video encode the image with the VAE only (their DiTs take no
+# CLIP features; their directories have no CLIP tower).
+VAE_ONLY_I2V_ENCODE_COMPONENTS: tuple[Component, ...] = ("text_encoder", "tokenizer", "vae")
 
 
 def stage_components(stage: Stage, model_dir: Path, task: ModelTask) -> tuple[Component, ...]:
     """What ``stage`` loads of ``model_dir`` for ``task`` (`STAGE_COMPONENTS`, TI2V's i2v encode aside)."""
-    if stage is Stage.ENCODE and task == "i2v" and expands_timesteps(model_dir):
-        return TI2V_I2V_ENCODE_COMPONENTS
+    if stage is Stage.ENCODE and task == "i2v" and not dit_takes_clip_features(model_dir):
+        return VAE_ONLY_I2V_ENCODE_COMPONENTS
     return STAGE_COMPONENTS[stage][task]
 
 
@@ -152,7 +153,9 @@ def load_stage_compute(stage: Stage, model_dir: Path, settings: FarmSettings, mo
         elif task == "i2v":
             from workers.stages.image_encode import ImageConditionStage
 
-            image = ImageConditionStage(model_dir, device=device, dtype=dtype)
+            image = ImageConditionStage(
+                model_dir, device=device, dtype=dtype, clip=dit_takes_clip_features(model_dir)
+            )
         return EncodeCompute(TextEncodeStage(model_dir, device=device, dtype=dtype), image)
     if stage is Stage.TRANSFORM:
         from workers.stages.transform import DenoiseStage

@@ -209,8 +209,8 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
             expand_timesteps=arch.expand_timesteps,
             **experts,
         )
-    elif arch.image_encoder is None and arch.expand_timesteps:
-        pipeline = _first_frame_i2v_pipeline(tokenizer, text_encoder, transformer, vae, scheduler)
+    elif arch.image_encoder is None:
+        pipeline = _clip_free_i2v_pipeline(tokenizer, text_encoder, transformer, vae, scheduler, arch, experts)
     else:
         if arch.image_encoder is None or arch.image_size is None:
             raise ValueError(f"architecture {arch.name} is i2v but names no image encoder or image size")
@@ -235,15 +235,18 @@ def _write_model(model_dir: Path, arch: ModelArch, seed: int) -> None:
     (model_dir / MARKER_FILE).write_text(json.dumps(arch.marker(seed), indent=2) + "\n")
 
 
-def _first_frame_i2v_pipeline(
+def _clip_free_i2v_pipeline(
     tokenizer: T5Tokenizer,
     text_encoder: UMT5EncoderModel,
     transformer: WanTransformer3DModel,
     vae: AutoencoderKLWan,
     scheduler: UniPCMultistepScheduler,
+    arch: ModelArch,
+    experts: dict[str, Any],
 ) -> DiffusionPipeline:
-    # Wan2.2-TI2V as image-to-video: WanImageToVideoPipeline with expand_timesteps and no CLIP tower
-    # (its DiT has no image_dim); save_pretrained records the absent image components as [null, null].
+    # Wan2.2-TI2V as image-to-video (expand_timesteps) and Wan2.2-I2V-A14B (two experts): WanImageToVideoPipeline
+    # with no CLIP tower (the DiT has no image_dim); save_pretrained records the absent image components as
+    # [null, null].
     with _quiet_transformers_warnings():  # as for the Wan2.1 i2v build: importing it warns about CLIP's backend
         from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 
@@ -253,7 +256,8 @@ def _first_frame_i2v_pipeline(
         vae=vae,
         scheduler=scheduler,  # type: ignore[arg-type]
         transformer=transformer,
-        expand_timesteps=True,
+        expand_timesteps=arch.expand_timesteps,
+        **experts,
     )
 
 

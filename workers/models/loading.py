@@ -122,8 +122,8 @@ def model_task(model_dir: Path) -> ModelTask:
 
     `ModelDirError` when the index is missing or unreadable, names another
     pipeline, or turns on Wan2.2 settings the stages do not implement (a second
-    expert without a boundary or the reverse, Wan2.2-I2V-A14B; expanded timesteps
-    are run for one DiT, see `workers.models.ti2v`).
+    expert without a boundary or the reverse; expanded timesteps are run for one
+    DiT, see `workers.models.ti2v`).
     """
     model_dir = Path(model_dir)
     index_path = model_dir / MODEL_INDEX_FILE
@@ -144,13 +144,6 @@ def model_task(model_dir: Path) -> ModelTask:
         known = " or ".join(PIPELINE_TASKS)
         raise ModelDirError(f"{index_path} names pipeline {name!r}, not {known}; {TINY_MODEL_HINT}")
     _check_experts(index, index_path)
-    if task == "i2v" and index.get("boundary_ratio") is not None:
-        # WanImageToVideoPipeline with a boundary conditions on the VAE latents of the image only (no CLIP
-        # features), which the encode and transform stages do not implement yet.
-        raise ModelDirError(
-            f"{index_path} is a two-expert image-to-video model (Wan2.2-I2V-A14B), which reelfarm does not serve "
-            "yet; serve Wan2.2-T2V-A14B, or a Wan2.1 I2V model for image-to-video"
-        )
     try:  # Wan2.2-TI2V (expand_timesteps): `workers.models.ti2v` says which variants the stages run.
         check_expand_timesteps(index, index_path)
     except ValueError as exc:
@@ -172,6 +165,19 @@ def _check_experts(index: Mapping[str, Any], index_path: Path) -> None:
         raise ModelDirError(f"{index_path} sets boundary_ratio {boundary!r}; it must be a number between 0 and 1")
     if second and not first:
         raise ModelDirError(f"{index_path} has a low-noise expert (transformer_2) but no high-noise one (transformer)")
+
+
+def dit_takes_clip_features(model_dir: Path) -> bool:
+    """Whether the model's DiT cross-attends to CLIP image features (Wan2.1-I2V: ``image_dim`` set).
+
+    Wan2.2-I2V-A14B's experts have none: they condition on the image's VAE latents alone, and
+    ``WanImageToVideoPipeline`` keys on ``transformer.config.image_dim`` the same way.
+    """
+    try:
+        config = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return True  # a Wan2.1-I2V layout is the default; check_model_dir reports the missing file
+    return config.get("image_dim") is not None
 
 
 def model_boundary_ratio(model_dir: Path) -> float | None:

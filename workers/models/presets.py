@@ -34,7 +34,7 @@ from workers.models.build import ModelArch, build_model
 from workers.models.loading import ModelDirError
 from workers.models.ti2v_presets import TI2V_ARCHS
 from workers.models.tiny import TINY_I2V, TINY_T2V, TINY_VAE
-from workers.models.wan22 import TINY_T2V_TWO_EXPERTS, bench_two_experts, wan22_t2v_a14b
+from workers.models.wan22 import TINY_I2V_TWO_EXPERTS, TINY_T2V_TWO_EXPERTS, bench_two_experts, wan22_t2v_a14b
 
 # Wan2.1-T2V-1.3B as published. Sources: Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json and
 # vae/config.json; the same values in Wan's own wan/configs/wan_t2v_1_3B.py (dim 1536, ffn_dim 8960,
@@ -151,6 +151,7 @@ ARCHS: dict[str, ModelArch] = {
         BENCH,
         WAN21_T2V_1_3B,
         TINY_T2V_TWO_EXPERTS,
+        TINY_I2V_TWO_EXPERTS,
         bench_two_experts(BENCH),
         wan22_t2v_a14b(WAN21_T2V_1_3B),
     )

@@ -9,6 +9,9 @@ in its frames.
 
 - ``tiny-2expert``: tests. The tiny t2v model's shapes, two experts, Wan2.2-T2V-A14B's boundary 0.875:
   with the tiny scheduler's shift 3.0 the high-noise expert runs the first ~30% of the steps (2 of 6).
+- ``tiny-2expert-i2v``: tests. Wan2.2-I2V-A14B's layout at tiny size: a 36-channel DiT (latents + the
+  image's VAE condition) with no CLIP features (``image_dim`` None) and no image encoder in the directory,
+  two experts, Wan2.2-I2V-A14B's boundary 0.9.
 - ``bench-2expert``: the ``bench`` preset with two experts, for ``bench.pipeline``'s split-vs-together run.
 - ``wan2.2-t2v-a14b``: Wan2.2-T2V-A14B's published DiT, VAE and boundary, random weights, with one stated
   reduction (``A14B_REHEARSAL_LAYERS`` of the 40 blocks per expert): two 14B experts are about 56 GB each in
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 
 from workers.models.build import ModelArch
-from workers.models.tiny import TINY_T2V
+from workers.models.tiny import TINY_I2V, TINY_I2V_TRANSFORMER, TINY_T2V
 
 # Wan2.2-T2V-A14B as published. Sources: Wan-AI/Wan2.2-T2V-A14B-Diffusers model_index.json (WanPipeline,
 # transformer + transformer_2, boundary_ratio 0.875), transformer/config.json and transformer_2/config.json
@@ -65,6 +68,25 @@ TINY_T2V_TWO_EXPERTS = replace(
     label="tiny two-expert t2v",
     summary="tests: the tiny t2v model with Wan2.2-A14B's two experts (distinct weights), boundary 0.875",
     boundary_ratio=PUBLISHED_WAN22_T2V_A14B["boundary_ratio"],
+    job={"width": 64, "height": 64, "frames": 9, "steps": 6},
+)
+
+
+# Wan2.2-I2V-A14B as published: Wan-AI/Wan2.2-I2V-A14B-Diffusers model_index.json (WanImageToVideoPipeline,
+# transformer + transformer_2, boundary_ratio 0.9, image_encoder and image_processor null) and
+# transformer/config.json (in_channels 36, image_dim null: the image enters only as the VAE condition).
+PUBLISHED_WAN22_I2V_A14B: dict[str, Any] = {"boundary_ratio": 0.9, "in_channels": 36, "image_dim": None}
+
+TINY_I2V_TWO_EXPERTS = replace(
+    TINY_I2V,
+    name="tiny-2expert-i2v",
+    kind="wan2.2-i2v-tiny-2expert",
+    label="tiny two-expert i2v",
+    summary="tests: Wan2.2-I2V-A14B's layout at tiny size (two experts, the VAE condition without CLIP), boundary 0.9",
+    transformer={**TINY_I2V_TRANSFORMER, "image_dim": None, "added_kv_proj_dim": None},
+    image_encoder=None,
+    image_size=None,
+    boundary_ratio=PUBLISHED_WAN22_I2V_A14B["boundary_ratio"],
     job={"width": 64, "height": 64, "frames": 9, "steps": 6},
 )
 

@@ -105,10 +105,15 @@ def prepare_condition_image(
 class ImageConditionStage:
     """Keeps the CLIP image encoder and the VAE resident and turns a conditioning image into the i2v inputs."""
 
-    def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, *, clip: bool = True
+    ) -> None:
         model_dir = Path(model_dir)
         self.device = torch.device(device)
-        self.image_processor, self.image_encoder = load_image_encoder(model_dir, self.device, dtype)
+        # Without ``clip`` (Wan2.2-I2V-A14B, whose DiT takes no CLIP features) only the VAE condition is made.
+        self.clip = clip
+        if clip:
+            self.image_processor, self.image_encoder = load_image_encoder(model_dir, self.device, dtype)
         self.vae = load_vae(model_dir, self.device, dtype)
         config = self.vae.config
         if config["patch_size"] is not None:
@@ -140,10 +145,10 @@ class ImageConditionStage:
             channels=self.z_dim, height=height, width=width, num_frames=num_frames, patch_size=_WAN21_PATCH_SIZE
         )
         source = policy_image(image, height, width, policy)
-        return {
-            IMAGE_EMBEDS: self.embed_image(source),
-            CONDITION: self.condition(prepare_condition_image(source, height, width), num_frames=num_frames),
-        }
+        condition = self.condition(prepare_condition_image(source, height, width), num_frames=num_frames)
+        if not self.clip:
+            return {CONDITION: condition}
+        return {IMAGE_EMBEDS: self.embed_image(source), CONDITION: condition}
 
     @torch.no_grad()
     def embed_image(self, image: PIL.Image.Image) -> torch.Tensor:

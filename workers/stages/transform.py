@@ -178,6 +178,11 @@ class DenoiseStage(GuidedDitCalls):
         # Only Wan2.1-I2V DiTs take CLIP features; the pipeline keys on image_dim the same way.
         return self.transformer.config["image_dim"] is not None and self.condition_channels > 0
 
+    @property
+    def takes_condition_only(self) -> bool:
+        """Whether this DiT is an image-to-video one without CLIP (Wan2.2-I2V-A14B): ``condition`` alone."""
+        return self.transformer.config["image_dim"] is None and self.condition_channels > 0
+
     @torch.no_grad()
     def denoise(
         self,
@@ -308,6 +313,14 @@ class DenoiseStage(GuidedDitCalls):
         given_image_inputs = [name for name in IMAGE_INPUT_NAMES if name in embeds]
         if self.expand_timesteps:
             return self._ti2v_conditioning(embeds, prompt_embeds, negative_embeds)
+        if self.takes_condition_only:
+            if IMAGE_EMBEDS in embeds or CONDITION not in embeds:
+                raise ValueError(
+                    "this transformer is a Wan2.2 image-to-video one: it takes the image's condition and no "
+                    "image_embeds (CLIP features); encode the job with the same model directory"
+                )
+            # float32, as WanImageToVideoPipeline keeps the condition; the DiT input is cast per step.
+            return Conditioning(prompt_embeds, negative_embeds, embeds[CONDITION].to(self.device, torch.float32))
         if not self.takes_image:
             if given_image_inputs:
                 raise ValueError(
