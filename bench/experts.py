@@ -76,7 +76,9 @@ def run_side(base: FarmSettings, name: str, specs: list[dict[str, Any]], timeout
     log_dir = settings.home / "logs"
     procs = []
     try:
-        procs = [start_worker(slot.stage, settings, log_dir, slot=slot, log_name=f"{name}-{slot.name}") for slot in slots]
+        procs = [
+            start_worker(slot.stage, settings, log_dir, slot=slot, log_name=f"{name}-{slot.name}") for slot in slots
+        ]
         wait_for_workers(settings, list(Stage), procs, log_dir)
         conn = connect(settings)
         batch_name = f"experts-{name}-r{round_index}"

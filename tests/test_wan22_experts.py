@@ -219,3 +219,43 @@ def test_two_expert_i2v_split_over_two_workers_equals_wan_image_to_video_pipelin
     decoder = StreamingVaeDecoder(model_dir)
     ours = np.concatenate(list(decoder.iter_frames(latents)))
     assert np.array_equal(ours, frames_to_uint8(np.asarray(frames)))
+
+
+def test_a_low_noise_expert_lora_equals_wanpipeline_with_it_loaded_into_transformer_2(
+    tiny_two_expert_model_dir: Path, embeds: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    import hashlib
+
+    from diffusers import WanPipeline
+
+    from workers.models.tiny_lora import build_tiny_lora
+    from workers.stages.lora_adapters import AdapterChoice, LoraAdapters
+
+    lora = build_tiny_lora(tmp_path / "low-style", seed=3)
+    high = DenoiseStage(tiny_two_expert_model_dir, experts=("high",))
+    low = DenoiseStage(tiny_two_expert_model_dir, experts=("low",))
+    # The farm applies an expert-targeted LoRA on that expert's workers only (workers.lora_assets).
+    adapters = LoraAdapters(low.transformer, capacity=2)
+    chosen = AdapterChoice("low_style", hashlib.sha256(lora.read_bytes()).hexdigest(), 0.9)
+    adapters.ensure_loaded(chosen, lora.read_bytes())
+    boundary = high.expert_steps(JOB["num_inference_steps"], None)
+    captured: list[DenoiseState] = []
+    keep = lambda done, total, capture: captured.append(capture()) if done == boundary else None  # noqa: E731
+    high.denoise(embeds, seed=SEED, flow_shift=None, at_boundary=keep, stop_after=boundary, **JOB)
+    with adapters.activated([chosen]):
+        latents = low.denoise(embeds, seed=SEED, flow_shift=None, resume=captured[0], **JOB)
+
+    pipe = WanPipeline.from_pretrained(str(tiny_two_expert_model_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="low_style", load_into_transformer_2=True)
+    pipe.transformer_2.set_adapters(["low_style"], [0.9])
+    assert not getattr(pipe.transformer, "peft_config", None), "loaded into the low-noise expert only"
+    out = pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="latent",
+        **JOB,
+    ).frames
+    assert torch.equal(latents, out.float())
+    assert not torch.equal(latents, pipeline_latents(tiny_two_expert_model_dir)), "the LoRA changed the video"
