@@ -22,7 +22,7 @@ from scheduler.core.object_store import S3Config, get_bytes, make_s3_client
 from scheduler.core.settings import CheckpointSettings, TransformSettings
 from scheduler.core.spec import JobSpec
 from scheduler.intake.submit import submit
-from scheduler.ops.job_admin import cancel_job
+from scheduler.ops.job_admin import cancel_job, worker_rows
 from tests.farm_fixtures import Farm
 from tests.farm_harness import wait_finished, wait_until, worker_logs
 from tests.reference_pipeline import reference_frames
@@ -76,6 +76,8 @@ def test_experts_on_their_own_workers_and_together_render_wanpipelines_frames(
     # The boundary (t >= 875 at shift 3) falls after step 2 of 6; each expert ran on its own worker.
     assert (steps_computed(split, "transform@high"), steps_computed(split, "transform@low")) == (2, 4)
     assert high["worker"] != low["worker"]
+    # `reelfarm info` names each expert worker's hop.
+    assert {row.stage for row in worker_rows(farm.conn)} == {"encode", "transform@high", "transform@low", "decode"}
     assert (high["dit"]["experts"], high["dit"]["steps"]) == ("high", "0,2")
     assert (low["dit"]["experts"], low["dit"]["steps"]) == ("low", "2,6")
     # The low-noise hop pulled the latents and the scheduler state beside the embeddings, over Mooncake.

@@ -132,6 +132,8 @@ class StageRuntime:
             status = dict(self.status)
         info = {
             "stage": self.stage.value,
+            # A transform worker holding one Wan2.2 expert: the hop it serves (`reelfarm info` shows it).
+            **({"expert": self.settings.worker.expert} if self.settings.worker.expert else {}),
             "endpoint": self.engine.endpoint,
             "pid": str(os.getpid()),
             "host": socket.gethostname(),

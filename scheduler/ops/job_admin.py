@@ -320,7 +320,8 @@ def worker_rows(conn: redis.Redis, now: float | None = None) -> list[WorkerRow]:
         rows.append(
             WorkerRow(
                 worker_id=record.get("worker_id", "?"),
-                stage=record.get("stage", "?"),
+                # An expert's transform worker shows the hop it serves (transform@high).
+                stage=record.get("stage", "?") + (f"@{record['expert']}" if record.get("expert") else ""),
                 state=record.get("state", "?"),
                 current_job=record.get("current_job", ""),
                 model=model,
