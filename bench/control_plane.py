@@ -85,7 +85,8 @@ SETTLE_SECONDS = 2.5  # after start-up: every thread has opened its connections 
 SAMPLER_COMMANDS = 3  # per sample: INFO cpu, INFO stats, ZCARD
 FIDELITY_JOBS = 20
 # bench.overhead's queue run with real tiny-model workers (bench/README.md, "Control-plane ceiling").
-REAL_REFERENCE = {"commands_per_job": 301.0, "redis_us_per_job": 2700.0, "source": "bench/README.md (bench.overhead)"}
+# Re-measured 2026-12-03 after queues.FarmWorker and jobs.ProgressWrites (issue 25 item 2); 310 before.
+REAL_REFERENCE = {"commands_per_job": 259.0, "redis_us_per_job": 1900.0, "source": "bench/README.md (bench.overhead)"}
 REDIS_SATURATED = 0.85  # of one core: Redis's main thread is the limit
 CPUS_SATURATED = 0.85  # of all cores busy: the clients (and everything else) fill the machine
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

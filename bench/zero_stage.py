@@ -17,7 +17,8 @@ lines of glue are mirrored here, step for step, rather than imported):
   every real worker runs;
 - **dequeue** (``workers.stage_worker.StageWorker``): rq's own ``SimpleWorker``
   work loop, dequeue and bookkeeping (started/finished registries, executions,
-  results, rq heartbeats), behind the same backpressure rule (a producer with
+  results, rq heartbeats), trimmed the same way (both subclass
+  ``queues.FarmWorker``, not a mirror), behind the same backpressure rule (a producer with
   no free slot takes no job) and the same call check
   (``queues.call_fields`` + ``stage_calls.vet_call``) before rq runs anything;
 - **the stage job** (``workers.stage_job._run_stage``): record read, cancel
@@ -27,7 +28,7 @@ lines of glue are mirrored here, step for step, rather than imported):
   (producer live at its registered endpoint), ``check_producer_endpoint``,
   ``Rooms.ack`` (which tells the producer to free its slot), ``set_recovery``;
   then the compute's own Redis calls: transform reads the record for a resume
-  checkpoint, asks ``cancel_requested`` and writes ``set_progress`` per step,
+  checkpoint, writes progress and reads the cancel flag per step (``jobs.ProgressWrites``),
   ``set_dit_report`` at the end and records the latents checkpoint
   (``jobs.record_checkpoint``) after the hand-off; decode reads the status for
   the metadata JSON; then ``_finish``'s WATCH/MULTI (``mark_stage_finished``,
@@ -75,8 +76,8 @@ from scheduler.core.job_record import Routing, StageField, attempt_of, is_finish
 from scheduler.core.keys import Hop, Stage, acks_key
 from scheduler.core.queues import (
     STAGE_ENTRYPOINT,
+    FarmWorker,
     JSONSerializer,
-    SimpleWorker,
     call_fields,
     clean_registries_without_hooks,
     stage_queues_by_priority,
@@ -342,10 +343,11 @@ def _zero_compute(rt: ZeroRuntime, job_id: str, spec: JobSpec) -> dict[str, Any]
     if rt.stage is Stage.TRANSFORM:
         if rt.settings.checkpoints.enabled and spec.cache is None:
             jobs.job_fields(rt.conn, job_id)  # checkpoints.state_from_checkpoint: is there a state to resume?
+        progress = jobs.ProgressWrites(rt.conn, job_id, Stage.TRANSFORM)  # as workers.transform_compute
         for step in range(spec.steps):
-            if jobs.cancel_requested(rt.conn, job_id):  # should_stop before each step
+            if progress.should_stop():  # before each step
                 raise BenchJobFailed("a bench job was cancelled")
-            jobs.set_progress(rt.conn, job_id, Stage.TRANSFORM, step + 1, spec.steps)  # on_step after it
+            progress.on_step(step + 1, spec.steps)  # after it
         jobs.set_dit_report(rt.conn, job_id, {"bench": "zero-compute"})
     if rt.stage is Stage.DECODE:
         status = jobs.read_status(rt.conn, job_id)  # render_upload: timings and workers for the metadata JSON
@@ -433,7 +435,7 @@ class ZeroComputeJob(Job):
         raise BenchJobFailed(f"the zero-compute worker runs only {STAGE_ENTRYPOINT}, not {self.func_name}")
 
 
-class ZeroComputeWorker(SimpleWorker):  # type: ignore[misc]
+class ZeroComputeWorker(FarmWorker):
     """``workers.stage_worker.StageWorker``'s backpressure and call check around rq's own work loop."""
 
     runtime: ZeroRuntime

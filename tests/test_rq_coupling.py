@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Callback, Queue
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -28,6 +29,56 @@ def test_the_worker_hooks_stage_worker_overrides_keep_their_shape() -> None:
         theirs = inspect.signature(getattr(SimpleWorker, name))
         assert list(ours.parameters) == list(theirs.parameters), name
         assert name in vars(StageWorker), f"StageWorker no longer overrides {name}"
+
+
+def test_rq_bookkeeping_farm_worker_trims_keeps_its_shape() -> None:
+    # queues.FarmWorker overrides these; rq must still route every heartbeat and state write through them.
+    for name in ("heartbeat", "set_state", "handle_execution_ended", "check_for_suspension"):
+        ours = inspect.signature(getattr(queues.FarmWorker, name))
+        theirs = inspect.signature(getattr(SimpleWorker, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+    assert issubclass(StageWorker, queues.FarmWorker)
+
+
+def test_rq_heartbeats_are_sent_once_per_slack_and_keep_the_worker_key_alive(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    worker = queues.FarmWorker(
+        [Queue(keys.queue_name(Stage.ENCODE), connection=conn)], connection=conn, name="hb-test"
+    )
+    worker.register_birth()
+    sent: list[str] = []
+    conn.set_response_callback("EXPIRE", lambda reply, **_: sent.append("expire") or reply)  # type: ignore[func-returns-value]
+    worker.heartbeat()
+    ttl = conn.ttl(worker.key)
+    for _ in range(4):  # what rq sends around one short job
+        worker.heartbeat()
+        worker.heartbeat(420)
+    assert sent.count("expire") == 2, "one heartbeat (worker key + executions set) for the whole burst"
+    assert ttl > worker.worker_ttl, ttl
+    # Past the slack, the next one goes out again.
+    worker._rq_key_expires_at = worker._rq_key_expires_at - worker.rq_heartbeat_slack_seconds - 1
+    worker.heartbeat()
+    assert sent.count("expire") == 4
+    # An unchanged state is not rewritten; a change is.
+    worker.set_state("idle")
+    conn.hset(worker.key, "state", "planted")
+    worker.set_state("idle")
+    assert conn.hget(worker.key, "state") == b"planted"
+    worker.set_state("busy")
+    assert conn.hget(worker.key, "state") == b"busy"
+
+
+def test_a_suspended_farm_still_stops_a_farm_worker(redis_url: str) -> None:
+    from rq.suspension import resume, suspend
+
+    conn = redis.Redis.from_url(redis_url)
+    worker = queues.FarmWorker([Queue(keys.queue_name(Stage.ENCODE), connection=conn)], connection=conn, name="susp")
+    worker.register_birth()
+    worker.check_for_suspension(burst=True)  # not suspended: returns at once
+    suspend(conn)
+    with pytest.raises(StopRequested):  # rq's own answer to `rq suspend` in burst mode
+        worker.check_for_suspension(burst=True)
+    resume(conn)
 
 
 def test_call_fields_sees_callbacks_webhooks_and_arguments_without_importing(redis_url: str) -> None:

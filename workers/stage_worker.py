@@ -31,7 +31,7 @@ import redis
 from scheduler.core import jobs, worker_metrics
 from scheduler.core.keys import Hop, Stage
 from scheduler.core.queues import (
-    SimpleWorker,
+    FarmWorker,
     TimerDeathPenalty,
     WorkerStatus,
     call_fields,
@@ -60,7 +60,7 @@ class WarmExit(SystemExit):
     """SIGTERM on an idle worker: leave now (after draining held outputs); there is no job to finish."""
 
 
-class StageWorker(SimpleWorker):  # type: ignore[misc]
+class StageWorker(FarmWorker):
     runtime: StageRuntime
     # A timer, not SIGALRM: the jobs of a batch run in threads, where no signal handler can be set.
     # Stage calls carry no rq timeout (the farm keeps its own deadlines), so it never fires anyway.

@@ -82,11 +82,8 @@ class TransformCompute(StageCompute):
 
         # 2. Transform: the denoising loop, publishing per-step progress, stoppable at step boundaries,
         #    resuming from the job's last saved state, saving every K steps, handing back when preempted.
-        def on_step(done: int, total: int) -> None:
-            jobs.set_progress(rt.conn, job.job_id, hop, done, total)
-
-        def should_stop() -> bool:
-            return jobs.cancel_requested(rt.conn, job.job_id)
+        progress = jobs.ProgressWrites(rt.conn, job.job_id, hop)
+        on_step, should_stop = progress.on_step, progress.should_stop
 
         from workers.stages import dit_speed
 

@@ -134,14 +134,42 @@ def mark_stage_started(conn: Any, job_id: str, stage: Hop, worker_id: str, attem
     return bool(started)
 
 
-def set_progress(conn: Any, job_id: str, stage: Hop, done: int, total: int) -> None:
+def set_progress(conn: Any, job_id: str, stage: Hop, done: int, total: int) -> bool:
     """Step ``done`` of ``total`` is computed: shown as progress, and counted in ``<stage>.steps_computed``
-    (which a resumed attempt only adds its own steps to, so the record says how often the DiT really ran)."""
+    (which a resumed attempt only adds its own steps to, so the record says how often the DiT really ran).
+
+    Returns whether a cancel is requested, read in the same round trip (not after the last step: no step
+    follows it), so the check before the next step need not ask again (``ProgressWrites``).
+    """
     key = keys.job_key(job_id)
-    pipe = conn.pipeline(transaction=True)
+    # Not MULTI/EXEC: two more commands a step for nothing -- both writes are progress bookkeeping, sent in
+    # one write on one connection, and Redis runs them back to back; neither fences anything.
+    pipe = conn.pipeline(transaction=False)
     pipe.hset(key, mapping={stage_field(stage, StageField.PROGRESS): f"{done}/{total}", "updated_at": _now()})
     pipe.hincrby(key, stage_field(stage, StageField.STEPS_COMPUTED), 1)
-    pipe.execute()
+    if done < total:
+        pipe.hexists(key, "cancel_requested")
+    replies = pipe.execute()
+    return done < total and bool(replies[2])
+
+
+class ProgressWrites:
+    """A denoising loop's ``on_step`` / ``should_stop`` pair over one job record: each step's progress write
+    also reads the cancel flag, which answers the check before the next step (asked right after it, in the
+    same thread), so a step costs one round trip and three commands instead of two round trips and five.
+    The first check, before any step, reads the record itself."""
+
+    def __init__(self, conn: Any, job_id: str, stage: Hop) -> None:
+        self.conn, self.job_id, self.stage = conn, job_id, stage
+        self._cancel_read: bool | None = None  # read with the last progress write, not yet used
+
+    def on_step(self, done: int, total: int) -> None:
+        cancel = set_progress(self.conn, self.job_id, self.stage, done, total)
+        self._cancel_read = cancel if done < total else None
+
+    def should_stop(self) -> bool:
+        cancel, self._cancel_read = self._cancel_read, None
+        return cancel if cancel is not None else cancel_requested(self.conn, self.job_id)
 
 
 def set_recovery(conn: Any, job_id: str, stage: Hop, how: str) -> None:

@@ -26,8 +26,9 @@ from rq.registry import (
     StartedJobRegistry,
 )
 from rq.serializers import JSONSerializer
+from rq.suspension import WORKERS_SUSPENDED
 from rq.timeouts import TimerDeathPenalty
-from rq.utils import current_timestamp
+from rq.utils import current_timestamp, now
 from rq.worker import WorkerStatus
 
 from scheduler.core import demand, keys
@@ -40,6 +41,7 @@ FAILURE_TTL_SECONDS = 7 * 24 * 3600
 
 __all__ = [
     "STAGE_ENTRYPOINT",
+    "FarmWorker",
     "SimpleWorker",
     "TimerDeathPenalty",
     "WorkerStatus",
@@ -79,6 +81,56 @@ def worker_queues(
     transform worker holding one Wan2.2 ``expert`` takes only that expert's hop (``transform@high``)."""
     hops = keys.hops_of_kind(kind) if expert is None else (keys.Hop(f"{kind.value}@{expert}"),)
     return [stage_queue(conn, hop, priority, model) for priority in keys.PRIORITIES for hop in hops for model in models]
+
+
+class FarmWorker(SimpleWorker):  # type: ignore[misc]
+    """rq's non-forking worker with its per-job bookkeeping trimmed to what rq needs: the base of every
+    farm stage worker (``workers.stage_worker.StageWorker``, ``bench.zero_stage``'s zero-compute one).
+
+    rq refreshes its worker key up to five times per stage job (after the job, in the suspension check,
+    before and after the dequeue, at the job's start), each an HSET and two EXPIREs: 45 of the ~300
+    commands of a three-stage job. They only keep rq's own worker key and executions set from expiring (the farm's
+    liveness is its own worker record, ``workers.runtime``'s heartbeat thread), so here a refresh is sent
+    only when the expiry the last one set would fall more than ``rq_heartbeat_slack_seconds`` short of
+    what rq asks for now: a busy worker refreshes about once per slack, an idle one (a dequeue timeout of
+    ``worker_ttl - 15`` s between refreshes) exactly as rq does, and the key never expires earlier than
+    rq wanted by more than the slack.
+    """
+
+    rq_heartbeat_slack_seconds = 5.0
+    _rq_key_expires_at: float | None = None
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any | None = None) -> None:
+        wanted = timeout or self.worker_ttl + 60
+        at = time.monotonic()
+        expires_at, slack = self._rq_key_expires_at, min(self.rq_heartbeat_slack_seconds, wanted / 4)
+        if expires_at is not None and expires_at >= at + wanted - slack:
+            return
+        super().heartbeat(timeout, pipeline)
+        self._rq_key_expires_at = at + wanted
+
+    def set_state(self, state: str, pipeline: Any | None = None) -> None:
+        # rq marks the worker idle twice between two jobs (after one, then before the dequeue): the
+        # second write changes nothing. A write into a caller's pipeline is always kept.
+        if pipeline is None and state == self._state:
+            return
+        super().set_state(state, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        # rq asks before every dequeue in a MULTI of its own around a heartbeat (skipped here while
+        # fresh) and one EXISTS: three commands for one. Only a suspended farm (`rq suspend`) goes
+        # through rq's own wait, which heartbeats and marks the worker suspended as before.
+        self.heartbeat()
+        if self.connection.exists(WORKERS_SUSPENDED):
+            super().check_for_suspension(burst)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        # rq writes the job hash's last_heartbeat here, in a round trip of its own, just before the success
+        # handler saves the whole hash (last_heartbeat included). Only a stage call that raises to rq takes
+        # rq's failure path, which does not save it -- and the farm's stage function never raises (its
+        # outcomes are in the job record); rq's failure record carries its own time anyway.
+        job.ended_at = now()
+        job.last_heartbeat = job.ended_at
 
 
 def _stage_job_data(secret: bytes, call: StageCall) -> Any:
