@@ -134,42 +134,32 @@ def mark_stage_started(conn: Any, job_id: str, stage: Hop, worker_id: str, attem
     return bool(started)
 
 
-def set_progress(conn: Any, job_id: str, stage: Hop, done: int, total: int) -> bool:
+def set_progress(conn: Any, job_id: str, stage: Hop, done: int, total: int) -> None:
     """Step ``done`` of ``total`` is computed: shown as progress, and counted in ``<stage>.steps_computed``
-    (which a resumed attempt only adds its own steps to, so the record says how often the DiT really ran).
-
-    Returns whether a cancel is requested, read in the same round trip (not after the last step: no step
-    follows it), so the check before the next step need not ask again (``ProgressWrites``).
-    """
+    (which a resumed attempt only adds its own steps to, so the record says how often the DiT really ran)."""
     key = keys.job_key(job_id)
     # Not MULTI/EXEC: two more commands a step for nothing -- both writes are progress bookkeeping, sent in
     # one write on one connection, and Redis runs them back to back; neither fences anything.
     pipe = conn.pipeline(transaction=False)
     pipe.hset(key, mapping={stage_field(stage, StageField.PROGRESS): f"{done}/{total}", "updated_at": _now()})
     pipe.hincrby(key, stage_field(stage, StageField.STEPS_COMPUTED), 1)
-    if done < total:
-        pipe.hexists(key, "cancel_requested")
-    replies = pipe.execute()
-    return done < total and bool(replies[2])
+    pipe.execute()
 
 
 class ProgressWrites:
-    """A denoising loop's ``on_step`` / ``should_stop`` pair over one job record: each step's progress write
-    also reads the cancel flag, which answers the check before the next step (asked right after it, in the
-    same thread), so a step costs one round trip and three commands instead of two round trips and five.
-    The first check, before any step, reads the record itself."""
+    """A denoising loop's ``on_step`` / ``should_stop`` pair over one job record: 3 commands a step (the
+    progress write without MULTI/EXEC, then the cancel flag). The cancel flag is read fresh before every
+    step, not with the progress write: a checkpoint save or a pause may come between the two, and a cancel
+    in that gap must stop the very next step."""
 
     def __init__(self, conn: Any, job_id: str, stage: Hop) -> None:
         self.conn, self.job_id, self.stage = conn, job_id, stage
-        self._cancel_read: bool | None = None  # read with the last progress write, not yet used
 
     def on_step(self, done: int, total: int) -> None:
-        cancel = set_progress(self.conn, self.job_id, self.stage, done, total)
-        self._cancel_read = cancel if done < total else None
+        set_progress(self.conn, self.job_id, self.stage, done, total)
 
     def should_stop(self) -> bool:
-        cancel, self._cancel_read = self._cancel_read, None
-        return cancel if cancel is not None else cancel_requested(self.conn, self.job_id)
+        return cancel_requested(self.conn, self.job_id)
 
 
 def set_recovery(conn: Any, job_id: str, stage: Hop, how: str) -> None:
